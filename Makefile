@@ -1,0 +1,34 @@
+# The commands a newcomer needs: `make install`, then `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PYTEST  := $(BIN)/python -m pytest
+
+.PHONY: install test test-fast bench lint demo clean
+
+install: $(BIN)/python
+	$(BIN)/pip install --upgrade pip
+	# torch==2.13.0 first: it is the CPU wheel that lies on this machine (any other spec pulls CUDA builds)
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[test]'
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+test:
+	$(PYTEST) -q
+
+test-fast:
+	$(PYTEST) -q -m "not slow"
+
+bench:
+	$(BIN)/python -m bench.kernels
+
+lint:
+	$(BIN)/ruff check rioquant tests bench
+
+demo:
+	$(BIN)/python -m bench.demo
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache

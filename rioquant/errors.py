@@ -1,0 +1,22 @@
+"""The one error hierarchy of rioquant.
+
+Every failure a user can cause (bad checkpoint, bad option, bad input array) raises a subclass of
+`RioquantError` whose message is one line naming the file, tensor or option and, where there is one,
+the fix. The CLI formats these once; anything else is a bug and keeps its traceback.
+"""
+
+
+class RioquantError(Exception):
+    """A failure caused by the input or the options, reported to the user as one line."""
+
+
+class QuantInputError(RioquantError, ValueError):
+    """An array handed to a quantizer cannot be quantized as asked (shape, dtype, NaN/Inf, block size)."""
+
+
+class CheckpointError(RioquantError):
+    """A Hugging Face checkpoint is missing, corrupt or contradicts its config."""
+
+
+class PlanError(RioquantError):
+    """A conversion plan cannot be built or honoured (types, recipes, disk space, output exists)."""

@@ -1,0 +1,41 @@
+"""Parallel drivers: one `prange` over rows around any serial row kernel.
+
+Row kernels have the signatures
+    quantize_row(x: float32[n], importance: float32[n or 0], out: uint8[row_bytes])
+    dequantize_row(data: uint8[row_bytes], out: float32[n])
+and are handed in as Numba dispatchers, so Numba compiles one specialised driver per kernel.
+Rows are independent in every ggml format, so the bytes do not depend on the thread count.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, cache=True)
+def quantize_rows(row_kernel, x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> None:
+    """Quantize each row of x (rows, n) into out (rows, row_bytes); importance is (n,) or (0,)."""
+    for r in prange(x.shape[0]):
+        row_kernel(x[r], importance, out[r])
+
+
+@njit(parallel=True, cache=True)
+def dequantize_rows(row_kernel, data: np.ndarray, out: np.ndarray) -> None:
+    """Dequantize each row of data (rows, row_bytes) into out (rows, n)."""
+    for r in prange(data.shape[0]):
+        row_kernel(data[r], out[r])
+
+
+@njit(parallel=True, cache=True)
+def first_nonfinite_row(x: np.ndarray) -> int:
+    """Index of the first row holding NaN or ±Inf, or -1; one parallel pass, no temporaries."""
+    rows = x.shape[0]
+    bad = np.full(rows, False)
+    for r in prange(rows):
+        for v in x[r]:
+            if not np.isfinite(v):
+                bad[r] = True
+                break
+    for r in range(rows):
+        if bad[r]:
+            return r
+    return -1

@@ -1,0 +1,104 @@
+"""`quantize` / `dequantize`: the validated public entry points over the Numba kernels.
+
+Validation lives here, once, so the kernels can assume well-formed float32 rows: they never see a
+NaN, a ragged row or a mismatched importance vector, and so never produce garbage silently.
+"""
+
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+import numba
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from rioquant.errors import QuantInputError
+from rioquant.kernels import floats
+from rioquant.kernels.driver import dequantize_rows, first_nonfinite_row, quantize_rows
+from rioquant.quant.types import BLOCK_KERNELS, FLOAT_TYPES, block_geometry, parse_qtype
+
+_NO_IMPORTANCE = np.zeros(0, dtype=np.float32)
+
+
+@contextmanager
+def numba_threads(threads: int | None) -> Iterator[None]:
+    """Run the enclosed kernels on `threads` threads (None: all), restoring the previous count."""
+    if threads is None:
+        yield
+        return
+    if threads < 1 or threads > numba.config.NUMBA_NUM_THREADS:
+        raise QuantInputError(f"threads={threads}: choose 1..{numba.config.NUMBA_NUM_THREADS}")
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+def row_bytes(qtype: "str | GGMLQuantizationType", n_per_row: int) -> int:
+    """Bytes of one quantized row of n_per_row weights."""
+    block, type_bytes = block_geometry(parse_qtype(qtype))
+    return n_per_row // block * type_bytes
+
+
+def _check_rows(x: np.ndarray, qtype: GGMLQuantizationType) -> None:
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2:
+        got = f"{x.dtype} array of shape {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise QuantInputError(f"quantize expects a float32 array (rows, n_per_row), got {got}")
+    block, _ = block_geometry(qtype)
+    if x.shape[1] == 0 or x.shape[1] % block:
+        raise QuantInputError(
+            f"row length {x.shape[1]} is not a multiple of {qtype.name}'s block size {block}"
+        )
+    bad_row = first_nonfinite_row(x)
+    if bad_row >= 0:
+        raise QuantInputError(f"row {bad_row} holds NaN or Inf: refusing to quantize it")
+
+
+def _check_importance(imatrix: np.ndarray, n_per_row: int) -> np.ndarray:
+    if not isinstance(imatrix, np.ndarray) or imatrix.dtype != np.float32 or imatrix.shape != (n_per_row,):
+        got = f"{imatrix.dtype} {imatrix.shape}" if isinstance(imatrix, np.ndarray) else type(imatrix).__name__
+        raise QuantInputError(f"imatrix must be float32 of shape ({n_per_row},), got {got}")
+    if not np.all(np.isfinite(imatrix)):
+        raise QuantInputError(f"imatrix entry {int(np.argmin(np.isfinite(imatrix)))} is NaN or Inf")
+    return np.ascontiguousarray(imatrix)
+
+
+def quantize(
+    x: np.ndarray,
+    qtype: "str | GGMLQuantizationType",
+    imatrix: np.ndarray | None = None,
+    threads: int | None = None,
+) -> np.ndarray:
+    """Quantize float32 rows to ggml blocks: uint8 (rows, row_bytes), byte-identical to ggml_quantize_chunk.
+
+    With `imatrix` (importance per column) the K types take ggml's importance-weighted `*_impl`
+    search; element types and Q8_0 ignore it, as ggml does.
+    """
+    qtype = parse_qtype(qtype)
+    _check_rows(x, qtype)
+    x = np.ascontiguousarray(x)
+    if qtype in FLOAT_TYPES:
+        return floats.to_element_bytes(x, qtype.name)
+    importance = _NO_IMPORTANCE if imatrix is None else _check_importance(imatrix, x.shape[1])
+    out = np.empty((x.shape[0], row_bytes(qtype, x.shape[1])), dtype=np.uint8)
+    with numba_threads(threads):
+        quantize_rows(BLOCK_KERNELS[qtype].quantize_row, x, importance, out)
+    return out
+
+
+def dequantize(data: np.ndarray, qtype: "str | GGMLQuantizationType", shape: tuple[int, ...]) -> np.ndarray:
+    """ggml blocks → float32 array of `shape` (the last axis is the row), equal to gguf.quants.dequantize."""
+    qtype = parse_qtype(qtype)
+    shape = tuple(int(s) for s in shape)
+    n_per_row = shape[-1]
+    rows = int(np.prod(shape[:-1], dtype=np.int64))
+    expected = rows * row_bytes(qtype, n_per_row)
+    raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+    if raw.size != expected:
+        raise QuantInputError(f"{qtype.name} data of {raw.size} bytes does not hold shape {shape} ({expected} bytes)")
+    if qtype in FLOAT_TYPES:
+        return floats.from_element_bytes(raw, qtype.name, shape)
+    out = np.empty((rows, n_per_row), dtype=np.float32)
+    dequantize_rows(BLOCK_KERNELS[qtype].dequantize_row, raw.reshape(rows, -1), out)
+    return out.reshape(shape)

@@ -1,0 +1,51 @@
+"""The table of tensor types rioquant can write, and the kernels behind each.
+
+Block sizes and byte counts come from gguf-py's `GGML_QUANT_SIZES`; this table adds only what gguf-py
+does not know: which Numba row kernels implement the type.
+"""
+
+from dataclasses import dataclass
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from numba.core.registry import CPUDispatcher
+
+from rioquant.errors import QuantInputError
+from rioquant.kernels import q8_0
+
+T = GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class KernelPair:
+    """Serial Numba row kernels (see rioquant.kernels.driver for their signatures)."""
+
+    quantize_row: CPUDispatcher
+    dequantize_row: CPUDispatcher
+
+
+# One row per block type. F32/F16/BF16 are element types and are converted with numpy (see api.py).
+BLOCK_KERNELS: dict[GGMLQuantizationType, KernelPair] = {
+    T.Q8_0: KernelPair(q8_0.quantize_row_q8_0, q8_0.dequantize_row_q8_0),
+}
+
+FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+
+
+def parse_qtype(qtype: "str | GGMLQuantizationType") -> GGMLQuantizationType:
+    """Accept 'Q4_K', 'q4_k' or the enum; name the choices when the type is unknown."""
+    if isinstance(qtype, GGMLQuantizationType):
+        resolved = qtype
+    else:
+        try:
+            resolved = GGMLQuantizationType[str(qtype).upper()]
+        except KeyError:
+            resolved = None
+    if resolved is None or (resolved not in BLOCK_KERNELS and resolved not in FLOAT_TYPES):
+        known = ", ".join(t.name for t in (*FLOAT_TYPES, *BLOCK_KERNELS))
+        raise QuantInputError(f"unsupported tensor type {qtype!r}: rioquant writes {known}")
+    return resolved
+
+
+def block_geometry(qtype: GGMLQuantizationType) -> tuple[int, int]:
+    """(weights per block, bytes per block), straight from gguf-py."""
+    return GGML_QUANT_SIZES[qtype]

@@ -1,0 +1,11 @@
+"""Shared fixtures: the ggml oracle (fails loudly if absent) and named regression inputs."""
+
+import numpy as np
+import pytest
+
+from tests.oracles import GgmlOracle
+
+
+@pytest.fixture(scope="session")
+def ggml() -> GgmlOracle:
+    return GgmlOracle()

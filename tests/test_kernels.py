@@ -1,0 +1,91 @@
+"""Every block quantizer, byte for byte against ggml's ggml_quantize_chunk, both code paths.
+
+Dequantization is checked against gguf-py's independent numpy implementation.
+"""
+
+import zlib
+
+import gguf
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rioquant.quant import dequantize, quantize
+from rioquant.quant.types import BLOCK_KERNELS, FLOAT_TYPES, block_geometry
+from tests.inputs import IMPORTANCE_KINDS, INPUTS, random_importance
+
+ALL_TYPES = [*FLOAT_TYPES, *BLOCK_KERNELS]
+TYPE_IDS = [t.name for t in ALL_TYPES]
+
+
+def assert_same_bytes(ours: np.ndarray, ref: np.ndarray, qtype: gguf.GGMLQuantizationType, case: str) -> None:
+    """Fail with the first differing row/block/byte offsets, not a wall of numbers."""
+    assert ours.shape == ref.shape, f"{case}: shape {ours.shape} != ggml {ref.shape}"
+    diff = np.argwhere(ours != ref)
+    if diff.size == 0:
+        return
+    _, type_bytes = block_geometry(qtype)
+    row, col = (int(v) for v in diff[0])
+    block = col // type_bytes
+    lo = block * type_bytes
+    raise AssertionError(
+        f"{case}: {len(diff)} bytes differ; first at row {row}, block {block}, byte {col - lo} of the block\n"
+        f"  rioquant: {ours[row, lo:lo + type_bytes].tobytes().hex()}\n"
+        f"  ggml:     {ref[row, lo:lo + type_bytes].tobytes().hex()}"
+    )
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=TYPE_IDS)
+@pytest.mark.parametrize("case", list(INPUTS))
+def test_bytes_equal_ggml_without_imatrix(ggml, qtype, case):
+    rng = np.random.default_rng(zlib.crc32(f"{case}{qtype.name}".encode()))
+    for rows, n in ((1, 256), (7, 1024)):
+        x = INPUTS[case](rng, rows, n)
+        assert_same_bytes(quantize(x, qtype), ggml.quantize(x, qtype), qtype, f"{qtype.name}/{case}/{rows}x{n}")
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=TYPE_IDS)
+@pytest.mark.parametrize("case", list(INPUTS))
+@pytest.mark.parametrize("kind", IMPORTANCE_KINDS)
+def test_bytes_equal_ggml_with_imatrix(ggml, qtype, case, kind):
+    rng = np.random.default_rng(zlib.crc32(f"{case}{kind}{qtype.name}".encode()))
+    x = INPUTS[case](rng, 5, 512)
+    qw = random_importance(rng, 512, kind)
+    assert_same_bytes(quantize(x, qtype, imatrix=qw), ggml.quantize(x, qtype, qw), qtype, f"{qtype.name}/{case}/{kind}")
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=TYPE_IDS)
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    log_scale=st.floats(-30, 10),
+    blocks=st.integers(1, 3),
+    use_imatrix=st.booleans(),
+)
+def test_property_random_scales(ggml, qtype, seed, log_scale, blocks, use_imatrix):
+    rng = np.random.default_rng(seed)
+    n = blocks * 256
+    x = (rng.standard_normal((3, n)) * np.exp(log_scale)).astype(np.float32)
+    qw = random_importance(rng, n, "typical") if use_imatrix else None
+    assert_same_bytes(quantize(x, qtype, imatrix=qw), ggml.quantize(x, qtype, qw), qtype, f"seed={seed}")
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=TYPE_IDS)
+def test_dequantize_equals_gguf_py(ggml, qtype):
+    rng = np.random.default_rng(7)
+    x = np.concatenate([INPUTS[c](rng, 2, 512) for c in INPUTS])
+    data = ggml.quantize(x, qtype)
+    ours = dequantize(data, qtype, x.shape)
+    ref = gguf.quants.dequantize(data, qtype)
+    np.testing.assert_array_equal(ours.view(np.uint32), ref.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", list(BLOCK_KERNELS), ids=[t.name for t in BLOCK_KERNELS])
+def test_thread_count_does_not_change_bytes(qtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((33, 512)).astype(np.float32)
+    qw = random_importance(rng, 512, "typical")
+    one = quantize(x, qtype, imatrix=qw, threads=1)
+    np.testing.assert_array_equal(one, quantize(x, qtype, imatrix=qw, threads=2))
+    np.testing.assert_array_equal(one, quantize(x, qtype, imatrix=qw))
