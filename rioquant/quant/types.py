@@ -10,7 +10,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba.core.registry import CPUDispatcher
 
 from rioquant.errors import QuantInputError
-from rioquant.kernels import q8_0
+from rioquant.kernels import legacy, q3_k, q6_k, q8_0
 
 T = GGMLQuantizationType
 
@@ -26,6 +26,10 @@ class KernelPair:
 # One row per block type. F32/F16/BF16 are element types and are converted with numpy (see api.py).
 BLOCK_KERNELS: dict[GGMLQuantizationType, KernelPair] = {
     T.Q8_0: KernelPair(q8_0.quantize_row_q8_0, q8_0.dequantize_row_q8_0),
+    T.Q6_K: KernelPair(q6_k.quantize_row_q6_k, q6_k.dequantize_row_q6_k),
+    T.Q3_K: KernelPair(q3_k.quantize_row_q3_k, q3_k.dequantize_row_q3_k),
+    T.Q4_0: KernelPair(legacy.quantize_row_q4_0, legacy.dequantize_row_q4_0),  # row length not % 256
+    T.Q5_0: KernelPair(legacy.quantize_row_q5_0, legacy.dequantize_row_q5_0),  # row length not % 256
 }
 
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)

@@ -1,0 +1,83 @@
+"""`rioquant inspect`: what is in a GGUF, read with gguf-py's GGUFReader (header and tensor infos only)."""
+
+from collections import defaultdict
+from pathlib import Path
+
+from gguf import GGUFReader, GGUFValueType
+
+from rioquant.errors import CheckpointError
+
+MAX_ARRAY_SHOWN = 8
+
+
+def _field_value(field) -> object:
+    if not field.types:
+        return None
+    if field.types[0] == GGUFValueType.ARRAY:
+        n = len(field.data)
+        if field.types[-1] == GGUFValueType.STRING:
+            items = [bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data[:MAX_ARRAY_SHOWN]]
+        else:
+            items = [field.parts[i].tolist()[0] for i in field.data[:MAX_ARRAY_SHOWN]]
+        return items if n <= MAX_ARRAY_SHOWN else {"first": items, "length": n}
+    value = field.contents()
+    if isinstance(value, str) and len(value) > 200:
+        return value[:200] + f"… ({len(value)} chars)"
+    return value
+
+
+def tensor_kind(name: str) -> str:
+    """'blk.3.ffn_down_exps.weight' → 'ffn_down_exps'."""
+    parts = name.split(".")
+    if parts[0] == "blk":
+        parts = parts[2:]
+    return ".".join(p for p in parts if p not in ("weight", "bias")) or name
+
+
+def inspect_gguf(path: Path) -> dict:
+    try:
+        reader = GGUFReader(path)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable GGUF ({err})") from None
+    metadata = {name: _field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+    by_type: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0, "params": 0})
+    by_kind: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0, "params": 0})
+    for t in reader.tensors:
+        for table, key in ((by_type, t.tensor_type.name), (by_kind, tensor_kind(t.name))):
+            table[key]["tensors"] += 1
+            table[key]["bytes"] += int(t.n_bytes)
+            table[key]["params"] += int(t.n_elements)
+    total_bytes = sum(v["bytes"] for v in by_type.values())
+    total_params = sum(v["params"] for v in by_type.values())
+    return {
+        "file": str(path),
+        "metadata": metadata,
+        "tensors": len(reader.tensors),
+        "bytes": total_bytes,
+        "params": total_params,
+        "bits_per_weight": 8 * total_bytes / max(total_params, 1),
+        "by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1]["bytes"])),
+        "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1]["bytes"])),
+    }
+
+
+def _table(title: str, rows: dict[str, dict[str, int]], total: int) -> list[str]:
+    lines = [f"{title:<28} {'tensors':>8} {'MB':>12} {'share':>7} {'bpw':>6}"]
+    for key, v in rows.items():
+        bpw = 8 * v["bytes"] / max(v["params"], 1)
+        lines.append(f"{key:<28} {v['tensors']:>8} {v['bytes'] / 1e6:>12.2f} {100 * v['bytes'] / max(total, 1):>6.1f}% {bpw:>6.2f}")
+    return lines
+
+
+def render_text(report: dict) -> str:
+    lines = [f"{report['file']}: {report['tensors']} tensors, {report['bytes'] / 1e9:.3f} GB, "
+             f"{report['params'] / 1e9:.3f} B params, {report['bits_per_weight']:.2f} bits/weight", ""]
+    for key, value in report["metadata"].items():
+        lines.append(f"  {key} = {value}")
+    lines.append("")
+    lines += _table("type", report["by_type"], report["bytes"])
+    lines.append("")
+    lines += _table("tensor kind", report["by_kind"], report["bytes"])
+    return "\n".join(lines)
+
+

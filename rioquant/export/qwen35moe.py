@@ -1,0 +1,372 @@
+"""Qwen3.5-MoE (HF `qwen3_5_moe`) → llama.cpp `qwen35moe`: every name, shape and transform in one place.
+
+The tables below are the whole mapping; `tensor_specs` walks them to produce the GGUF tensor list
+(names, shapes, where each piece of data comes from, which transform applies) from the headers alone.
+Names come from gguf-py's TENSOR_NAMES so there is no second spelling of them here; NEXTN (MTP) names
+exist in gguf-py but are not listed for QWEN35MOE in gguf 0.19, which is why we map by MODEL_TENSOR
+and not through `get_tensor_name_map`.
+"""
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import MODEL_TENSOR, TENSOR_NAMES
+
+from rioquant.errors import CheckpointError
+from rioquant.export.checkpoint import SourceTensor
+
+M = MODEL_TENSOR
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The text model's hyper-parameters, read from config.json (top level or `text_config`)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    linear_num_key_heads: int
+    linear_num_value_heads: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    linear_conv_kernel_dim: int
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    shared_expert_intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float
+    partial_rotary_factor: float
+    mrope_section: tuple[int, ...]
+    full_attention_interval: int
+    layer_types: tuple[str, ...]
+    mtp_num_hidden_layers: int
+    tie_word_embeddings: bool
+
+    @property
+    def key_dim(self) -> int:
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.key_dim + self.value_dim
+
+
+MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
+
+
+def model_args(config: dict, source: str) -> ModelArgs:
+    """Build ModelArgs from a parsed config.json; `source` names the file in errors."""
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(f"{source}: model_type {model_type!r} is not supported (rioquant converts qwen3_5_moe)")
+    text = config.get("text_config", config)
+    rope = {**text.get("rope_parameters", {}), **{k: text[k] for k in ("rope_theta", "partial_rotary_factor") if k in text}}
+    try:
+        n_layers = int(text["num_hidden_layers"])
+        interval = int(text.get("full_attention_interval", 4))
+        layer_types = tuple(
+            text.get("layer_types")
+            or ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n_layers)]
+        )
+        return ModelArgs(
+            hidden_size=int(text["hidden_size"]),
+            num_hidden_layers=n_layers,
+            num_attention_heads=int(text["num_attention_heads"]),
+            num_key_value_heads=int(text["num_key_value_heads"]),
+            head_dim=int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]),
+            linear_num_key_heads=int(text["linear_num_key_heads"]),
+            linear_num_value_heads=int(text["linear_num_value_heads"]),
+            linear_key_head_dim=int(text["linear_key_head_dim"]),
+            linear_value_head_dim=int(text["linear_value_head_dim"]),
+            linear_conv_kernel_dim=int(text["linear_conv_kernel_dim"]),
+            num_experts=int(text["num_experts"]),
+            num_experts_per_tok=int(text["num_experts_per_tok"]),
+            moe_intermediate_size=int(text["moe_intermediate_size"]),
+            shared_expert_intermediate_size=int(text["shared_expert_intermediate_size"]),
+            vocab_size=int(text["vocab_size"]),
+            rms_norm_eps=float(text["rms_norm_eps"]),
+            max_position_embeddings=int(text["max_position_embeddings"]),
+            rope_theta=float(rope.get("rope_theta", 10000.0)),
+            partial_rotary_factor=float(rope.get("partial_rotary_factor", 0.25)),
+            mrope_section=tuple(int(v) for v in rope.get("mrope_section", (11, 11, 10))),
+            full_attention_interval=interval,
+            layer_types=layer_types,
+            mtp_num_hidden_layers=int(text.get("mtp_num_hidden_layers", 0)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+        )
+    except KeyError as err:
+        raise CheckpointError(f"{source}: config is missing {err.args[0]!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms: small named functions of (float32 array, args). Names are recorded in the plan.
+
+def _tile_v_heads(x: np.ndarray, axis: int, a: ModelArgs, head_dim: int) -> np.ndarray:
+    """V heads grouped by K head → tiled order, along `axis` (what ggml's broadcast expects)."""
+    r = a.linear_num_value_heads // a.linear_num_key_heads
+    if r == 1:
+        return x
+    moved = np.moveaxis(x, axis, 0)
+    rest = moved.shape[1:]
+    grouped = moved.reshape(a.linear_num_key_heads, r, head_dim, *rest)  # (num_k, r, d, ...)
+    tiled = grouped.swapaxes(0, 1).reshape(moved.shape)  # (r, num_k, d, ...) flattened
+    return np.ascontiguousarray(np.moveaxis(tiled, 0, axis))
+
+
+def plus_one(x: np.ndarray, a: ModelArgs) -> np.ndarray:
+    """Qwen3.5 RMSNorm computes x·(1+w); llama.cpp multiplies by the stored weight."""
+    return x + np.float32(1.0)
+
+
+def qkv_tile_v(x: np.ndarray, a: ModelArgs) -> np.ndarray:
+    qk = 2 * a.key_dim
+    return np.concatenate([x[:qk], _tile_v_heads(x[qk:], 0, a, a.linear_value_head_dim)])
+
+
+def rows_tile_v(x: np.ndarray, a: ModelArgs) -> np.ndarray:
+    return _tile_v_heads(x, 0, a, a.linear_value_head_dim)
+
+
+def heads_tile_v(x: np.ndarray, a: ModelArgs) -> np.ndarray:
+    return _tile_v_heads(x, 0, a, 1)
+
+
+def conv_squeeze_tile_v(x: np.ndarray, a: ModelArgs) -> np.ndarray:
+    x = x.reshape(x.shape[0], x.shape[-1])  # (conv_dim, 1, K) → (conv_dim, K)
+    return qkv_tile_v(x, a)
+
+
+def a_log_to_a(x: np.ndarray, a: ModelArgs) -> np.ndarray:
+    """ggml's delta-net takes A = -exp(A_log) directly."""
+    return -np.exp(heads_tile_v(x, a))
+
+
+def cols_tile_v(x: np.ndarray, a: ModelArgs) -> np.ndarray:
+    return _tile_v_heads(x, 1, a, a.linear_value_head_dim)
+
+
+TRANSFORMS: dict[str, Callable[[np.ndarray, ModelArgs], np.ndarray]] = {
+    f.__name__: f for f in (plus_one, qkv_tile_v, rows_tile_v, heads_tile_v, conv_squeeze_tile_v, a_log_to_a, cols_tile_v)
+}
+
+# ---------------------------------------------------------------------------------------------
+# Tables. Shapes are HF (torch) shapes as functions of ModelArgs; GGUF numpy shape = transform output.
+
+ShapeFn = Callable[[ModelArgs], tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    hf: str  # name inside the layer (or at top level)
+    gguf: MODEL_TENSOR
+    suffix: str  # ".weight", ".bias" or ""
+    shape: ShapeFn
+    transform: str | None = None
+
+
+LAYER_RULES: tuple[TensorRule, ...] = (
+    TensorRule("input_layernorm.weight", M.ATTN_NORM, ".weight", lambda a: (a.hidden_size,), "plus_one"),
+    TensorRule("post_attention_layernorm.weight", M.ATTN_POST_NORM, ".weight", lambda a: (a.hidden_size,), "plus_one"),
+    # gated full attention: q_proj holds query and gate interleaved per head
+    TensorRule("self_attn.q_proj.weight", M.ATTN_Q, ".weight", lambda a: (2 * a.num_attention_heads * a.head_dim, a.hidden_size)),
+    TensorRule("self_attn.k_proj.weight", M.ATTN_K, ".weight", lambda a: (a.num_key_value_heads * a.head_dim, a.hidden_size)),
+    TensorRule("self_attn.v_proj.weight", M.ATTN_V, ".weight", lambda a: (a.num_key_value_heads * a.head_dim, a.hidden_size)),
+    TensorRule("self_attn.o_proj.weight", M.ATTN_OUT, ".weight", lambda a: (a.hidden_size, a.num_attention_heads * a.head_dim)),
+    TensorRule("self_attn.q_norm.weight", M.ATTN_Q_NORM, ".weight", lambda a: (a.head_dim,), "plus_one"),
+    TensorRule("self_attn.k_norm.weight", M.ATTN_K_NORM, ".weight", lambda a: (a.head_dim,), "plus_one"),
+    # Gated DeltaNet linear attention (V heads reordered to tiled order)
+    TensorRule("linear_attn.in_proj_qkv.weight", M.ATTN_QKV, ".weight", lambda a: (a.conv_dim, a.hidden_size), "qkv_tile_v"),
+    TensorRule("linear_attn.in_proj_z.weight", M.ATTN_GATE, ".weight", lambda a: (a.value_dim, a.hidden_size), "rows_tile_v"),
+    TensorRule("linear_attn.in_proj_b.weight", M.SSM_BETA, ".weight", lambda a: (a.linear_num_value_heads, a.hidden_size), "heads_tile_v"),
+    TensorRule("linear_attn.in_proj_a.weight", M.SSM_ALPHA, ".weight", lambda a: (a.linear_num_value_heads, a.hidden_size), "heads_tile_v"),
+    TensorRule("linear_attn.conv1d.weight", M.SSM_CONV1D, ".weight", lambda a: (a.conv_dim, 1, a.linear_conv_kernel_dim), "conv_squeeze_tile_v"),
+    TensorRule("linear_attn.dt_bias", M.SSM_DT, ".bias", lambda a: (a.linear_num_value_heads,), "heads_tile_v"),
+    TensorRule("linear_attn.A_log", M.SSM_A, "", lambda a: (a.linear_num_value_heads,), "a_log_to_a"),
+    TensorRule("linear_attn.norm.weight", M.SSM_NORM, ".weight", lambda a: (a.linear_value_head_dim,)),  # plain weight: no +1
+    TensorRule("linear_attn.out_proj.weight", M.SSM_OUT, ".weight", lambda a: (a.hidden_size, a.value_dim), "cols_tile_v"),
+    # MoE router and shared expert
+    TensorRule("mlp.gate.weight", M.FFN_GATE_INP, ".weight", lambda a: (a.num_experts, a.hidden_size)),
+    TensorRule("mlp.shared_expert_gate.weight", M.FFN_GATE_INP_SHEXP, ".weight", lambda a: (1, a.hidden_size)),
+    TensorRule("mlp.shared_expert.gate_proj.weight", M.FFN_GATE_SHEXP, ".weight", lambda a: (a.shared_expert_intermediate_size, a.hidden_size)),
+    TensorRule("mlp.shared_expert.up_proj.weight", M.FFN_UP_SHEXP, ".weight", lambda a: (a.shared_expert_intermediate_size, a.hidden_size)),
+    TensorRule("mlp.shared_expert.down_proj.weight", M.FFN_DOWN_SHEXP, ".weight", lambda a: (a.hidden_size, a.shared_expert_intermediate_size)),
+)
+
+# MTP head tensors outside `mtp.layers.*`, written into the NextN block (index n_layers + 0)
+MTP_RULES: tuple[TensorRule, ...] = (
+    TensorRule("mtp.fc.weight", M.NEXTN_EH_PROJ, ".weight", lambda a: (a.hidden_size, 2 * a.hidden_size)),
+    TensorRule("mtp.pre_fc_norm_embedding.weight", M.NEXTN_ENORM, ".weight", lambda a: (a.hidden_size,), "plus_one"),
+    TensorRule("mtp.pre_fc_norm_hidden.weight", M.NEXTN_HNORM, ".weight", lambda a: (a.hidden_size,), "plus_one"),
+    TensorRule("mtp.norm.weight", M.NEXTN_SHARED_HEAD_NORM, ".weight", lambda a: (a.hidden_size,), "plus_one"),
+)
+
+TOP_RULES: tuple[TensorRule, ...] = (
+    TensorRule("embed_tokens.weight", M.TOKEN_EMBD, ".weight", lambda a: (a.vocab_size, a.hidden_size)),
+    TensorRule("norm.weight", M.OUTPUT_NORM, ".weight", lambda a: (a.hidden_size,), "plus_one"),
+)
+OUTPUT_RULE = TensorRule("lm_head.weight", M.OUTPUT, ".weight", lambda a: (a.vocab_size, a.hidden_size))
+
+# (GGUF expert tensor, per-expert HF projection, half of fused gate_up_proj or None for down_proj)
+EXPERT_RULES: tuple[tuple[MODEL_TENSOR, str, int | None], ...] = (
+    (M.FFN_GATE_EXP, "gate_proj", 0),
+    (M.FFN_UP_EXP, "up_proj", 1),
+    (M.FFN_DOWN_EXP, "down_proj", None),
+)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A part of a GGUF tensor's data: `rows` of slab `index` (or the whole) of one source tensor."""
+
+    source: SourceTensor
+    index: int | None = None
+    rows: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One GGUF tensor: its name, numpy-order shape, the pieces stacked on axis 0, and its transform."""
+
+    name: str
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+    transform: str | None
+    layer: int | None
+
+    @property
+    def is_expert_stack(self) -> bool:
+        return len(self.shape) == 3
+
+
+def gguf_name(rule: TensorRule, layer: int | None) -> str:
+    return TENSOR_NAMES[rule.gguf].format(bid=layer) + rule.suffix
+
+
+def _gguf_shape(rule: TensorRule, hf_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if rule.transform == "conv_squeeze_tile_v":
+        return (hf_shape[0], hf_shape[2])
+    return hf_shape
+
+
+class _Namespace:
+    """Source tensors with the language-model prefix removed; tracks which ones were consumed."""
+
+    def __init__(self, tensors: dict[str, SourceTensor]) -> None:
+        self.by_name: dict[str, SourceTensor] = {}
+        for name, tensor in tensors.items():
+            if name.startswith("model.visual.") or name.startswith("visual."):
+                continue  # the vision tower goes to the mmproj file, not the text GGUF
+            short = re.sub(r"^model\.(language_model\.)?", "", name)
+            self.by_name[short] = tensor
+        self.used: set[str] = set()
+
+    def take(self, name: str, rule_shape: tuple[int, ...]) -> SourceTensor:
+        tensor = self.by_name.get(name)
+        if tensor is None:
+            raise CheckpointError(f"checkpoint has no tensor {name} (expected from config.json)")
+        if tensor.shape != rule_shape:
+            raise CheckpointError(
+                f"{tensor.file.name}: tensor {tensor.name} has shape {list(tensor.shape)}, "
+                f"config.json implies {list(rule_shape)}"
+            )
+        self.used.add(name)
+        return tensor
+
+    def has(self, name: str) -> bool:
+        return name in self.by_name
+
+
+def _layer_is_linear(a: ModelArgs, layer: int) -> bool:
+    return layer < a.num_hidden_layers and a.layer_types[layer] == "linear_attention"
+
+
+def _layer_specs(ns: _Namespace, a: ModelArgs, hf_prefix: str, layer: int) -> list[TensorSpec]:
+    specs: list[TensorSpec] = []
+    linear = _layer_is_linear(a, layer)
+    for rule in LAYER_RULES:
+        if rule.hf.startswith("linear_attn." if not linear else "self_attn."):
+            continue
+        tensor = ns.take(hf_prefix + rule.hf, rule.shape(a))
+        specs.append(TensorSpec(gguf_name(rule, layer), _gguf_shape(rule, tensor.shape), (Piece(tensor),), rule.transform, layer))
+    specs.extend(_expert_specs(ns, a, hf_prefix, layer))
+    return specs
+
+
+def _expert_specs(ns: _Namespace, a: ModelArgs, hf_prefix: str, layer: int) -> list[TensorSpec]:
+    """Expert stacks [E, rows, cols] from either on-disk layout, one piece per expert slab."""
+    E, I, Hd = a.num_experts, a.moe_intermediate_size, a.hidden_size
+    fused = ns.has(hf_prefix + "mlp.experts.gate_up_proj")
+    specs = []
+    for tensor_kind, proj, half in EXPERT_RULES:
+        rows, cols = (Hd, I) if proj == "down_proj" else (I, Hd)
+        if fused:
+            if half is None:
+                src = ns.take(hf_prefix + "mlp.experts.down_proj", (E, Hd, I))
+                pieces = tuple(Piece(src, e) for e in range(E))
+            else:
+                src = ns.take(hf_prefix + "mlp.experts.gate_up_proj", (E, 2 * I, Hd))
+                pieces = tuple(Piece(src, e, (half * I, (half + 1) * I)) for e in range(E))
+        else:
+            pieces = tuple(
+                Piece(ns.take(f"{hf_prefix}mlp.experts.{e}.{proj}.weight", (rows, cols))) for e in range(E)
+            )
+        name = TENSOR_NAMES[tensor_kind].format(bid=layer) + ".weight"
+        specs.append(TensorSpec(name, (E, rows, cols), pieces, None, layer))
+    return specs
+
+
+def tensor_specs(tensors: dict[str, SourceTensor], a: ModelArgs, with_mtp: bool) -> list[TensorSpec]:
+    """The GGUF tensor list in llama.cpp's order, from headers only; unknown source tensors are errors."""
+    ns = _Namespace(tensors)
+    specs: list[TensorSpec] = []
+    for rule in TOP_RULES:
+        tensor = ns.take(rule.hf, rule.shape(a))
+        specs.append(TensorSpec(gguf_name(rule, None), tensor.shape, (Piece(tensor),), rule.transform, None))
+    if ns.has(OUTPUT_RULE.hf) or not a.tie_word_embeddings:
+        tensor = ns.take(OUTPUT_RULE.hf, OUTPUT_RULE.shape(a))
+        specs.append(TensorSpec(gguf_name(OUTPUT_RULE, None), tensor.shape, (Piece(tensor),), None, None))
+    for layer in range(a.num_hidden_layers):
+        specs.extend(_layer_specs(ns, a, f"layers.{layer}.", layer))
+    has_mtp = any(name.startswith("mtp.") for name in ns.by_name)
+    if with_mtp and has_mtp:
+        for i in range(max(a.mtp_num_hidden_layers, 1)):
+            layer = a.num_hidden_layers + i
+            specs.extend(_layer_specs(ns, a, f"mtp.layers.{i}.", layer))
+            for rule in MTP_RULES:
+                tensor = ns.take(rule.hf, rule.shape(a))
+                specs.append(TensorSpec(gguf_name(rule, layer), tensor.shape, (Piece(tensor),), rule.transform, layer))
+    ignored = {n for n in ns.by_name if n.startswith("mtp.")} if not (with_mtp and has_mtp) else set()
+    unknown = sorted(set(ns.by_name) - ns.used - ignored)
+    if unknown:
+        raise CheckpointError(f"{ns.by_name[unknown[0]].file.name}: unexpected tensor {ns.by_name[unknown[0]].name}")
+    return specs
+
+
+def mtp_layer_count(specs: list[TensorSpec], a: ModelArgs) -> int:
+    """How many NextN layers the spec list carries (0 when MTP is dropped or absent)."""
+    layers = {s.layer for s in specs if s.layer is not None}
+    return max(0, len(layers) - a.num_hidden_layers)
+
+
+def load_tensor(spec: TensorSpec, a: ModelArgs, read: Callable[[SourceTensor, int | None], np.ndarray]) -> np.ndarray:
+    """The whole transformed tensor as float32 (non-expert tensors only; experts go piece by piece)."""
+    (piece,) = spec.pieces
+    values = read(piece.source, piece.index)
+    return TRANSFORMS[spec.transform](values, a) if spec.transform else values
+
+
+def load_piece(piece: Piece, read: Callable[[SourceTensor, int | None], np.ndarray]) -> np.ndarray:
+    """One expert slab as float32 (rows, cols)."""
+    values = read(piece.source, piece.index)
+    return values[piece.rows[0] : piece.rows[1]] if piece.rows else values
