@@ -115,6 +115,7 @@ def _metadata_writer(plan: ConversionPlan):
     general = general_metadata(plan.src, total, shared, expert, plan.args.num_experts, options.base_models, options.name)
 
     def add(writer: gguf.GGUFWriter) -> None:
+        writer.add_type(gguf.GGUFType.MODEL)
         general.set_gguf_meta_model(writer)
         if options.quantized_by:
             writer.add_quantized_by(options.quantized_by)
@@ -161,7 +162,7 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> list[Path]:
     )
     done_bytes = sum(e.nbytes for e in plan.entries if output.is_done(e.name))
     bar = tqdm(total=plan.total_bytes, initial=done_bytes, unit="B", unit_scale=True, disable=not options.progress,
-               desc=f"{out.name}", dynamic_ncols=True)
+               desc=f"{out.name}", dynamic_ncols=True, mininterval=1.0)
     try:
         for i, (spec, entry) in enumerate(zip(plan.specs, plan.entries)):
             if output.is_done(entry.name):

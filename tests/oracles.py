@@ -1,11 +1,21 @@
-"""Independent references that rioquant is measured against: ggml's C quantizers via ctypes.
+"""Independent references that rioquant is measured against.
 
-The library is llama-cpp-python's own `libggml-base.so` (the pinned 0.3.36 build). If it cannot be
-loaded, `GgmlOracle()` raises: tests that need it fail loudly instead of skipping.
+- `GgmlOracle`: ggml's C quantizers via ctypes, from llama-cpp-python's own `libggml-base.so` (the
+  pinned 0.3.36 build). If it cannot be loaded, `GgmlOracle()` raises: tests that need it fail
+  loudly instead of skipping.
+- `run_reference_converter`: llama.cpp's own convert_hf_to_gguf.py (from `tests.llama_src`).
+- `llama_logits` / `transformers_logits`: a model's logits through llama.cpp and through transformers.
 """
 
+import contextlib
 import ctypes
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -50,3 +60,127 @@ class GgmlOracle:
         written = self.lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, n_per_row, qw)
         assert written == out.nbytes
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-level oracles: llama.cpp's own converter, llama.cpp's forward pass, transformers' forward pass.
+# They check a whole GGUF end to end; none of them imports rioquant.
+
+
+def run_reference_converter(
+    src_dir: Path | str,
+    out_path: Path | str,
+    outtype: str = "f16",
+    extra_args: Sequence[str] = (),
+    mtp: bool | None = None,
+    timeout_s: float = 600,
+) -> Path:
+    """Convert an HF checkpoint with llama.cpp's own `convert_hf_to_gguf.py`; return the GGUF path.
+
+    Runs in a subprocess with the venv's Python and PYTHONPATH set to that tree's `gguf-py`, so the
+    converter uses its own gguf package (gguf 0.19.0 on PyPI lacks the qwen35moe NEXTN tensors).
+    mtp: None adds `--no-mtp` when the checkpoint has no `mtp.*` tensors (without it the reference
+    converter asserts on such a checkpoint), False always adds it (drop the MTP layer), True never.
+    The text GGUF only: the vision tower is skipped (`--mmproj` would write the projector instead).
+    """
+    from tests.llama_src import llama_cpp_source
+
+    src_dir, out_path = Path(src_dir), Path(out_path)
+    tree = llama_cpp_source()
+    script = tree / "convert_hf_to_gguf.py"
+    args = [sys.executable, str(script), "--outtype", outtype, "--outfile", str(out_path)]
+    if mtp is False or (mtp is None and not _has_mtp_tensors(src_dir)):
+        args.append("--no-mtp")
+    args += [*extra_args, str(src_dir)]
+    env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py")}
+    env.pop("NO_LOCAL_GGUF", None)  # the converter must import the tree's gguf-py, not the venv's
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout_s)
+    if proc.returncode != 0 or not out_path.is_file():
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        raise RuntimeError(f"reference converter failed on {src_dir} (exit {proc.returncode}):\n{tail}")
+    return out_path
+
+
+def _has_mtp_tensors(src_dir: Path) -> bool:
+    index = src_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = json.loads(index.read_text())["weight_map"]
+    else:
+        from safetensors import safe_open
+
+        names = []
+        for f in sorted(src_dir.glob("*.safetensors")):
+            with safe_open(str(f), "np") as st:
+                names += list(st.keys())
+    return any(n.startswith(("mtp.", "model.mtp.")) for n in names)
+
+
+@contextlib.contextmanager
+def plain_cpu_buffers() -> Iterator[None]:
+    """Load models without llama.cpp's "extra" CPU buffer types (AMX / repacked weights).
+
+    On this machine's AMX-capable CPUs, llama.cpp 0.3.36's AMX matmul segfaults on the quantized
+    expert tensors of tiny models (seen with its own llama_model_quantize output as well as ours);
+    the plain CPU kernels compute the same model, so the oracle uses them.
+    """
+    import llama_cpp.llama_cpp as bindings  # the module Llama() takes its default params from
+
+    default_params = bindings.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = without_extra_buffers
+    try:
+        yield
+    finally:
+        bindings.llama_model_default_params = default_params
+
+
+def llama_logits(gguf_path: Path | str, token_ids: Sequence[int], n_threads: int | None = None) -> np.ndarray:
+    """llama.cpp's logits for every position: float32 (n_tokens, n_vocab).
+
+    Loads the GGUF with llama-cpp-python (the pinned build, CPU), evaluates the tokens in one batch
+    and returns the scores of all positions. Loading it at all is the first check: llama.cpp's
+    loader validates names, shapes and required metadata.
+    """
+    from llama_cpp import Llama
+
+    tokens = [int(t) for t in token_ids]
+    with plain_cpu_buffers():
+        llm = Llama(
+            model_path=str(gguf_path), logits_all=True, n_ctx=max(64, len(tokens)), n_batch=max(64, len(tokens)),
+            n_gpu_layers=0, n_threads=n_threads, verbose=False,
+        )
+    try:
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)], dtype=np.float32, copy=True)
+    finally:
+        llm.close()
+
+
+def transformers_logits(
+    src_dir: Path | str, token_ids: Sequence[int], adjust: Callable[[Any], None] | None = None
+) -> np.ndarray:
+    """transformers' float32 logits for every position: float32 (n_tokens, n_vocab).
+
+    Loads the checkpoint with the class its config names (`Qwen3_5MoeForCausalLM` or
+    `Qwen3_5MoeForConditionalGeneration`, text input only) in float32 on the CPU; MTP tensors are
+    ignored by transformers. Rows beyond the tokenizer (the padded vocabulary) are included, as in
+    llama.cpp's output. `adjust(model)` may edit the loaded float32 weights in place first (to
+    mirror a known rounding of the reference converter, say).
+    """
+    import torch
+    import transformers
+
+    src_dir = Path(src_dir)
+    arch = json.loads((src_dir / "config.json").read_text())["architectures"][0]
+    model = getattr(transformers, arch).from_pretrained(src_dir, dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        if adjust is not None:
+            adjust(model)
+        out = model(input_ids=torch.tensor([list(token_ids)], dtype=torch.long), use_cache=False)
+    return out.logits[0].float().numpy()

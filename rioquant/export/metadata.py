@@ -42,11 +42,17 @@ ARCH_KEYS: tuple[ArchKey, ...] = (
     (Keys.LLM.FULL_ATTENTION_INTERVAL, lambda a, mtp: a.full_attention_interval, V.UINT32),
     (Keys.Rope.DIMENSION_COUNT, lambda a, mtp: int(a.head_dim * a.partial_rotary_factor), V.UINT32),
 )
+# gguf 0.19 has no constant for this key yet (llama.cpp's newer gguf-py names it RECURRENT_LAYERS)
+RECURRENT_LAYERS_KEY: ArchKey = (
+    "{arch}.attention.recurrent_layers",
+    lambda a, mtp: [t == "linear_attention" for t in a.layer_types] + [False] * mtp,
+    V.ARRAY,
+)
 NEXTN_KEY: ArchKey = (Keys.LLM.NEXTN_PREDICT_LAYERS, lambda a, mtp: mtp, V.UINT32)
 
 
 def add_arch_metadata(writer: gguf.GGUFWriter, a: ModelArgs, n_mtp_layers: int) -> None:
-    keys = ARCH_KEYS + ((NEXTN_KEY,) if n_mtp_layers else ())
+    keys = ARCH_KEYS + (RECURRENT_LAYERS_KEY,) + ((NEXTN_KEY,) if n_mtp_layers else ())
     for template, value, vtype in keys:
         v = value(a, n_mtp_layers)
         if vtype is V.ARRAY:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from gguf import MODEL_TENSOR, TENSOR_NAMES
 
 from rioquant.errors import CheckpointError
@@ -148,8 +149,12 @@ def conv_squeeze_tile_v(x: np.ndarray, a: ModelArgs) -> np.ndarray:
 
 
 def a_log_to_a(x: np.ndarray, a: ModelArgs) -> np.ndarray:
-    """ggml's delta-net takes A = -exp(A_log) directly."""
-    return -np.exp(heads_tile_v(x, a))
+    """ggml's delta-net takes A = -exp(A_log) directly.
+
+    torch's float32 exp, not numpy's: the two differ in the last ulp on some inputs, and llama.cpp's
+    converter (the reference our F32/F16 output must equal) computes it with torch.
+    """
+    return -torch.exp(torch.from_numpy(heads_tile_v(x, a))).numpy()
 
 
 def cols_tile_v(x: np.ndarray, a: ModelArgs) -> np.ndarray:

@@ -42,13 +42,35 @@ def _looks_special(token: str) -> bool:
     return (token.startswith("<|") and token.endswith("|>")) or token in ("<pad>", "<mask>")
 
 
+def _added_tokens(src: Path, tokenizer_json: dict) -> dict[int, dict]:
+    """Added tokens by id; tokenizer_config.json's `added_tokens_decoder` overrides tokenizer.json's
+    flags, as in transformers (Qwen marks <think>, <tool_call>, … "special": false only there)."""
+    added = {int(t["id"]): dict(t) for t in tokenizer_json.get("added_tokens", [])}
+    config_path = src / "tokenizer_config.json"
+    if config_path.is_file():
+        for token_id, info in json.loads(config_path.read_text(encoding="utf-8")).get("added_tokens_decoder", {}).items():
+            added.setdefault(int(token_id), {}).update(info)
+    return added
+
+
+def _byte_level_adds_nothing(special: gguf.SpecialVocab, tokenizer_json: dict) -> None:
+    """A ByteLevel post-processor adds neither BOS nor EOS. llama.cpp's newer gguf-py records that as
+    add_bos/add_eos = false; gguf 0.19 leaves the keys out, so we set the defaults it would."""
+    processor = tokenizer_json.get("post_processor") or {}
+    processors = processor.get("processors", [processor]) if processor.get("type") == "Sequence" else [processor]
+    if any(p.get("type") == "ByteLevel" for p in processors):
+        special.add_special_token.setdefault("bos", False)
+        special.add_special_token.setdefault("eos", False)
+
+
 def read_vocab(src: Path, vocab_size: int) -> Vocab:
     path = src / "tokenizer.json"
     if not path.is_file():
         raise CheckpointError(f"{src}: no tokenizer.json (rioquant needs the fast tokenizer file)")
     try:
         tokenizer = Tokenizer.from_file(str(path))
-        added = {t["id"]: t for t in json.loads(path.read_text(encoding="utf-8")).get("added_tokens", [])}
+        tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
+        added = _added_tokens(src, tokenizer_json)
     except Exception as err:  # the tokenizers library raises plain Exceptions on malformed files
         raise CheckpointError(f"{path}: cannot be read as a tokenizer ({err})") from None
     probe_ids = tokenizer.encode(PRE_TOKENIZER_PROBE).ids
@@ -79,6 +101,7 @@ def read_vocab(src: Path, vocab_size: int) -> Vocab:
                 types.append(gguf.TokenType.USER_DEFINED)
         tokens.append(token)
     special = gguf.SpecialVocab(src, load_merges=True, n_vocab=vocab_size)
+    _byte_level_adds_nothing(special, tokenizer_json)
     return Vocab(tokens, types, pre, special)
 
 
