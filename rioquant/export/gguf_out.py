@@ -73,6 +73,7 @@ class ShardedGGUFOutput:
         if existing and not force:
             raise PlanError(f"{existing[0]}: output exists; pass --force to overwrite it")
         self.done: dict[str, int] = {}
+        self.notes: dict[str, dict] = {}  # tensor → note() of write_tensor, restored on resume
         self.ends: list[int] = []
         if not (resume and self._load_journal()):
             self._start_fresh(writer)
@@ -116,6 +117,8 @@ class ShardedGGUFOutput:
             except json.JSONDecodeError:
                 break  # a torn last line: that tensor is redone
             self.done[record["tensor"]] = record["end"]
+            if "note" in record:
+                self.notes[record["tensor"]] = record["note"]
             self.ends[self.shard_of[record["tensor"]]] = record["end"]
         return True
 
@@ -123,8 +126,12 @@ class ShardedGGUFOutput:
     def is_done(self, name: str) -> bool:
         return name in self.done
 
-    def write_tensor(self, name: str, chunks: Iterator[np.ndarray]) -> None:
-        """Append one tensor from its byte chunks, pad, fsync, journal. Chunks come lazily."""
+    def write_tensor(self, name: str, chunks: Iterator[np.ndarray], note: Callable[[], dict] | None = None) -> None:
+        """Append one tensor from its byte chunks, pad, fsync, journal. Chunks come lazily.
+
+        `note()`, called once the chunks are spent, gives a JSON-able record kept in the tensor's journal
+        line (the converter's error figures), so a resumed run gets it back from `notes`.
+        """
         handle = self.handles[self.shard_of[name]]
         try:
             handle.write(b"\0" * (_pad(handle.tell(), self.alignment) - handle.tell()))
@@ -137,16 +144,19 @@ class ShardedGGUFOutput:
             handle.write(b"\0" * (_pad(written, self.alignment) - written))
             handle.flush()
             os.fsync(handle.fileno())
+            record = {"tensor": name, "end": handle.tell(), **({"note": note()} if note else {})}
+            self.journal.write(json.dumps(record) + "\n")
+            self.journal.flush()
+            os.fsync(self.journal.fileno())
         except OSError as err:
             if err.errno == errno.ENOSPC:
                 raise DiskFullError(
                     f"{self.workdir}: disk full while writing tensor {name}; free space and rerun with --resume"
                 ) from None
             raise
-        self.journal.write(json.dumps({"tensor": name, "end": handle.tell()}) + "\n")
-        self.journal.flush()
-        os.fsync(self.journal.fileno())
         self.done[name] = handle.tell()
+        if note:
+            self.notes[name] = record["note"]
 
     def finish(self) -> list[Path]:
         """Rename the complete shards into place and remove the work directory."""

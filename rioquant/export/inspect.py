@@ -1,26 +1,16 @@
-"""`rioquant inspect`: what is in a GGUF, read with gguf-py's GGUFReader (header and tensor infos only)."""
+"""`rioquant inspect`: what is in a GGUF, from its header alone (see gguf_header for why not GGUFReader)."""
 
 from collections import defaultdict
 from pathlib import Path
 
-from gguf import GGUFReader, GGUFValueType
-
-from rioquant.errors import CheckpointError
+from rioquant.export.gguf_header import read_header
 
 MAX_ARRAY_SHOWN = 8
 
 
-def _field_value(field) -> object:
-    if not field.types:
-        return None
-    if field.types[0] == GGUFValueType.ARRAY:
-        n = len(field.data)
-        if field.types[-1] == GGUFValueType.STRING:
-            items = [bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data[:MAX_ARRAY_SHOWN]]
-        else:
-            items = [field.parts[i].tolist()[0] for i in field.data[:MAX_ARRAY_SHOWN]]
-        return items if n <= MAX_ARRAY_SHOWN else {"first": items, "length": n}
-    value = field.contents()
+def _shown(value: object) -> object:
+    if isinstance(value, list) and len(value) > MAX_ARRAY_SHOWN:
+        return {"first": value[:MAX_ARRAY_SHOWN], "length": len(value)}
     if isinstance(value, str) and len(value) > 200:
         return value[:200] + f"… ({len(value)} chars)"
     return value
@@ -35,24 +25,21 @@ def tensor_kind(name: str) -> str:
 
 
 def inspect_gguf(path: Path) -> dict:
-    try:
-        reader = GGUFReader(path)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable GGUF ({err})") from None
-    metadata = {name: _field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+    header = read_header(path)
+    metadata = {name: _shown(value) for name, value in header.metadata.items()}
     by_type: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0, "params": 0})
     by_kind: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0, "params": 0})
-    for t in reader.tensors:
-        for table, key in ((by_type, t.tensor_type.name), (by_kind, tensor_kind(t.name))):
+    for t in header.tensors:
+        for table, key in ((by_type, t.qtype.name), (by_kind, tensor_kind(t.name))):
             table[key]["tensors"] += 1
-            table[key]["bytes"] += int(t.n_bytes)
-            table[key]["params"] += int(t.n_elements)
+            table[key]["bytes"] += t.nbytes
+            table[key]["params"] += t.n_elements
     total_bytes = sum(v["bytes"] for v in by_type.values())
     total_params = sum(v["params"] for v in by_type.values())
     return {
         "file": str(path),
         "metadata": metadata,
-        "tensors": len(reader.tensors),
+        "tensors": len(header.tensors),
         "bytes": total_bytes,
         "params": total_params,
         "bits_per_weight": 8 * total_bytes / max(total_params, 1),

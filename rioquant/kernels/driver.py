@@ -5,20 +5,25 @@ Row kernels have the signatures
     dequantize_row(data: uint8[row_bytes], out: float32[n])
 and are handed in as Numba dispatchers, so Numba compiles one specialised driver per kernel.
 Rows are independent in every ggml format, so the bytes do not depend on the thread count.
+
+The drivers are deliberately not cached (`cache=True`): Numba pickles a dispatcher argument's type
+into the cache index by weak reference, and rewriting an index that holds a dispatcher from an earlier
+process fails with "underlying object has vanished". The row kernels they call are cached, so a driver
+costs about a second of compilation per type per process.
 """
 
 import numpy as np
 from numba import njit, prange
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True)
 def quantize_rows(row_kernel, x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> None:
     """Quantize each row of x (rows, n) into out (rows, row_bytes); importance is (n,) or (0,)."""
     for r in prange(x.shape[0]):
         row_kernel(x[r], importance, out[r])
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True)
 def dequantize_rows(row_kernel, data: np.ndarray, out: np.ndarray) -> None:
     """Dequantize each row of data (rows, row_bytes) into out (rows, n)."""
     for r in prange(data.shape[0]):
