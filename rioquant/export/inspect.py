@@ -9,6 +9,8 @@ MAX_ARRAY_SHOWN = 8
 
 
 def _shown(value: object) -> object:
+    if isinstance(value, float):
+        return float(f"{value:.7g}")  # float32 metadata: show the digits it holds, not its binary tail
     if isinstance(value, list) and len(value) > MAX_ARRAY_SHOWN:
         return {"first": value[:MAX_ARRAY_SHOWN], "length": len(value)}
     if isinstance(value, str) and len(value) > 200:
