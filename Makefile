@@ -7,6 +7,11 @@ PYTEST  := $(BIN)/python -m pytest
 .PHONY: install test test-fast bench lint demo clean
 
 install: $(BIN)/python
+	# Go's own text/template renders the Ollama chat template in tests (tests/go/render.go): Debian's golang-go
+	@if ! command -v go >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" -eq 0 ]; then apt-get update && apt-get install -y golang-go; \
+	  else echo "go not found and not root: install Debian's golang-go for tests/test_modelfile.py"; fi; \
+	fi
 	$(BIN)/pip install --upgrade pip
 	# torch==2.13.0 first: it is the CPU wheel that lies on this machine (any other spec pulls CUDA builds)
 	$(BIN)/pip install torch==2.13.0
@@ -23,6 +28,7 @@ test-fast:
 
 bench:
 	$(BIN)/python -m bench.kernels
+	$(BIN)/python -m bench.convert_bench
 
 lint:
 	$(BIN)/ruff check rioquant tests bench

@@ -37,6 +37,16 @@ def _zero_blocks(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
     return x
 
 
+def _negative_zero_blocks(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
+    """Blocks of -0.0: ggml's max scan starts from +0 and never moves, so the sign of d is ggml's, not
+    the sign of the block's first zero."""
+    x = rng.standard_normal((rows, n)).astype(F32)
+    x[:, 32:64] = F32(-0.0)
+    x[:, 96:112] = F32(-0.0)
+    x[:, 97] = 0
+    return x
+
+
 def _constant(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
     return np.repeat(rng.standard_normal((rows, 1)).astype(F32), n, axis=1)
 
@@ -66,6 +76,21 @@ def _huge(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
     return (rng.standard_normal((rows, n)) * 1e4).astype(F32)
 
 
+def _overflowing_squares(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
+    """x² overflows float32: ggml's weighted sums go inf/NaN, and Q3_K's second-level search then
+    meets NaN scales, which its `|x| > amax` scan must skip."""
+    return (rng.standard_normal((rows, n)) * 1e20).astype(F32)
+
+
+def _far_outliers(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
+    """Small positive values and one far negative outlier per 32. Where the imatrix zeroes the
+    outlier, the affine searches' fit moves the min up to 0, and iscale·(x - min) of the outlier
+    leaves the range where rioquant may round it in float: search_affine must take its exact path."""
+    x = rng.uniform(0.001, 0.002, (rows, n)).astype(F32)
+    x[:, 5::32] = -(100.0 * 1.4 ** rng.integers(0, 16, (rows, n // 32))).astype(F32)
+    return x
+
+
 INPUTS: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
     "gauss_1": _gauss(1.0),
     "gauss_0.02": _gauss(0.02),
@@ -73,6 +98,7 @@ INPUTS: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
     "heavy_tails": _heavy_tails,
     "rare_outliers": _rare_outliers,
     "zero_blocks": _zero_blocks,
+    "negative_zero_blocks": _negative_zero_blocks,
     "constant_rows": _constant,
     "tiny_values": _tiny,
     "bf16_grid": _bf16_grid,
@@ -80,6 +106,8 @@ INPUTS: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
     "negative_only": _negative_only,
     "few_levels": _few_levels,
     "huge_values": _huge,
+    "overflowing_squares": _overflowing_squares,
+    "far_outliers": _far_outliers,
 }
 
 

@@ -15,6 +15,8 @@ costs about a second of compilation per type per process.
 import numpy as np
 from numba import njit, prange
 
+from rioquant.kernels.common import f32_as_i32
+
 
 @njit(parallel=True)
 def quantize_rows(row_kernel, x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> None:
@@ -32,14 +34,19 @@ def dequantize_rows(row_kernel, data: np.ndarray, out: np.ndarray) -> None:
 
 @njit(parallel=True, cache=True)
 def first_nonfinite_row(x: np.ndarray) -> int:
-    """Index of the first row holding NaN or ±Inf, or -1; one parallel pass, no temporaries."""
+    """Index of the first row holding NaN or ±Inf, or -1.
+
+    NaN and Inf are exactly the floats whose exponent field is all ones, so each row reduces to the
+    max of its exponent fields: a branch-free loop the compiler vectorises (an early `break` would
+    not), which keeps this check a small fraction of the fastest quantizers' time.
+    """
     rows = x.shape[0]
-    bad = np.full(rows, False)
+    bad = np.zeros(rows, dtype=np.bool_)
     for r in prange(rows):
+        top = 0
         for v in x[r]:
-            if not np.isfinite(v):
-                bad[r] = True
-                break
+            top = max(top, f32_as_i32(v) & 0x7F800000)
+        bad[r] = top == 0x7F800000
     for r in range(rows):
         if bad[r]:
             return r

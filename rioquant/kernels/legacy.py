@@ -16,52 +16,41 @@ import numpy as np
 from numba import njit
 
 from rioquant.kernels.common import F32, load_fp16, store_fp16
-from rioquant.kernels.search_symmetric import make_qx_quants, new_scratch
+from rioquant.kernels.search_symmetric import group_max, make_qx_quants
 
 QK = 32
 Q4_0_BYTES = 2 + QK // 2
 Q5_0_BYTES = 2 + 4 + QK // 2
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _truncate_to_int8(v: np.float32) -> int:
     """C's (int8_t)v as gcc emits it on x86: cvttss2si (INT32_MIN for NaN or out of range), low byte."""
-    if not (F32(-2147483648.0) <= v < F32(2147483648.0)):
-        return 0  # the low byte of INT32_MIN
-    b = np.int64(v) & 0xFF
+    in_range = F32(-2147483648.0) <= v < F32(2147483648.0)
+    b = (np.int64(v) if in_range else 0) & 0xFF  # a select, so the level loop vectorises
     return b - 256 if b > 127 else b
 
 
-@njit(cache=True)
-def _ref_levels(x: np.ndarray, x0: int, nmax: int, out: np.ndarray, b0: int, L: np.ndarray) -> None:
-    """Write d = max/-nmax at out[b0] and the levels min(2·nmax-1, int8(x/d + nmax + ½)) into L."""
-    amax = F32(0.0)
-    vmax = F32(0.0)
-    for i in range(x0, x0 + QK):
-        if amax < abs(x[i]):
-            amax = abs(x[i])
-            vmax = x[i]
-    d = F32(vmax / F32(-nmax))
-    inv_d = F32(F32(1.0) / d) if d != F32(0.0) else F32(0.0)
-    store_fp16(out, b0, d)
+@njit(cache=True, error_model="numpy")
+def _ref_levels(x: np.ndarray, nmax: int, out: np.ndarray, block_bytes: int, L: np.ndarray) -> None:
+    """_ref: per block d = max/-nmax (written at the block's start) and the levels
+    min(2·nmax-1, int8(x/d + nmax + ½)), computed as x·(1/d) like ggml."""
+    xg = x.reshape(-1, QK)  # (blocks, 32)
+    inv_d = np.empty(x.size, dtype=np.float32)  # per weight, so the level loop is one vector loop
+    for ib in range(xg.shape[0]):
+        _, vmax = group_max(xg, ib)
+        d = F32(vmax / F32(-nmax))
+        store_fp16(out, ib * block_bytes, d)
+        inv = F32(F32(1.0) / d) if d != F32(0.0) else F32(0.0)
+        for i in range(QK):
+            inv_d[ib * QK + i] = inv
     offset = F32(F32(nmax) + F32(0.5))
-    for i in range(QK):
-        L[i] = np.uint8(min(2 * nmax - 1, _truncate_to_int8(F32(F32(x[x0 + i] * inv_d) + offset))) & 0xFF)
+    levels = L.reshape(x.size)
+    for k in range(x.size):
+        levels[k] = np.uint8(min(2 * nmax - 1, _truncate_to_int8(F32(F32(x[k] * inv_d[k]) + offset))) & 0xFF)
 
 
-@njit(cache=True)
-def _impl_levels(
-    x: np.ndarray, x0: int, qw: np.ndarray, sigma2: np.float32, nmax: int, out: np.ndarray, b0: int,
-    L: np.ndarray, weight: np.ndarray, scratch: np.ndarray,
-) -> None:
-    """Write the searched scale at out[b0] and the levels (0..2·nmax-1) into L."""
-    for i in range(QK):
-        v = x[x0 + i]
-        weight[i] = F32(qw[x0 + i] * F32(np.sqrt(F32(sigma2 + F32(v * v)))))
-    store_fp16(out, b0, make_qx_quants(QK, nmax, x, x0, L, 0, 1, weight, 0, scratch))
-
-
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _row_sigma2(x: np.ndarray) -> np.float32:
     """ggml's Σx²/n over the whole row, summed in order."""
     sum_x2 = F32(0.0)
@@ -70,38 +59,46 @@ def _row_sigma2(x: np.ndarray) -> np.float32:
     return F32(sum_x2 / F32(x.size))
 
 
-@njit(cache=True)
-def quantize_row_q4_0(x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> None:
-    L = np.empty(QK, dtype=np.uint8)
-    weight = np.empty(QK, dtype=np.float32)
-    scratch = new_scratch()
-    sigma2 = _row_sigma2(x) if importance.size != 0 else F32(0.0)
-    for ib in range(x.size // QK):
+@njit(cache=True, error_model="numpy")
+def _levels(
+    x: np.ndarray, importance: np.ndarray, nmax: int, out: np.ndarray, block_bytes: int
+) -> np.ndarray:
+    """Every block's scale (written at the block's start) and levels 0..2·nmax-1, (blocks, 32)."""
+    xg = x.reshape(-1, QK)  # (blocks, 32)
+    L = np.empty(xg.shape, dtype=np.uint8)
+    if importance.size == 0:
+        _ref_levels(x, nmax, out, block_bytes, L)
+        return L
+    qwg = importance.reshape(-1, QK)
+    weight = np.empty(xg.shape, dtype=np.float32)
+    sigma2 = _row_sigma2(x)
+    for ib in range(xg.shape[0]):
+        for i in range(QK):
+            v = xg[ib, i]
+            weight[ib, i] = F32(qwg[ib, i] * F32(np.sqrt(F32(sigma2 + F32(v * v)))))
+    d = np.empty(xg.shape[0], dtype=np.float32)
+    make_qx_quants(nmax, xg, L, d, 1, weight)
+    for ib in range(xg.shape[0]):
+        store_fp16(out, ib * block_bytes, d[ib])
+    return L
+
+
+@njit(cache=True, error_model="numpy")
+def _pack_q4(L: np.ndarray, out: np.ndarray) -> None:
+    for ib in range(L.shape[0]):
         b0 = ib * Q4_0_BYTES
-        if importance.size == 0:
-            _ref_levels(x, ib * QK, 8, out, b0, L)
-        else:
-            _impl_levels(x, ib * QK, importance, sigma2, 8, out, b0, L, weight, scratch)
         for j in range(QK // 2):
-            out[b0 + 2 + j] = np.uint8((L[j] | (L[j + 16] << 4)) & 0xFF)
+            out[b0 + 2 + j] = np.uint8((np.int64(L[ib, j]) | (np.int64(L[ib, j + 16]) << 4)) & 0xFF)
 
 
-@njit(cache=True)
-def quantize_row_q5_0(x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> None:
-    L = np.empty(QK, dtype=np.uint8)
-    weight = np.empty(QK, dtype=np.float32)
-    scratch = new_scratch()
-    sigma2 = _row_sigma2(x) if importance.size != 0 else F32(0.0)
-    for ib in range(x.size // QK):
+@njit(cache=True, error_model="numpy")
+def _pack_q5(L: np.ndarray, out: np.ndarray) -> None:
+    for ib in range(L.shape[0]):
         b0 = ib * Q5_0_BYTES
-        if importance.size == 0:
-            _ref_levels(x, ib * QK, 16, out, b0, L)
-        else:
-            _impl_levels(x, ib * QK, importance, sigma2, 16, out, b0, L, weight, scratch)
         qh = 0
         for j in range(QK // 2):
-            lo = np.int64(L[j])
-            hi = np.int64(L[j + 16])
+            lo = np.int64(L[ib, j])
+            hi = np.int64(L[ib, j + 16])
             out[b0 + 6 + j] = np.uint8((lo & 0x0F) | ((hi & 0x0F) << 4))
             qh |= ((lo & 0x10) >> 4) << j
             qh |= ((hi & 0x10) >> 4) << (j + 16)
@@ -109,7 +106,17 @@ def quantize_row_q5_0(x: np.ndarray, importance: np.ndarray, out: np.ndarray) ->
             out[b0 + 2 + k] = np.uint8((qh >> (8 * k)) & 0xFF)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
+def quantize_row_q4_0(x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> None:
+    _pack_q4(_levels(x, importance, 8, out, Q4_0_BYTES), out)
+
+
+@njit(cache=True, error_model="numpy")
+def quantize_row_q5_0(x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> None:
+    _pack_q5(_levels(x, importance, 16, out, Q5_0_BYTES), out)
+
+
+@njit(cache=True, error_model="numpy")
 def dequantize_row_q4_0(data: np.ndarray, out: np.ndarray) -> None:
     for ib in range(out.size // QK):
         b0 = ib * Q4_0_BYTES
@@ -120,7 +127,7 @@ def dequantize_row_q4_0(data: np.ndarray, out: np.ndarray) -> None:
             out[ib * QK + j + 16] = F32(F32((q >> 4) - 8) * d)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def dequantize_row_q5_0(data: np.ndarray, out: np.ndarray) -> None:
     for ib in range(out.size // QK):
         b0 = ib * Q5_0_BYTES

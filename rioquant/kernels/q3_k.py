@@ -2,22 +2,25 @@
 
 Block layout (110 bytes):  hmask: u8[32] | qs: u8[64] | scales: u8[12] | d: fp16
     hmask: bit k of byte m is set when weight 32k+m has level ≥ 4 (so its offset is 0, not -4)
-    qs:    low 2 bits; byte l of each 32-byte quarter-pair holds weights l, l+32, l+64, l+96 of that
+    qs:    low 2 bits; byte l of each 32-byte half holds weights l, l+32, l+64, l+96 of that
            128-weight half at bits 0, 2, 4, 6
-    scales (6 bits each, stored + 32):
-        bytes 0-7:  low nibble = scale j (j < 8), high nibble = scale j+8
-        bytes 8-11: byte 8+k holds the top 2 bits of scales k, k+4, k+8, k+12 at bits 0, 2, 4, 6
-    weight = d · (scale - 32) · (low2 - (0 if hmask bit else 4))
+    scales: 6-bit codes c_j = scale_j + 32
+        bytes 0-7:  low nibble = c_j (j < 8), high nibble = c_(j+8)
+        bytes 8-11: byte 8+k holds the top 2 bits of c_k, c_(k+4), c_(k+8), c_(k+12) at bits 0, 2, 4, 6
+    weight = d · (c_j - 32) · (low2 - (0 if hmask bit else 4))
 Without importance ggml takes quantize_row_q3_K_ref (make_q3_quants per group, scales scaled by
 -32/max); with it, quantize_row_q3_K_impl (weights qw·√(σ² + x²), make_qx_quants for the levels
 and again, weighted by each group's total weight, for the 6-bit scales).
+
+Rows go through in phases — search all groups, code all scales, requantize all weights, pack — so
+each phase is one long loop the compiler can vectorise; the bytes are ggml's, block by block.
 """
 
 import numpy as np
 from numba import njit
 
 from rioquant.kernels.common import F32, load_fp16, nearest_int, store_fp16
-from rioquant.kernels.search_symmetric import make_q3_quants, make_qx_quants, new_scratch
+from rioquant.kernels.search_symmetric import make_q3_quants, make_qx_quants, requantize
 
 QK_K = 256
 GROUP = 16
@@ -26,136 +29,116 @@ HMASK, QS, SCALES, D = 0, QK_K // 8, QK_K // 8 + QK_K // 4, QK_K // 8 + QK_K // 
 BLOCK_BYTES = D + 2
 
 
-@njit(cache=True, inline="always")
-def _pack_scale(out: np.ndarray, b0: int, j: int, l: int) -> None:
-    """OR the 6-bit code l (0..63) of group j into the zeroed 12 scale bytes."""
-    s = b0 + SCALES
-    if j < 8:
-        out[s + j] = np.uint8(l & 0xF)
-    else:
-        out[s + j - 8] |= np.uint8((l & 0xF) << 4)
-    out[s + 8 + j % 4] |= np.uint8((l >> 4) << (2 * (j // 4)))
-
-
-@njit(cache=True, inline="always")
-def _unpack_scale(data: np.ndarray, b0: int, j: int) -> int:
-    """Group j's signed scale, -32..31."""
-    s = b0 + SCALES
-    low = np.int64(data[s + j] & 0xF) if j < 8 else np.int64(data[s + j - 8] >> 4)
-    return (low | ((np.int64(data[s + 8 + j % 4]) >> (2 * (j // 4))) & 3) << 4) - 32
-
-
-@njit(cache=True)
-def _finish_block(x: np.ndarray, x0: int, L: np.ndarray, out: np.ndarray, b0: int) -> None:
-    """Requantize each group against its stored (rounded) scale, then pack hmask and qs.
-
-    Groups whose stored scale is 0 keep the levels of the search, as in ggml.
-    """
-    d_super = load_fp16(out, b0 + D)
-    for j in range(N_GROUPS):
-        d = F32(d_super * F32(_unpack_scale(out, b0, j)))
-        if d == F32(0.0):
-            continue
-        for i in range(GROUP * j, GROUP * j + GROUP):
-            L[i] = max(-4, min(3, nearest_int(F32(x[x0 + i] / d)))) + 4
-
-    out[b0 + HMASK : b0 + HMASK + QK_K // 8] = 0
-    for j in range(QK_K):
-        if L[j] > 3:
-            out[b0 + HMASK + j % 32] |= np.uint8(1 << (j // 32))
-            L[j] -= 4
-    for half in range(2):
-        qs = b0 + QS + 32 * half
-        l0 = 128 * half
-        for l in range(32):
-            out[qs + l] = np.uint8(
-                np.int64(L[l0 + l])
-                | (np.int64(L[l0 + l + 32]) << 2)
-                | (np.int64(L[l0 + l + 64]) << 4)
-                | (np.int64(L[l0 + l + 96]) << 6)
-            )
-
-
-@njit(cache=True)
-def _quantize_block_ref(x: np.ndarray, x0: int, L: np.ndarray, scales: np.ndarray, out: np.ndarray, b0: int) -> None:
-    max_scale = F32(0.0)
-    amax = F32(0.0)
-    for j in range(N_GROUPS):
-        scales[j] = make_q3_quants(GROUP, 4, x, x0 + GROUP * j, L, GROUP * j, True)
-        if abs(scales[j]) > amax:
-            amax = abs(scales[j])
-            max_scale = scales[j]
-    out[b0 + SCALES : b0 + SCALES + 12] = 0
-    if max_scale != F32(0.0):
-        iscale = F32(F32(-32.0) / max_scale)
+@njit(cache=True, error_model="numpy")
+def _code_scales_ref(scales: np.ndarray, codes: np.ndarray, out: np.ndarray) -> None:
+    """_ref: per block, 6-bit codes of the group scales over the largest (signed) one, and d."""
+    for ib in range(scales.size // N_GROUPS):
+        g0 = ib * N_GROUPS
+        max_scale = F32(0.0)
+        amax = F32(0.0)
         for j in range(N_GROUPS):
-            l = nearest_int(F32(iscale * scales[j])) & 0xFF  # ggml stores it in an int8 first
-            l = l - 256 if l > 127 else l
-            _pack_scale(out, b0, j, max(-32, min(31, l)) + 32)
-        store_fp16(out, b0 + D, F32(F32(1.0) / iscale))
-    else:
-        store_fp16(out, b0 + D, F32(0.0))
+            if abs(scales[g0 + j]) > amax:
+                amax = abs(scales[g0 + j])
+                max_scale = scales[g0 + j]
+        if max_scale != F32(0.0):
+            iscale = F32(F32(-32.0) / max_scale)
+            for j in range(N_GROUPS):
+                l = nearest_int(F32(iscale * scales[g0 + j])) & 0xFF  # ggml stores it in an int8 first
+                codes[g0 + j] = max(-32, min(31, l - 256 if l > 127 else l)) + 32
+            store_fp16(out, ib * BLOCK_BYTES + D, F32(F32(1.0) / iscale))
+        else:  # scale bytes stay zero
+            codes[g0 : g0 + N_GROUPS] = 0
+            store_fp16(out, ib * BLOCK_BYTES + D, F32(0.0))
 
 
-@njit(cache=True)
-def _quantize_block_impl(
-    x: np.ndarray,
-    x0: int,
-    qw: np.ndarray,
-    L: np.ndarray,
-    scales: np.ndarray,
-    weight: np.ndarray,
-    sw: np.ndarray,
-    Ls: np.ndarray,
-    scratch: np.ndarray,
-    out: np.ndarray,
-    b0: int,
-) -> None:
-    sumx2 = F32(0.0)
-    for i in range(x0, x0 + QK_K):
-        sumx2 += F32(x[i] * x[i])
-    sigma2 = F32(F32(F32(2.0) * sumx2) / F32(QK_K))
-    for j in range(N_GROUPS):
-        g0 = x0 + GROUP * j
-        sumw = F32(0.0)
-        for l in range(GROUP):
-            v = x[g0 + l]
-            weight[l] = F32(qw[g0 + l] * F32(np.sqrt(F32(sigma2 + F32(v * v)))))
-            sumw += weight[l]
-        sw[j] = sumw
-        scales[j] = make_qx_quants(GROUP, 4, x, g0, L, GROUP * j, 1, weight, 0, scratch)
-    out[b0 + SCALES : b0 + SCALES + 12] = 0
-    d_block = make_qx_quants(N_GROUPS, 32, scales, 0, Ls, 0, 1, sw, 0, scratch)
-    for j in range(N_GROUPS):
-        _pack_scale(out, b0, j, np.int64(Ls[j]))
-    store_fp16(out, b0 + D, d_block)
+@njit(cache=True, error_model="numpy")
+def _impl_weights(xg: np.ndarray, qwg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """_impl's weights qw·√(σ² + x²), σ² = 2·Σx²/256 per block, and their sum per group."""
+    weight = np.empty(xg.shape, dtype=np.float32)
+    group_weight = np.empty(xg.shape[0], dtype=np.float32)
+    for g0 in range(0, xg.shape[0], N_GROUPS):
+        sumx2 = F32(0.0)
+        for g in range(g0, g0 + N_GROUPS):
+            for i in range(GROUP):
+                sumx2 += F32(xg[g, i] * xg[g, i])
+        sigma2 = F32(F32(F32(2.0) * sumx2) / F32(QK_K))
+        for g in range(g0, g0 + N_GROUPS):
+            sumw = F32(0.0)
+            for i in range(GROUP):
+                v = xg[g, i]
+                weight[g, i] = F32(qwg[g, i] * F32(np.sqrt(F32(sigma2 + F32(v * v)))))
+                sumw += weight[g, i]
+            group_weight[g] = sumw
+    return weight, group_weight
 
 
-@njit(cache=True)
-def quantize_row_q3_k(x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> None:
-    L = np.empty(QK_K, dtype=np.int8)
-    scales = np.empty(N_GROUPS, dtype=np.float32)
-    weight = np.empty(GROUP, dtype=np.float32)
-    sw = np.empty(N_GROUPS, dtype=np.float32)
-    Ls = np.empty(N_GROUPS, dtype=np.int8)
-    scratch = new_scratch()
-    for ib in range(x.size // QK_K):
-        x0 = ib * QK_K
+@njit(cache=True, error_model="numpy")
+def _pack(codes: np.ndarray, levels: np.ndarray, out: np.ndarray) -> None:
+    for ib in range(codes.size // N_GROUPS):
         b0 = ib * BLOCK_BYTES
-        if importance.size == 0:
-            _quantize_block_ref(x, x0, L, scales, out, b0)
-        else:
-            _quantize_block_impl(x, x0, importance, L, scales, weight, sw, Ls, scratch, out, b0)
-        _finish_block(x, x0, L, out, b0)
+        c = codes[ib * N_GROUPS : (ib + 1) * N_GROUPS]
+        for k in range(8):
+            out[b0 + SCALES + k] = np.uint8((c[k] & 0xF) | ((c[k + 8] & 0xF) << 4))
+        for k in range(4):
+            out[b0 + SCALES + 8 + k] = np.uint8(
+                (c[k] >> 4) | ((c[k + 4] >> 4) << 2) | ((c[k + 8] >> 4) << 4) | ((c[k + 12] >> 4) << 6)
+            )
+        lv = levels[ib * QK_K : (ib + 1) * QK_K]  # each 0..7: bit 2 to hmask, bits 0-1 to qs
+        for m in range(32):
+            bits = 0
+            for k in range(8):
+                bits |= (np.int64(lv[32 * k + m]) >> 2) << k
+            out[b0 + HMASK + m] = np.uint8(bits)
+        for half in range(2):
+            for l in range(32):
+                j = 128 * half + l
+                out[b0 + QS + 32 * half + l] = np.uint8(
+                    (np.int64(lv[j]) & 3)
+                    | ((np.int64(lv[j + 32]) & 3) << 2)
+                    | ((np.int64(lv[j + 64]) & 3) << 4)
+                    | ((np.int64(lv[j + 96]) & 3) << 6)
+                )
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
+def quantize_row_q3_k(x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> None:
+    xg = x.reshape(-1, GROUP)  # (groups, 16)
+    n_groups = xg.shape[0]
+    L = np.empty(xg.shape, dtype=np.int8)
+    scales = np.empty(n_groups, dtype=np.float32)
+    codes = np.empty(n_groups, dtype=np.int64)
+    if importance.size == 0:
+        make_q3_quants(4, xg, L, scales, True)
+        _code_scales_ref(scales, codes, out)
+    else:
+        weight, group_weight = _impl_weights(xg, importance.reshape(-1, GROUP))
+        make_qx_quants(4, xg, L, scales, 1, weight)
+        # second level: each block's 16 scales are one group, weighted by the groups' total weights
+        n_blocks = n_groups // N_GROUPS
+        Ls = np.empty((n_blocks, N_GROUPS), dtype=np.int8)
+        d_blocks = np.empty(n_blocks, dtype=np.float32)
+        block_scales = scales.reshape(n_blocks, N_GROUPS)
+        make_qx_quants(32, block_scales, Ls, d_blocks, 1, group_weight.reshape(n_blocks, N_GROUPS))
+        for ib in range(n_blocks):
+            store_fp16(out, ib * BLOCK_BYTES + D, d_blocks[ib])
+        codes[:] = Ls.reshape(n_groups)
+    group_step = np.empty(n_groups, dtype=np.float32)  # d·(code - 32), as ggml re-reads it
+    for g in range(n_groups):
+        group_step[g] = F32(load_fp16(out, (g // N_GROUPS) * BLOCK_BYTES + D) * F32(codes[g] - 32))
+    levels = L.reshape(x.size)
+    requantize(x, group_step, 4, levels)
+    _pack(codes, levels, out)
+
+
+@njit(cache=True, error_model="numpy")
 def dequantize_row_q3_k(data: np.ndarray, out: np.ndarray) -> None:
     for ib in range(out.size // QK_K):
         b0 = ib * BLOCK_BYTES
         d_super = load_fp16(data, b0 + D)
         for j in range(N_GROUPS):
-            dl = F32(d_super * F32(_unpack_scale(data, b0, j)))
+            low4 = np.int64(data[b0 + SCALES + j % 8]) >> (4 * (j // 8)) & 0xF
+            high2 = np.int64(data[b0 + SCALES + 8 + j % 4]) >> (2 * (j // 4)) & 3
+            dl = F32(d_super * F32((low4 | (high2 << 4)) - 32))
             for i in range(GROUP * j, GROUP * j + GROUP):
                 low = (np.int64(data[b0 + QS + 32 * (i // 128) + i % 32]) >> (2 * ((i % 128) // 32))) & 3
                 high = 0 if data[b0 + HMASK + i % 32] & (1 << (i // 32)) else 4

@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit
 
 from rioquant.kernels.common import F32, GROUP_MAX_EPS, load_fp16, nearest_int, store_fp16
-from rioquant.kernels.search_symmetric import make_qx_quants, new_scratch
+from rioquant.kernels.search_symmetric import make_qx_quants, requantize
 
 QK_K = 256
 GROUP = 16
@@ -22,55 +22,68 @@ QL, QH, SCALES, D = 0, QK_K // 2, QK_K // 2 + QK_K // 4, QK_K // 2 + QK_K // 4 +
 BLOCK_BYTES = D + 2
 
 
-@njit(cache=True)
-def quantize_row_q6_k(x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> None:
-    L = np.empty(QK_K, dtype=np.int8)
-    scales = np.empty(N_GROUPS, dtype=np.float32)
-    scratch = new_scratch()
-    for ib in range(x.size // QK_K):
-        x0 = ib * QK_K
+@njit(cache=True, error_model="numpy")
+def _code_scales(scales: np.ndarray, out: np.ndarray, group_step: np.ndarray) -> np.ndarray:
+    """Per block: int8 scale codes over the largest (signed) group scale, and d; each group's step
+    d·code (as ggml re-reads it) goes to group_step. Returns which blocks are all zero."""
+    n_blocks = scales.size // N_GROUPS
+    zero = np.zeros(n_blocks, dtype=np.bool_)
+    for ib in range(n_blocks):
         b0 = ib * BLOCK_BYTES
+        g0 = ib * N_GROUPS
         max_scale = F32(0.0)
         max_abs_scale = F32(0.0)
-        for g in range(N_GROUPS):
-            # an empty `importance` is ggml's NULL weights, i.e. the _ref path's x² weighting
-            scale = make_qx_quants(GROUP, 32, x, x0 + GROUP * g, L, GROUP * g, 1, importance, x0 + GROUP * g, scratch)
-            scales[g] = scale
-            if abs(scale) > max_abs_scale:
-                max_abs_scale = abs(scale)
-                max_scale = scale
+        for j in range(N_GROUPS):
+            if abs(scales[g0 + j]) > max_abs_scale:
+                max_abs_scale = abs(scales[g0 + j])
+                max_scale = scales[g0 + j]
         if max_abs_scale < GROUP_MAX_EPS:
-            out[b0 : b0 + BLOCK_BYTES] = 0
+            zero[ib] = True
+            group_step[g0 : g0 + N_GROUPS] = F32(0.0)
             continue
-
         iscale = F32(F32(-128.0) / max_scale)
         store_fp16(out, b0 + D, F32(F32(1.0) / iscale))
         d_super = load_fp16(out, b0 + D)
-        for g in range(N_GROUPS):
-            sc = min(127, nearest_int(F32(iscale * scales[g])))
-            out[b0 + SCALES + g] = np.uint8(sc & 0xFF)
-            sc = (sc & 0xFF) - 256 if (sc & 0x80) else sc & 0xFF  # the int8 ggml stored
-            d = F32(d_super * F32(sc))
-            if d == F32(0.0):
-                continue
-            for i in range(GROUP * g, GROUP * g + GROUP):
-                L[i] = max(-32, min(31, nearest_int(F32(x[x0 + i] / d)))) + 32
+        for j in range(N_GROUPS):
+            sc = min(127, nearest_int(F32(iscale * scales[g0 + j]))) & 0xFF
+            out[b0 + SCALES + j] = np.uint8(sc)
+            group_step[g0 + j] = F32(d_super * F32(sc - 256 if sc > 127 else sc))  # the int8 ggml stored
+    return zero
 
+
+@njit(cache=True, error_model="numpy")
+def quantize_row_q6_k(x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> None:
+    xg = x.reshape(-1, GROUP)  # (groups, 16)
+    qwg = importance.reshape(-1, GROUP)  # (groups, 16), or (0, 16): ggml's NULL, i.e. the _ref path
+    L = np.empty(xg.shape, dtype=np.int8)
+    scales = np.empty(xg.shape[0], dtype=np.float32)
+    make_qx_quants(32, xg, L, scales, 1, qwg)
+    group_step = np.empty(xg.shape[0], dtype=np.float32)
+    zero = _code_scales(scales, out, group_step)
+    levels = L.reshape(x.size)
+    requantize(x, group_step, 32, levels)
+
+    for ib in range(zero.size):
+        b0 = ib * BLOCK_BYTES
+        if zero[ib]:
+            out[b0 : b0 + BLOCK_BYTES] = 0
+            continue
+        lv = levels[ib * QK_K : (ib + 1) * QK_K]
         for half in range(2):
             ql = b0 + QL + 64 * half
             qh = b0 + QH + 32 * half
             l0 = 128 * half
             for l in range(32):
-                q1 = np.int64(L[l0 + l])
-                q2 = np.int64(L[l0 + l + 32])
-                q3 = np.int64(L[l0 + l + 64])
-                q4 = np.int64(L[l0 + l + 96])
+                q1 = np.int64(lv[l0 + l])
+                q2 = np.int64(lv[l0 + l + 32])
+                q3 = np.int64(lv[l0 + l + 64])
+                q4 = np.int64(lv[l0 + l + 96])
                 out[ql + l] = np.uint8((q1 & 0xF) | ((q3 & 0xF) << 4))
                 out[ql + l + 32] = np.uint8((q2 & 0xF) | ((q4 & 0xF) << 4))
                 out[qh + l] = np.uint8((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def dequantize_row_q6_k(data: np.ndarray, out: np.ndarray) -> None:
     for ib in range(out.size // QK_K):
         b0 = ib * BLOCK_BYTES

@@ -1,0 +1,94 @@
+"""Conversion of a multi-GB synthetic checkpoint to Q4_K: rioquant's one pass vs llama.cpp's two steps.
+
+llama.cpp's pipeline is its own converter (`convert_hf_to_gguf.py --outtype bf16`) followed by
+`llama_model_quantize` (pure Q4_K, so both produce the same types). Each step runs in its own process,
+timed, with its peak RSS taken from the kernel (wait4); the disk each pipeline needs is the sum of its
+files alive at once. Both outputs are checked tensor for tensor, so speed is never bought with
+different bytes. Run: `python -m bench.convert_bench [--hidden 1024 --layers 12 --experts 48]`.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from tests.checkpoints import KQUANT, build_checkpoint
+from tests.gguf_scan import scan
+from tests.llama_src import llama_cpp_source
+
+QUANTIZE_PURE_Q4_K = """
+import ctypes, sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = 14  # LLAMA_FTYPE_MOSTLY_Q4_K_S, with pure: every quantizable tensor Q4_K
+p.pure = True
+p.nthread = {threads}
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))
+"""
+
+
+def run_measured(args: list[str], env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GB) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{args[:4]} failed: {proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 1e6  # ru_maxrss is in KiB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--experts", type=int, default=48)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="rioquant-bench-"))
+    spec = replace(
+        KQUANT, hidden_size=args.hidden, num_hidden_layers=args.layers, num_experts=args.experts,
+        num_experts_per_tok=8, moe_intermediate_size=args.hidden // 2, shared_expert_intermediate_size=args.hidden // 2,
+        num_attention_heads=8, head_dim=128, linear_key_head_dim=128, linear_value_head_dim=128,
+    )
+    src = build_checkpoint(spec, work / "src")
+    src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    threads = os.cpu_count() or 1
+    print(f"checkpoint: {src_bytes / 1e9:.2f} GB BF16, {threads} threads\n")
+
+    ours = work / "rioquant-Q4_K.gguf"
+    t_ours, rss_ours = run_measured([sys.executable, "-m", "rioquant", "convert", str(src), "-o", str(ours),
+                                     "--type", "Q4_K", "--no-progress", "--force"])
+
+    tree = llama_cpp_source()
+    bf16 = work / "llama-bf16.gguf"
+    env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py")}
+    t_conv, rss_conv = run_measured([sys.executable, str(tree / "convert_hf_to_gguf.py"), "--outtype", "bf16",
+                                     "--outfile", str(bf16), "--no-mtp", str(src)], env=env)
+    bf16_bytes = bf16.stat().st_size
+    theirs = work / "llama-Q4_K.gguf"
+    t_quant, rss_quant = run_measured([sys.executable, "-c", QUANTIZE_PURE_Q4_K.format(threads=threads),
+                                       str(bf16), str(theirs)])
+
+    a, b = scan(ours).tensors, scan(theirs).tensors
+    same = a.keys() == b.keys() and all(a[n].qtype == b[n].qtype and a[n].data == b[n].data for n in a)
+    out_bytes = ours.stat().st_size
+    t_llama = t_conv + t_quant
+    print(f"{'pipeline':<34} {'wall s':>8} {'peak RSS GB':>12} {'disk GB':>8}")
+    print(f"{'rioquant convert --type Q4_K':<34} {t_ours:>8.1f} {rss_ours:>12.2f} {out_bytes / 1e9:>8.2f}")
+    print(f"{'llama.cpp convert → BF16':<34} {t_conv:>8.1f} {rss_conv:>12.2f} {bf16_bytes / 1e9:>8.2f}")
+    print(f"{'llama.cpp quantize BF16 → Q4_K':<34} {t_quant:>8.1f} {rss_quant:>12.2f} {(bf16_bytes + theirs.stat().st_size) / 1e9:>8.2f}")
+    print(f"\nwall time ratio llama.cpp / rioquant: {t_llama / t_ours:.2f}x")
+    print(f"peak RSS ratio llama.cpp (max of steps) / rioquant: {max(rss_conv, rss_quant) / rss_ours:.2f}x")
+    print(f"disk: rioquant {out_bytes / 1e9:.2f} GB, llama.cpp {(bf16_bytes + theirs.stat().st_size) / 1e9:.2f} GB at peak")
+    print(f"tensor bytes identical: {same}")
+    if args.workdir is None:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
