@@ -20,3 +20,23 @@ class CheckpointError(RioquantError):
 
 class PlanError(RioquantError):
     """A conversion plan cannot be built or honoured (types, recipes, disk space, output exists)."""
+
+
+class ImatrixError(RioquantError):
+    """An importance-matrix file is unreadable or does not fit the model being converted."""
+
+
+class ReportError(RioquantError):
+    """A quantization-error report is missing or unreadable."""
+
+
+class EvaluationError(RioquantError):
+    """An evaluation (ppl, kld, imatrix) cannot run as asked: text too short, wrong model, no CUDA device."""
+
+
+class GGUFError(RioquantError):
+    """A GGUF file is unreadable, truncated, or inconsistent with its split set."""
+
+
+class PublishError(RioquantError):
+    """A Modelfile or a Hugging Face release cannot be made as asked (incomplete set, no token, hub error)."""
