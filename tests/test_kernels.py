@@ -89,3 +89,16 @@ def test_thread_count_does_not_change_bytes(qtype):
     one = quantize(x, qtype, imatrix=qw, threads=1)
     np.testing.assert_array_equal(one, quantize(x, qtype, imatrix=qw, threads=2))
     np.testing.assert_array_equal(one, quantize(x, qtype, imatrix=qw))
+
+
+BLOCK32_TYPES = [t for t in BLOCK_KERNELS if block_geometry(t)[0] == 32]
+
+
+@pytest.mark.parametrize("qtype", BLOCK32_TYPES, ids=[t.name for t in BLOCK32_TYPES])
+@pytest.mark.parametrize("n", [32, 96, 224, 1056])
+def test_fallback_types_on_rows_that_k_quants_cannot_take(ggml, qtype, n):
+    """The 32-block types are llama.cpp's fallbacks for rows that are not multiples of 256."""
+    rng = np.random.default_rng(n)
+    x = INPUTS["heavy_tails"](rng, 9, n)
+    for qw in (None, random_importance(rng, n, "with_zeros")):
+        assert_same_bytes(quantize(x, qtype, imatrix=qw), ggml.quantize(x, qtype, qw), qtype, f"{qtype.name}/n={n}")

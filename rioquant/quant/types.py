@@ -10,7 +10,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba.core.registry import CPUDispatcher
 
 from rioquant.errors import QuantInputError
-from rioquant.kernels import legacy, q3_k, q6_k, q8_0
+from rioquant.kernels import legacy, q2_k, q3_k, q4_k, q5_1, q5_k, q6_k, q8_0
 
 T = GGMLQuantizationType
 
@@ -30,6 +30,10 @@ BLOCK_KERNELS: dict[GGMLQuantizationType, KernelPair] = {
     T.Q3_K: KernelPair(q3_k.quantize_row_q3_k, q3_k.dequantize_row_q3_k),
     T.Q4_0: KernelPair(legacy.quantize_row_q4_0, legacy.dequantize_row_q4_0),  # row length not % 256
     T.Q5_0: KernelPair(legacy.quantize_row_q5_0, legacy.dequantize_row_q5_0),  # row length not % 256
+    T.Q5_K: KernelPair(q5_k.quantize_row_q5_k, q5_k.dequantize_row_q5_k),
+    T.Q4_K: KernelPair(q4_k.quantize_row_q4_k, q4_k.dequantize_row_q4_k),
+    T.Q2_K: KernelPair(q2_k.quantize_row_q2_k, q2_k.dequantize_row_q2_k),
+    T.Q5_1: KernelPair(q5_1.quantize_row_q5_1, q5_1.dequantize_row_q5_1),  # Q5_K's fallback: not % 256
 }
 
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
