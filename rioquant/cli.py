@@ -88,9 +88,10 @@ def inspect(file, as_json) -> None:
     click.echo(json.dumps(report, indent=2) if as_json else render_text(report))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Entry point; `argv` lets tests run the real error handling in-process."""
     try:
-        cli(standalone_mode=False)
+        cli.main(args=argv, prog_name="rioquant", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

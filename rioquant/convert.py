@@ -87,8 +87,9 @@ def build_plan(src: Path, options: ConvertOptions) -> ConversionPlan:
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a directory")
     config = read_config(src)
+    tensors = scan_tensors(src)  # first: a pickled or broken checkpoint is refused before anything else
     args = model_args(config, str(src / "config.json"))
-    specs = tensor_specs(scan_tensors(src), args, options.with_mtp)
+    specs = tensor_specs(tensors, args, options.with_mtp)
     try:
         target = T[options.qtype.upper()]
     except KeyError:
