@@ -40,11 +40,46 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+def recipe_options(command):
+    """The options that decide every tensor's type, shared by `convert` and `plan`."""
+    options = [
+        click.option("--type", "qtype", default=None, metavar="MIX",
+                     help="Q8_0 (default), Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K "
+                          "(llama.cpp's mixes), Q4_K_XL, Q3_K_XL, Q2_K_XL (rioquant's), or uniform "
+                          "F32, F16, BF16, Q5_K, Q4_K, Q3_K."),
+        click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
+                     help="Type of the tensors whose name matches REGEX (repeatable; first match wins)."),
+        click.option("--output-tensor-type", default=None, metavar="TYPE", help="Type of output.weight."),
+        click.option("--token-embedding-type", default=None, metavar="TYPE", help="Type of token_embd.weight."),
+        click.option("--recipe", type=click.Path(path_type=Path), default=None, metavar="FILE.toml",
+                     help="A recipe of your own (TOML rules, see docs/recipes.md) instead of --type."),
+        click.option("--target-size", type=SizeType(), default=None,
+                     help="Raise the worst-measured tensors until the output is this big (e.g. 230G)."),
+        click.option("--target-bpw", type=float, default=None,
+                     help="Raise the worst-measured tensors up to this many bits per weight."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _recipe_fields(values: dict) -> dict:
+    """ConvertOptions fields from recipe_options' values."""
+    from rioquant.errors import PlanError
+
+    if values["recipe"] is not None and values["qtype"] is not None:
+        raise PlanError('--recipe and --type: give one (a recipe extends a mix with base = "Q4_K_M")')
+    return dict(
+        qtype=values["qtype"] or "Q8_0", recipe=values["recipe"], tensor_types=tuple(values["tensor_types"]),
+        output_tensor_type=values["output_tensor_type"], token_embedding_type=values["token_embedding_type"],
+        target_size=values["target_size"], target_bpw=values["target_bpw"],
+    )
+
+
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--outfile", "out", type=click.Path(path_type=Path), required=True, help="Output .gguf path.")
-@click.option("--type", "qtype", default="Q8_0", show_default=True,
-              help="F32, F16, BF16, Q8_0, Q6_K, Q5_K, Q4_K, Q3_K or Q2_K.")
+@recipe_options
 @click.option("--no-mtp", is_flag=True, help="Drop the multi-token-prediction (NextN) layer.")
 @click.option("--split-max-size", type=SizeType(), default=0, help="Split into shards of at most this size (e.g. 50G).")
 @click.option("--split-max-tensors", type=int, default=0, help="Split into shards of at most N tensors.")
@@ -56,25 +91,86 @@ def cli(verbose: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--threads", type=int, default=None, help="Quantization threads (default: all cores).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def convert(src, out, qtype, no_mtp, split_max_size, split_max_tensors, base_models, name, quantized_by,
-            resume, force, threads, no_progress) -> None:
+@click.option("--imatrix", "imatrix", type=click.Path(path_type=Path), default=None,
+              help="llama.cpp importance matrix (GGUF from llama-imatrix or `rioquant imatrix`, or legacy .dat).")
+@click.option("--no-report", is_flag=True, help="Skip the per-tensor/per-expert error report (NAME.report.json/.csv).")
+def convert(src, out, no_mtp, split_max_size, split_max_tensors, base_models, name, quantized_by,
+            resume, force, threads, no_progress, imatrix, no_report, **recipe) -> None:
     """Convert the Hugging Face checkpoint SRC into a GGUF.
 
     \b
     Examples:
-      rioquant convert ./Rio-3.5-Open-397B -o rio-Q4_K.gguf --type Q4_K --split-max-size 50G
+      rioquant convert ./Rio-3.5-Open-397B -o rio-Q4_K_M.gguf --type Q4_K_M --split-max-size 50G
+      rioquant convert ./ckpt -o out.gguf --type Q4_K_M --tensor-type 'ffn_down_exps=Q5_K' --target-size 250G
       rioquant convert ./ckpt -o out.gguf --type BF16 --base-model Qwen/Qwen3.5-397B-A17B
+      rioquant convert ./ckpt -o out-Q4_K.gguf --type Q4_K --imatrix imatrix.gguf
     """
     from rioquant.convert import ConvertOptions
     from rioquant.convert import convert as run_convert
 
     options = ConvertOptions(
-        qtype=qtype, with_mtp=not no_mtp, split_max_size=split_max_size, split_max_tensors=split_max_tensors,
+        **_recipe_fields(recipe), with_mtp=not no_mtp, split_max_size=split_max_size, split_max_tensors=split_max_tensors,
         base_models=tuple(base_models), name=name, quantized_by=quantized_by, resume=resume, force=force,
-        threads=threads, progress=not no_progress,
+        threads=threads, progress=not no_progress, imatrix=imatrix, report=not no_report,
     )
     for path in run_convert(src, out, options):
         click.echo(str(path))
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@recipe_options
+@click.option("--no-mtp", is_flag=True, help="Drop the multi-token-prediction (NextN) layer.")
+@click.option("--split-max-size", type=SizeType(), default=0, help="Split into shards of at most this size (e.g. 50G).")
+@click.option("--split-max-tensors", type=int, default=0, help="Split into shards of at most N tensors.")
+@click.option("--base-model", "base_models", multiple=True, metavar="ORG/REPO", help="As for convert (metadata size).")
+@click.option("--name", default=None, help="As for convert (metadata size).")
+@click.option("--quantized-by", default=None, help="As for convert (metadata size).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan(src, no_mtp, split_max_size, split_max_tensors, base_models, name, quantized_by, as_json, **recipe) -> None:
+    """Print what `convert` would write, writing nothing: each tensor's type, the rule that chose it, its
+    bytes, and the exact file size. SRC may hold only config.json and the tokenizer files (no weights).
+
+    \b
+    Examples:
+      rioquant plan ./Rio-3.5-Open-397B --type Q4_K_M
+      rioquant plan ./Rio-3.5-Open-397B --type Q4_K_XL --split-max-size 50G --json > plan.json
+    """
+    from rioquant.convert import ConvertOptions, build_plan, describe_plan
+    from rioquant.quant.plan import render_plan
+
+    options = ConvertOptions(
+        **_recipe_fields(recipe), with_mtp=not no_mtp, split_max_size=split_max_size,
+        split_max_tensors=split_max_tensors, base_models=tuple(base_models), name=name, quantized_by=quantized_by,
+    )
+    summary = describe_plan(build_plan(src, options, weights_optional=True))
+    click.echo(json.dumps(summary, indent=2) if as_json else render_plan(summary))
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--top", type=int, default=15, show_default=True, help="How many worst tensors and experts to list.")
+@click.option("--plots-dir", type=click.Path(path_type=Path), default=None,
+              help="Where to draw the PNGs (default: beside the report).")
+@click.option("--no-plots", is_flag=True, help="Print the summary only.")
+def report(file, top, plots_dir, no_plots) -> None:
+    """Summarise a conversion's error report: worst tensors and experts, and PNG figures.
+
+    FILE is NAME.report.json or the GGUF (or any shard) it was written beside.
+
+    \b
+    Examples:
+      rioquant report rio-Q4_K.gguf
+      rioquant report rio-Q4_K.report.json --top 30 --plots-dir figures/
+    """
+    from rioquant.quant.report import draw_figures, load_report, render_text
+
+    data, json_path = load_report(file)
+    click.echo(render_text(data, top))
+    if not no_plots:
+        stem = json_path.name.removesuffix(".json")
+        for path in draw_figures(data, plots_dir or json_path.parent, stem):
+            click.echo(f"figure: {path}")
 
 
 @cli.command()
@@ -86,6 +182,177 @@ def inspect(file, as_json) -> None:
 
     report = inspect_gguf(file)
     click.echo(json.dumps(report, indent=2) if as_json else render_text(report))
+
+
+
+@cli.command()
+@click.argument("gguf", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None,
+              help="Write the Modelfile here (default: print it). FROM is relative to its folder.")
+@click.option("--legacy-template", is_flag=True,
+              help="A Go TEMPLATE of Qwen3.5's chat template instead of RENDERER/PARSER qwen3.5 (Ollama < 0.30).")
+@click.option("--preset", type=click.Choice(["auto", "thinking", "coding", "non-thinking"]), default="auto",
+              show_default=True, help="Sampling: auto = the GGUF's generation_config values, else Qwen's preset.")
+@click.option("--num-ctx", type=int, default=None, help="PARAMETER num_ctx (context window in tokens).")
+@click.option("--license-file", type=click.Path(path_type=Path), default=None,
+              help="LICENSE text from this file (default: the licence id and link in the GGUF).")
+def modelfile(gguf, out, legacy_template, preset, num_ctx, license_file) -> None:
+    """Write an Ollama Modelfile for GGUF (any shard of a split set; FROM names the first).
+
+    \b
+    Examples:
+      rioquant modelfile rio-Q4_K.gguf -o Modelfile && ollama create rio -f Modelfile
+      rioquant modelfile rio-Q4_K-00002-of-00005.gguf --num-ctx 32768 --preset coding
+      rioquant modelfile rio-Q4_K.gguf --legacy-template -o Modelfile.legacy
+    """
+    from rioquant.publish.modelfile import write_modelfile
+
+    text = write_modelfile(gguf, out, legacy_template=legacy_template, preset=preset, num_ctx=num_ctx,
+                           license_file=license_file)
+    click.echo(text if out is None else str(out), nl=out is not None)
+
+
+@cli.command()
+@click.argument("repo_id")
+@click.argument("folder", metavar="[DIR]", required=False, type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Verify and print what would be created and uploaded; upload nothing.")
+@click.option("--private", is_flag=True, help="Create the repository private (ignored if it exists).")
+@click.option("--revision", default=None, help="Branch to commit to (created if missing; default main).")
+@click.option("--commit-message", default=None, help="The summary / title / first line of the commit.")
+@click.option("--base-model", "base_models", multiple=True, metavar="ORG/REPO",
+              help="The model these quants are of, for the card's base_model (repeat to add parents).")
+@click.option("--force", is_flag=True, help="Overwrite a README.md in DIR that rioquant did not write.")
+@click.option("--no-progress", is_flag=True, help="No progress bar while hashing.")
+def publish(repo_id, folder, dry_run, private, revision, commit_message, base_models, force, no_progress) -> None:
+    """Verify the GGUF quants in DIR, write their model card, and upload them to REPO_ID.
+
+    DIR (default: ./NAME for REPO_ID ORG/NAME, as `hf upload`) holds one or more quants, a file or a
+    split set each, with their NAME.report.json / NAME.eval.json. The token is HF_TOKEN or the one
+    saved by `hf auth login`; HF_ENDPOINT points elsewhere. Re-running resumes an interrupted upload.
+
+    \b
+    Examples:
+      rioquant publish me/Rio-3.5-Open-397B-GGUF ./release --dry-run
+      rioquant publish me/Rio-3.5-Open-397B-GGUF ./release --private --base-model rio/Rio-3.5-Open-397B
+    """
+    from rioquant.errors import PublishError
+    from rioquant.publish.release import PublishOptions
+    from rioquant.publish.release import publish as run_publish
+
+    if folder is None:
+        folder = Path(repo_id.split("/")[-1])
+        if not folder.is_dir():
+            raise PublishError(f"{folder}: no DIR given and ./{folder} does not exist; name the folder to upload")
+    options = PublishOptions(dry_run=dry_run, private=private, revision=revision, commit_message=commit_message,
+                             base_models=tuple(base_models), force=force, progress=not no_progress)
+    click.echo(run_publish(repo_id, folder, options), nl=False)
+
+def eval_options(command):
+    """Options shared by `ppl`, `kld` and `imatrix`: text, context, and where and how the model runs."""
+    options = [
+        click.option("--text", type=click.Path(path_type=Path), required=True, help="UTF-8 evaluation text."),
+        click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per chunk (llama.cpp's -c)."),
+        click.option("--chunks", type=int, default=None, help="Use at most N chunks (default: all)."),
+        click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N)."),
+        click.option("--threads", type=int, default=None, help="CPU threads (default: torch's)."),
+        click.option("--numerics", type=click.Choice(["auto", "exact", "ggml"]), default="auto", show_default=True,
+                     help="ggml: round activations as llama.cpp's CPU backend does (auto: for a GGUF); "
+                          "exact: float32 on the dequantized weights."),
+        click.option("--max-memory", type=SizeType(), default=0,
+                     help="Host memory for activations and one layer (e.g. 200G); activations beyond it go to --tmp-dir."),
+        click.option("--tmp-dir", type=click.Path(path_type=Path), default=None, help="Where spilled activations go."),
+        click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+                     help="tokenizer.json to use instead of the model's own."),
+        click.option("--profile", "profile_out", type=click.Path(path_type=Path), default=None,
+                     help="Write per-layer time and memory as JSON here."),
+        click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
+        click.option("--no-progress", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _engine_options(device, threads, numerics, max_memory, tmp_dir, no_progress):
+    from rioquant.check.engine import EngineOptions
+
+    return EngineOptions(device=device, threads=threads, numerics=numerics, max_memory=max_memory, tmp_dir=tmp_dir,
+                         progress=not no_progress)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@eval_options
+def ppl(model, text, ctx, chunks, device, threads, numerics, max_memory, tmp_dir, tokenizer, profile_out, as_json,
+        no_progress) -> None:
+    """Perplexity of MODEL (checkpoint directory or GGUF) on --text, by llama-perplexity's method.
+
+    \b
+    Examples:
+      rioquant ppl rio-Q4_K_M.gguf --text wiki.test.raw --json
+      rioquant ppl ./Rio-3.5-Open-397B --text wiki.test.raw --device cuda --max-memory 200G
+    """
+    from rioquant.check.evaluate import perplexity
+
+    result = perplexity(model, text, ctx, chunks, _engine_options(device, threads, numerics, max_memory, tmp_dir, no_progress),
+                        tokenizer, profile_out)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"PPL = {result['ppl']:.4f} +/- {result['ppl_stderr']:.5f} "
+                   f"({result['tokens_scored']} tokens scored, {result['chunks']} chunks of {result['ctx']})")
+
+
+@cli.command()
+@click.option("--base", type=click.Path(path_type=Path), required=True,
+              help="The reference: checkpoint directory (BF16) or GGUF.")
+@click.option("--quant", type=click.Path(path_type=Path), required=True, help="The GGUF to measure.")
+@click.option("--base-states", type=click.Path(path_type=Path), default=None,
+              help="Keep the base run's stored states here (.npy) and reuse them on the next quant.")
+@eval_options
+def kld(base, quant, base_states, text, ctx, chunks, device, threads, numerics, max_memory, tmp_dir, tokenizer, profile_out,
+        as_json, no_progress) -> None:
+    """KL divergence of --quant from --base, and llama-perplexity's other --kl-divergence statistics.
+
+    \b
+    Examples:
+      rioquant kld --base ./Rio-3.5-Open-397B --quant rio-Q4_K_M.gguf --text wiki.test.raw --json
+      rioquant kld --base rio-BF16.gguf --quant rio-Q3_K_M.gguf --text wiki.test.raw --base-states base.npy
+    """
+    from rioquant.check.evaluate import kl_divergence
+    from rioquant.check.stats import render_kld
+
+    result = kl_divergence(base, quant, text, ctx, chunks,
+                           _engine_options(device, threads, numerics, max_memory, tmp_dir, no_progress), tokenizer,
+                           base_states, profile_out)
+    click.echo(json.dumps(result, indent=2) if as_json else render_kld(result))
+
+
+@cli.command("imatrix")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--outfile", "out", type=click.Path(path_type=Path), required=True, help="Output imatrix .gguf.")
+@click.option("--process-output", is_flag=True, help="Also collect output.weight (llama-imatrix --process-output).")
+@eval_options
+def imatrix_command(src, out, process_output, text, ctx, chunks, device, threads, numerics, max_memory, tmp_dir, tokenizer,
+                    profile_out, as_json, no_progress) -> None:
+    """Importance matrix of SRC over --text, in llama.cpp's GGUF imatrix format.
+
+    \b
+    Examples:
+      rioquant imatrix ./Rio-3.5-Open-397B --text calibration.txt -o imatrix.gguf --device cuda
+      rioquant convert ./Rio-3.5-Open-397B -o rio-Q4_K_M.gguf --type Q4_K_M --imatrix imatrix.gguf
+    """
+    from rioquant.check.evaluate import collect_imatrix
+
+    result = collect_imatrix(src, text, out, ctx, chunks,
+                             _engine_options(device, threads, numerics, max_memory, tmp_dir, no_progress), tokenizer,
+                             process_output, profile_out)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"{result['output']}: {result['entries']} entries from {result['chunks']} chunks of {result['ctx']}")
+        for name, experts in result["experts_without_data"].items():
+            click.echo(f"warning: {name}: no token routed to expert(s) {experts}")
 
 
 def main(argv: list[str] | None = None) -> None:

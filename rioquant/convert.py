@@ -5,11 +5,13 @@ stack) is read, transformed, quantized and appended, so memory is bounded by the
 never by the model.
 """
 
+import functools
+import hashlib
 import json
 import logging
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gguf
@@ -17,34 +19,34 @@ import numpy as np
 from tqdm import tqdm
 
 from rioquant.errors import CheckpointError, PlanError, QuantInputError
-from rioquant.export.checkpoint import read_float32, scan_tensors
-from rioquant.export.gguf_out import OutputTensor, ShardedGGUFOutput, expected_total_bytes
+from rioquant.export.checkpoint import read_float32, read_rows_float32, scan_tensors
+from rioquant.export.gguf_out import OutputTensor, ShardedGGUFOutput, expected_total_bytes, planned_file_sizes
 from rioquant.export.metadata import add_arch_metadata, general_metadata
-from rioquant.export.qwen35moe import ModelArgs, TensorSpec, load_piece, load_tensor, model_args, mtp_layer_count, tensor_specs
-from rioquant.export.vocab import add_vocab, read_vocab
-from rioquant.quant import quantize
-from rioquant.quant.plan import PlanEntry, plan_fingerprint, uniform_entry
+from rioquant.export.qwen35moe import (
+    ModelArgs,
+    TensorSpec,
+    config_tensors,
+    load_piece,
+    load_rows,
+    load_tensor,
+    model_args,
+    mtp_layer_count,
+    tensor_specs,
+)
+from rioquant.export.vocab import Vocab, add_vocab, read_vocab
+from rioquant.quant import budget, quantize
+from rioquant.quant.imatrix import Imatrix, check_fit, read_imatrix, uses_importance
+from rioquant.quant.metrics import TensorErrorTracker
+from rioquant.quant.plan import Overrides, PlanEntry, plan_fingerprint, recipe_entries
+from rioquant.quant.recipes import ModelFacts, Recipe, check_type, get_recipe, load_recipe, parse_tensor_type
+from rioquant.quant.report import build_report, write_report
 
 log = logging.getLogger(__name__)
 T = gguf.GGMLQuantizationType
 
-# llama.cpp's file_type for a uniform target (the nearest named mix for K types)
-FILE_TYPES: dict[str, gguf.LlamaFileType] = {
-    "F32": gguf.LlamaFileType.ALL_F32,
-    "F16": gguf.LlamaFileType.MOSTLY_F16,
-    "BF16": gguf.LlamaFileType.MOSTLY_BF16,
-    "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K,
-    "Q5_K": gguf.LlamaFileType.MOSTLY_Q5_K_S,
-    "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_S,
-    "Q3_K": gguf.LlamaFileType.MOSTLY_Q3_K_S,
-    "Q2_K": gguf.LlamaFileType.MOSTLY_Q2_K,
-}
-
-
 @dataclass(frozen=True)
 class ConvertOptions:
-    qtype: str = "Q8_0"
+    qtype: str = "Q8_0"  # a recipe name (rioquant.quant.recipes.RECIPES); ignored when `recipe` is given
     with_mtp: bool = True
     split_max_size: int = 0
     split_max_tensors: int = 0
@@ -55,6 +57,14 @@ class ConvertOptions:
     force: bool = False
     threads: int | None = None
     progress: bool = True
+    imatrix: Path | None = None  # llama.cpp imatrix (GGUF or legacy .dat)
+    report: bool = True  # measure every tensor's error into NAME.report.json / .csv
+    tensor_types: tuple[str, ...] = ()  # llama-quantize's --tensor-type REGEX=TYPE, first match wins
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    recipe: Path | None = None  # a user recipe (TOML), instead of the built-in `qtype`
+    target_size: int | None = None  # bytes of the whole output: raise the worst tensors until it is met
+    target_bpw: float | None = None  # bits per weight of the tensor data, as llama.cpp reports it
 
 
 @dataclass
@@ -66,6 +76,7 @@ class ConversionPlan:
     entries: list[PlanEntry]
     n_mtp_layers: int
     options: ConvertOptions = field(default_factory=ConvertOptions)
+    recipe: Recipe = field(default_factory=lambda: get_recipe("Q8_0"))
 
     @property
     def total_bytes(self) -> int:
@@ -82,22 +93,96 @@ def read_config(src: Path) -> dict:
         raise CheckpointError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
 
 
-def build_plan(src: Path, options: ConvertOptions) -> ConversionPlan:
-    """read → map → plan, from config.json and the safetensors headers only."""
+def _has_weight_files(src: Path) -> bool:
+    return any(src.glob("*.safetensors")) or (src / "model.safetensors.index.json").exists() or \
+        any(src.glob("*.bin")) or any(src.glob("*.pt"))
+
+
+def _overrides(options: ConvertOptions) -> Overrides:
+    return Overrides(
+        tensor_types=tuple(parse_tensor_type(t) for t in options.tensor_types),
+        output_type=options.output_tensor_type and check_type(options.output_tensor_type, "--output-tensor-type"),
+        token_embd_type=options.token_embedding_type and check_type(options.token_embedding_type, "--token-embedding-type"),
+    )
+
+
+def build_plan(src: Path, options: ConvertOptions, weights_optional: bool = False) -> ConversionPlan:
+    """read → map → plan, from config.json and the safetensors headers only.
+
+    With `weights_optional` (the `plan` command) a directory holding config.json but no weights is
+    planned from the shapes config.json implies: the same tensors, types and sizes, without a download.
+    """
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a directory")
     config = read_config(src)
-    tensors = scan_tensors(src)  # first: a pickled or broken checkpoint is refused before anything else
+    from_config = weights_optional and not _has_weight_files(src)
+    tensors = None if from_config else scan_tensors(src)  # first: a pickled or broken checkpoint is refused
     args = model_args(config, str(src / "config.json"))
+    if tensors is None:
+        log.info("%s: no weights; planning from config.json alone", src)
+        tensors = config_tensors(args, src / "config.json")
     specs = tensor_specs(tensors, args, options.with_mtp)
-    try:
-        target = T[options.qtype.upper()]
-    except KeyError:
-        raise PlanError(f"--type {options.qtype}: unknown; choose one of {', '.join(FILE_TYPES)}") from None
-    if target.name not in FILE_TYPES:
-        raise PlanError(f"--type {options.qtype}: unknown; choose one of {', '.join(FILE_TYPES)}")
-    entries = [uniform_entry(s.name, s.shape, target) for s in specs]
-    return ConversionPlan(src, args, config, specs, entries, mtp_layer_count(specs, args), options)
+    n_mtp = mtp_layer_count(specs, args)
+    recipe = load_recipe(options.recipe) if options.recipe else get_recipe(options.qtype)
+    facts = ModelFacts(
+        n_expert=args.num_experts,
+        n_gqa=args.num_attention_heads // args.num_key_value_heads if args.num_key_value_heads else 0,
+        n_blocks=args.num_hidden_layers + n_mtp,
+    )
+    entries = recipe_entries([(s.name, s.shape) for s in specs], recipe, facts, _overrides(options))
+    plan = ConversionPlan(src, args, config, specs, entries, n_mtp, options, recipe)
+    if options.target_size is not None or options.target_bpw is not None:
+        if from_config:
+            raise PlanError(f"--target-size/--target-bpw: {src} has no weights to measure errors on")
+        plan.entries = _fit_budget(plan)
+    return plan
+
+
+def planned_sizes(plan: ConversionPlan) -> list[int]:
+    """The exact size of each output file (one, or each shard of a split), before anything is written."""
+    tensors = [OutputTensor(e.name, e.shape, T[e.qtype], e.nbytes) for e in plan.entries]
+    return planned_file_sizes(tensors, _metadata_writer(plan), plan.options.split_max_size, plan.options.split_max_tensors)
+
+
+def _error_samples(plan: ConversionPlan, names: set[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """Deterministic row samples of the named tensors (budget.sample_rows), read row by row."""
+    for spec in plan.specs:
+        if spec.name in names:
+            parts = [load_rows(spec, plan.args, expert, rows, read_rows_float32)
+                     for expert, rows in budget.sample_rows(spec.shape)]
+            yield spec.name, np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
+def _fit_budget(plan: ConversionPlan) -> list[PlanEntry]:
+    """--target-size / --target-bpw: measure, then raise the worst tensors while the budget holds."""
+    options = plan.options
+    if options.target_size is not None and options.target_bpw is not None:
+        raise PlanError("--target-size and --target-bpw: give one of them")
+    size = sum(planned_sizes(plan)) if options.target_size is not None else 0
+    if options.target_size is not None and size > options.target_size:
+        raise PlanError(f"--target-size {options.target_size:,}: the {plan.recipe.name} mix alone is {size:,} bytes; "
+                        "choose a smaller --type")
+    types = {e.name: [e.qtype, *budget.upgrade_types(e)] for e in plan.entries if budget.can_raise(e)}
+    types = {name: ts for name, ts in types.items() if len(ts) > 1}
+    errors = budget.measure_errors(_error_samples(plan, set(types)), types)
+    if options.target_size is None:
+        limit = int(options.target_bpw * _parameter_counts(plan)[0] // 8)
+        return budget.raise_to_budget(plan.entries, errors, limit, "target-bpw")
+    alignment = gguf.GGUF_DEFAULT_ALIGNMENT  # every tensor's data is padded to it
+    limit = options.target_size - (size - sum(-(-e.nbytes // alignment) * alignment for e in plan.entries))
+    for _ in range(3):  # a split output may gain a shard (and its header) as tensors grow
+        entries = budget.raise_to_budget(plan.entries, errors, limit, "target-size", alignment)
+        excess = sum(planned_sizes(replace(plan, entries=entries))) - options.target_size
+        if excess <= 0:
+            return entries
+        limit -= excess
+    raise PlanError(f"--target-size {options.target_size:,}: the split headers do not fit; raise it slightly")
+
+
+@functools.lru_cache(maxsize=2)
+def _read_vocab_cached(src: Path, vocab_size: int, mtime_ns: int) -> Vocab:
+    """The tokenizer takes seconds to read; planning sizes and writing the file both need it."""
+    return read_vocab(src, vocab_size)
 
 
 def _parameter_counts(plan: ConversionPlan) -> tuple[int, int, int]:
@@ -109,9 +194,17 @@ def _parameter_counts(plan: ConversionPlan) -> tuple[int, int, int]:
     return total, total - expert, expert
 
 
-def _metadata_writer(plan: ConversionPlan):
+def imatrix_metadata(imatrix: Imatrix, given_as: str) -> dict:
+    """The keys llama-quantize records (strings cut to 127 bytes as it does; chunks only when known)."""
+    meta = {"file": given_as[:127], "dataset": imatrix.dataset[:127] if imatrix.datasets else None,
+            "entries_count": len(imatrix.entries), "chunks_count": imatrix.chunk_count or None}
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def _metadata_writer(plan: ConversionPlan, imatrix_meta: dict | None = None):
     options = plan.options
-    vocab = read_vocab(plan.src, plan.args.vocab_size)
+    vocab = _read_vocab_cached(plan.src, plan.args.vocab_size, (plan.src / "tokenizer.json").stat().st_mtime_ns
+                               if (plan.src / "tokenizer.json").exists() else 0)
     total, shared, expert = _parameter_counts(plan)
     general = general_metadata(plan.src, total, shared, expert, plan.args.num_experts, options.base_models, options.name)
 
@@ -121,41 +214,68 @@ def _metadata_writer(plan: ConversionPlan):
         if options.quantized_by:
             writer.add_quantized_by(options.quantized_by)
         add_arch_metadata(writer, plan.args, plan.n_mtp_layers)
-        writer.add_file_type(FILE_TYPES[options.qtype.upper()])
+        writer.add_file_type(plan.recipe.file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for key, value in (imatrix_meta or {}).items():  # quantize.imatrix.*: strings and u32, as llama-quantize
+            (writer.add_string if isinstance(value, str) else writer.add_uint32)(f"quantize.imatrix.{key}", value)
         add_vocab(writer, vocab)
 
     return add
 
 
-def _tensor_chunks(spec: TensorSpec, entry: PlanEntry, plan: ConversionPlan) -> Iterator[np.ndarray]:
-    """Quantized bytes of one tensor: whole for ordinary tensors, one slab at a time for experts."""
+def _tensor_chunks(
+    spec: TensorSpec, entry: PlanEntry, plan: ConversionPlan,
+    imatrix: Imatrix | None = None, tracker: TensorErrorTracker | None = None,
+) -> Iterator[np.ndarray]:
+    """Quantized bytes of one tensor: whole for ordinary tensors, one slab at a time for experts.
+
+    Expert e is quantized with slice e of the tensor's importance (llama-quantize's per-expert
+    imatrix); `tracker` measures each slab against its bytes while both are in memory.
+    """
     qtype = T[entry.qtype]
+    no_data = set(imatrix.experts_without_data(entry.name, entry.shape[-1])) if imatrix else set()
     slabs = (
         (load_piece(p, read_float32) for p in spec.pieces)
         if spec.is_expert_stack
         else iter([load_tensor(spec, plan.args, read_float32)])
     )
-    for slab in slabs:
-        rows = slab.reshape(-1, slab.shape[-1]) if slab.ndim > 1 else slab.reshape(1, -1)
+    for e, slab in enumerate(slabs):
+        rows = np.ascontiguousarray(slab.reshape(-1, slab.shape[-1]) if slab.ndim > 1 else slab.reshape(1, -1), dtype=np.float32)
+        expert = e if spec.is_expert_stack else None
+        weights = imatrix.importance(entry.name, rows.shape[1], expert) if imatrix else None
         try:
-            yield quantize(np.ascontiguousarray(rows, dtype=np.float32), qtype, threads=plan.options.threads)
+            data = quantize(rows, qtype, imatrix=weights, threads=plan.options.threads)
         except QuantInputError as err:
             source = spec.pieces[0].source
             raise CheckpointError(f"{source.file.name}: tensor {source.name}: {err}") from None
+        if tracker is not None:
+            tracker.add(rows, data, weights, no_imatrix_data=(expert or 0) in no_data)
+        yield data
 
 
 def convert(src: Path, out: Path, options: ConvertOptions) -> list[Path]:
     """Convert the checkpoint at `src` into `out` (or its split set); returns the files written."""
     plan = build_plan(src, options)
-    add_metadata = _metadata_writer(plan)
+    imatrix = imatrix_meta = None
+    if options.imatrix is not None:
+        imatrix = read_imatrix(options.imatrix)
+        usable = check_fit(
+            imatrix, {e.name: e.shape for e in plan.entries},
+            {e.name for e in plan.entries if uses_importance(e.qtype)}, plan.args.num_hidden_layers,
+        )
+        imatrix_meta = imatrix_metadata(imatrix, str(options.imatrix))
+        imatrix = imatrix.restricted_to(usable)
+    add_metadata = _metadata_writer(plan, imatrix_meta)
     tensors = [OutputTensor(e.name, e.shape, T[e.qtype], e.nbytes) for e in plan.entries]
     out.parent.mkdir(parents=True, exist_ok=True)
     needed = expected_total_bytes(tensors)
     free = shutil.disk_usage(out.parent).free
     if needed > free:
         raise PlanError(f"{out.parent}: {needed / 1e9:.2f} GB needed for the output, {free / 1e9:.2f} GB free")
-    fingerprint = plan_fingerprint(plan.entries, {"src": str(src.resolve()), **options.__dict__, "resume": None, "force": None, "progress": None, "threads": None})
+    fingerprint = plan_fingerprint(plan.entries, {
+        "src": str(src.resolve()), **options.__dict__, "resume": None, "force": None, "progress": None, "threads": None,
+        "report": None, "imatrix_sha256": _file_digest(options.imatrix) if options.imatrix else None,
+    })
     output = ShardedGGUFOutput(
         out, tensors, add_metadata, fingerprint,
         split_max_size=options.split_max_size, split_max_tensors=options.split_max_tensors,
@@ -165,11 +285,14 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> list[Path]:
     bar = tqdm(total=plan.total_bytes, initial=done_bytes, unit="B", unit_scale=True, disable=not options.progress,
                desc=f"{out.name}", dynamic_ncols=True, mininterval=1.0)
     try:
-        for i, (spec, entry) in enumerate(zip(plan.specs, plan.entries)):
+        for i, (spec, entry) in enumerate(zip(plan.specs, plan.entries, strict=True)):
             if output.is_done(entry.name):
                 continue
             bar.set_postfix_str(f"tensor {i + 1}/{len(plan.entries)} {entry.name} {entry.qtype}")
-            output.write_tensor(entry.name, _tensor_chunks(spec, entry, plan))
+            tracker = TensorErrorTracker(entry.name, entry.qtype, entry.shape, spec.layer) \
+                if options.report and entry.qtype != "F32" else None
+            output.write_tensor(entry.name, _tensor_chunks(spec, entry, plan, imatrix, tracker),
+                                note=tracker.result if tracker else None)
             bar.update(entry.nbytes)
         files = output.finish()
     except BaseException:
@@ -177,5 +300,51 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> list[Path]:
         raise
     finally:
         bar.close()
+    if options.report:
+        measured = [e for e in plan.entries if e.qtype != "F32"]
+        report = build_report([output.notes[e.name] for e in measured if e.name in output.notes], files, src,
+                              plan.recipe.name, imatrix_meta, [e.name for e in measured if e.name not in output.notes])
+        for path in write_report(report, out):
+            log.info("wrote %s", path)
     log.info("wrote %s", ", ".join(str(f) for f in files))
     return files
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file (the imatrix), read in 16 MB pieces: part of the resume key."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 24):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def describe_plan(plan: ConversionPlan) -> dict:
+    """The plan as data (`rioquant plan --json`): every tensor's type, rule and bytes, and the exact file sizes."""
+    sizes = planned_sizes(plan)
+    n_text = plan.args.num_hidden_layers
+    params = {"total": 0, "text": 0, "mtp": 0, "experts": 0}
+    for spec in plan.specs:
+        n = int(np.prod(spec.shape, dtype=np.int64))
+        params["total"] += n
+        params["mtp" if spec.layer is not None and spec.layer >= n_text else "text"] += n
+        params["experts"] += n if spec.is_expert_stack else 0
+    by_type: dict[str, dict[str, int]] = {}
+    for e in plan.entries:
+        row = by_type.setdefault(e.qtype, {"tensors": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["bytes"] += e.nbytes
+    return {
+        "source": str(plan.src),
+        "recipe": plan.recipe.name,
+        "recipe_source": plan.recipe.source,
+        "file_type": plan.recipe.file_type.name,
+        "file_bytes": sum(sizes),
+        "shard_bytes": sizes,
+        "tensor_bytes": plan.total_bytes,
+        "bpw": plan.total_bytes * 8 / params["total"],
+        "parameters": params,
+        "types": by_type,
+        "tensors": [{"name": e.name, "shape": list(e.shape), "type": e.qtype, "bytes": e.nbytes, "rule": e.rule}
+                    for e in plan.entries],
+    }

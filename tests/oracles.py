@@ -184,3 +184,72 @@ def transformers_logits(
             adjust(model)
         out = model(input_ids=torch.tensor([list(token_ids)], dtype=torch.long), use_cache=False)
     return out.logits[0].float().numpy()
+
+
+class LlamaChunks:
+    """llama-perplexity's loop on a loaded model: one sequence of ctx tokens per chunk, the memory
+    cleared between chunks, logits requested only from position `first` on (llama-cpp-python's default
+    context: no flash attention, F16 KV cache)."""
+
+    def __init__(self, gguf_path: Path | str, ctx: int, n_threads: int | None = None) -> None:
+        import llama_cpp
+        from llama_cpp import Llama
+
+        self.bindings, self.ctx = llama_cpp, ctx
+        with plain_cpu_buffers():
+            self.llm = Llama(model_path=str(gguf_path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, n_gpu_layers=0,
+                             n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+        self.batch = llama_cpp.llama_batch_init(ctx, 0, 1)
+        self.n_vocab = self.llm.n_vocab()
+
+    def logits(self, tokens: np.ndarray, first: int) -> np.ndarray:
+        """float32 (ctx - first, n_vocab) for one chunk of ctx tokens (a view: copy before the next call)."""
+        b, llama_cpp = self.batch, self.bindings
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
+        b.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i] = int(token), i, 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = i >= first
+        if llama_cpp.llama_decode(self.llm.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+        n_out = len(tokens) - first
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.llm.ctx), shape=(n_out * self.n_vocab,)).reshape(
+            n_out, self.n_vocab)
+
+    def close(self) -> None:
+        self.bindings.llama_batch_free(self.batch)
+        self.llm.close()
+
+
+def llama_chunk_logits(gguf_path: Path | str, chunks: np.ndarray, first: int, n_threads: int | None = None) -> np.ndarray:
+    """llama.cpp's logits for positions first..ctx-1 of each chunk: float32 (n_chunks, ctx - first, n_vocab)."""
+    runner = LlamaChunks(gguf_path, chunks.shape[1], n_threads)
+    try:
+        return np.stack([runner.logits(tokens, first).copy() for tokens in chunks])
+    finally:
+        runner.close()
+
+
+def ggml_activation_rounding(x: np.ndarray, vec_dot_type: str) -> np.ndarray:
+    """What ggml-cpu turns float32 activations into before a product with a quantized weight.
+
+    Calls the CPU backend's own `quantize_row_q8_0` / `quantize_row_q8_K` (the runtime, SIMD versions
+    in libggml-cpu.so, not the reference ones behind ggml_quantize_chunk) and reads the blocks back:
+    Q8_0 = F16 d + 32 int8; Q8_K = F32 d + 256 int8 + 16 int16 block sums. float32 of x's shape.
+    """
+    lib = ctypes.CDLL(str(_ggml_lib_dir() / "libggml-cpu.so"))
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    if vec_dot_type == "Q8_0":
+        out = np.zeros(x.size // 32 * 34, dtype=np.uint8)
+        lib.quantize_row_q8_0(x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.size))
+        blocks = out.reshape(-1, 34)
+        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+        return (blocks[:, 2:].view(np.int8).astype(np.float32) * d).reshape(-1)
+    if vec_dot_type == "Q8_K":
+        out = np.zeros(x.size // 256 * 292, dtype=np.uint8)
+        lib.quantize_row_q8_K(x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.size))
+        blocks = out.reshape(-1, 292)
+        d = blocks[:, :4].copy().view(np.float32)
+        return (blocks[:, 4:260].view(np.int8).astype(np.float32) * d).reshape(-1)
+    raise ValueError(vec_dot_type)

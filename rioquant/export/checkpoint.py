@@ -140,3 +140,33 @@ def read_float32(tensor: SourceTensor, index: int | None = None) -> np.ndarray:
     else:
         values = raw.astype(np.float32)
     return values.reshape(shape)
+
+
+def read_rows_float32(tensor: SourceTensor, index: int | None, rows: list[int]) -> np.ndarray:
+    """Selected rows (of slab `index` along axis 0, if given) as float32 (len(rows), cols).
+
+    For sampling (`--target-size` error measurement): one positioned read per run of consecutive rows,
+    so measuring a few rows of each expert never reads the rest of the shard.
+    """
+    cols = tensor.shape[-1]
+    per_slab = int(np.prod(tensor.shape[1:-1], dtype=np.int64)) if index is not None else 0
+    base = tensor.data_start + (index * per_slab * cols * tensor.itemsize if index is not None else 0)
+    out = np.empty((len(rows), cols), dtype=SOURCE_DTYPES[tensor.dtype][1])
+    with open(tensor.file, "rb", buffering=0) as f:
+        start = 0
+        while start < len(rows):
+            end = start + 1
+            while end < len(rows) and rows[end] == rows[end - 1] + 1:
+                end += 1
+            view = memoryview(out[start:end]).cast("B")
+            offset = base + rows[start] * cols * tensor.itemsize
+            done = 0
+            while done < len(view):
+                n = os.preadv(f.fileno(), [view[done:]], offset + done)
+                if n == 0:
+                    raise CheckpointError(f"{tensor.file}: truncated while reading tensor {tensor.name}")
+                done += n
+            start = end
+    if tensor.dtype == "BF16":
+        return (out.astype(np.uint32) << 16).view(np.float32)
+    return out.astype(np.float32)

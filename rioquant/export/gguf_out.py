@@ -9,6 +9,7 @@ continues, giving the same bytes as an uninterrupted run. Finished shards are re
 """
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -57,13 +58,7 @@ class ShardedGGUFOutput:
         self.out_path = out_path
         self.workdir = out_path.parent / f".{out_path.name}.partial"
         self.fingerprint = fingerprint
-        writer = gguf.GGUFWriter(
-            self.workdir / out_path.name, "qwen35moe",
-            split_max_tensors=split_max_tensors, split_max_size=split_max_size,
-        )
-        add_metadata(writer)
-        for t in tensors:
-            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+        writer = layout_writer(self.workdir / out_path.name, tensors, add_metadata, split_max_size, split_max_tensors)
         self.alignment = writer.data_alignment
         self.shard_of: dict[str, int] = {n: i for i, shard in enumerate(writer.tensors) for n in shard}
         self.nbytes = {t.name: t.nbytes for t in tensors}
@@ -181,3 +176,37 @@ class ShardedGGUFOutput:
 def expected_total_bytes(tensors: Sequence[OutputTensor], alignment: int = 32) -> int:
     """Tensor data bytes including alignment padding (headers add a few MB at most)."""
     return sum(_pad(t.nbytes, alignment) for t in tensors)
+
+
+def layout_writer(
+    path: Path, tensors: Sequence[OutputTensor], add_metadata: Callable[[gguf.GGUFWriter], None],
+    split_max_size: int = 0, split_max_tensors: int = 0,
+) -> gguf.GGUFWriter:
+    """A GGUFWriter holding the metadata and every tensor info, shards assigned; nothing written yet."""
+    writer = gguf.GGUFWriter(path, "qwen35moe", split_max_tensors=split_max_tensors, split_max_size=split_max_size)
+    add_metadata(writer)
+    for t in tensors:
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    return writer
+
+
+def planned_file_sizes(
+    tensors: Sequence[OutputTensor], add_metadata: Callable[[gguf.GGUFWriter], None],
+    split_max_size: int = 0, split_max_tensors: int = 0,
+) -> list[int]:
+    """The exact size of every file the output will have: header, metadata, tensor infos, aligned data.
+
+    gguf-py lays the header out itself, into memory instead of a file (the same writer state machine
+    ShardedGGUFOutput drives), so the split keys and per-shard tensor infos are counted as written.
+    """
+    writer = layout_writer(Path("plan.gguf"), tensors, add_metadata, split_max_size, split_max_tensors)
+    writer.fout = [io.BytesIO() for _ in writer.tensors]  # type: ignore[misc]
+    writer.state = gguf.gguf_writer.WriterState.EMPTY
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    sizes = []
+    for fout, shard in zip(writer.fout, writer.tensors, strict=True):
+        data = sum(_pad(ti.nbytes, writer.data_alignment) for ti in shard.values())
+        sizes.append(_pad(fout.tell(), writer.data_alignment) + data)
+    return sizes

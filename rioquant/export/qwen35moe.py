@@ -10,6 +10,7 @@ and not through `get_tensor_name_map`.
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -358,6 +359,32 @@ def tensor_specs(tensors: dict[str, SourceTensor], a: ModelArgs, with_mtp: bool)
     return specs
 
 
+def config_tensors(a: ModelArgs, config_path: Path) -> dict[str, SourceTensor]:
+    """The source tensors config.json implies (fused experts, BF16), for planning without the weights.
+
+    Walks the same tables as `tensor_specs`, so a plan from config.json alone has exactly the tensors
+    and shapes of a plan from the real headers. The tensors point at config.json and hold no data:
+    only `rioquant plan` uses them; `convert` always reads the safetensors headers.
+    """
+    def source(name: str, shape: tuple[int, ...]) -> tuple[str, SourceTensor]:
+        return name, SourceTensor(name, config_path, "BF16", shape, 0)
+
+    E, I, H = a.num_experts, a.moe_intermediate_size, a.hidden_size
+    experts = (("mlp.experts.gate_up_proj", (E, 2 * I, H)), ("mlp.experts.down_proj", (E, H, I)))
+    tensors = dict(source("model." + r.hf, r.shape(a)) for r in TOP_RULES)
+    if not a.tie_word_embeddings:
+        tensors |= dict([source(OUTPUT_RULE.hf, OUTPUT_RULE.shape(a))])
+    n_mtp = a.mtp_num_hidden_layers
+    prefixes = [f"model.layers.{i}." for i in range(a.num_hidden_layers)] + [f"mtp.layers.{i}." for i in range(n_mtp)]
+    for layer, prefix in enumerate(prefixes):
+        skip = "self_attn." if _layer_is_linear(a, layer) else "linear_attn."
+        tensors |= dict(source(prefix + r.hf, r.shape(a)) for r in LAYER_RULES if not r.hf.startswith(skip))
+        tensors |= dict(source(prefix + name, shape) for name, shape in experts)
+    if n_mtp:
+        tensors |= dict(source(r.hf, r.shape(a)) for r in MTP_RULES)
+    return tensors
+
+
 def mtp_layer_count(specs: list[TensorSpec], a: ModelArgs) -> int:
     """How many NextN layers the spec list carries (0 when MTP is dropped or absent)."""
     layers = {s.layer for s in specs if s.layer is not None}
@@ -375,3 +402,25 @@ def load_piece(piece: Piece, read: Callable[[SourceTensor, int | None], np.ndarr
     """One expert slab as float32 (rows, cols)."""
     values = read(piece.source, piece.index)
     return values[piece.rows[0] : piece.rows[1]] if piece.rows else values
+
+
+# Transforms that only reorder rows: a sampled row keeps its values, so samples skip them.
+ROW_ORDER_TRANSFORMS = frozenset({"qkv_tile_v", "rows_tile_v", "heads_tile_v"})
+
+
+def load_rows(
+    spec: TensorSpec, a: ModelArgs, expert: int | None, rows: list[int],
+    read_rows: Callable[[SourceTensor, int | None, list[int]], np.ndarray],
+) -> np.ndarray:
+    """Some rows of a tensor (of one expert's slab for an expert stack) as float32, for error sampling.
+
+    Rows are read straight from the source: the V-head reorders only permute rows, so the sample is a
+    set of the tensor's rows, though not the GGUF rows with those indices; a column transform
+    (`cols_tile_v`) is applied to the rows read, so each sampled row is exactly a row of the GGUF tensor.
+    """
+    piece = spec.pieces[expert if expert is not None else 0]
+    offset = piece.rows[0] if piece.rows else 0
+    values = read_rows(piece.source, piece.index, [offset + r for r in rows])
+    if spec.transform and spec.transform not in ROW_ORDER_TRANSFORMS:
+        values = TRANSFORMS[spec.transform](values, a)
+    return values

@@ -3,16 +3,20 @@
 Built from shapes alone, before any weight is read, so the same plan is the dry run, the size
 estimate, the resume journal's key and the model card's table. The rules that no mix overrides are
 llama.cpp's (llama-quant.cpp): which tensors are never quantized, and the fallback when a row does
-not fit a type's block size.
+not fit a type's block size. Between the two come, in llama-quantize's order, the user's overrides
+and the recipe's rules (rioquant.quant.recipes); every entry records, in words, the rule that chose it.
 """
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from gguf import GGMLQuantizationType
 
+from rioquant.errors import PlanError
+from rioquant.quant.recipes import ModelFacts, Recipe
 from rioquant.quant.types import block_geometry
 
 T = GGMLQuantizationType
@@ -77,18 +81,97 @@ def tensor_nbytes(qtype: GGMLQuantizationType, shape: Sequence[int]) -> int:
     return n // block * type_bytes
 
 
-def uniform_entry(name: str, shape: tuple[int, ...], target: GGMLQuantizationType) -> PlanEntry:
-    """The type of one tensor when every quantizable tensor gets `target` (`--type Q4_K`, F16, …)."""
-    if target is T.F32 or not is_quantizable(name, shape):
-        qtype = T.F32
-        rule = "F32 output" if target is T.F32 else "never quantized (1-D, norm, router or conv)"
-    else:
-        qtype, fell_back = fit_row_length(target, shape[-1])
-        rule = f"row length {shape[-1]} does not fit {target.name}: fallback" if fell_back else f"uniform {target.name}"
-    return PlanEntry(name, shape, qtype.name, rule, tensor_nbytes(qtype, shape))
-
-
 def plan_fingerprint(entries: Sequence[PlanEntry], options: dict) -> str:
     """A hash of everything that determines the output bytes: the resume journal's key."""
     payload = json.dumps({"entries": [asdict(e) for e in entries], "options": options}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes: the type of every tensor from a mix (rioquant.quant.recipes) and the user's overrides.
+
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """llama-quantize's overrides: `--tensor-type` (first match wins), output and token-embedding types."""
+
+    tensor_types: tuple[tuple[str, str], ...] = ()  # (regex searched in the name, type)
+    output_type: str | None = None
+    token_embd_type: str | None = None
+
+
+def block_index(name: str) -> int | None:
+    match = _BLOCK.match(name)
+    return int(match.group(1)) if match else None
+
+
+def _exact(name: str, shape: tuple[int, ...], qtype: str, option: str, rule: str) -> PlanEntry:
+    """A type the user named for one tensor: no fallback (llama.cpp applies none either), so it must fit."""
+    block, _ = block_geometry(T[qtype])
+    if shape[-1] % block:
+        raise PlanError(f"{option} {qtype}: {name} has rows of {shape[-1]}, not a multiple of {qtype}'s block of {block}")
+    return PlanEntry(name, shape, qtype, rule, tensor_nbytes(T[qtype], shape))
+
+
+def recipe_entry(
+    name: str, shape: tuple[int, ...], recipe: Recipe, facts: ModelFacts, overrides: Overrides = Overrides(),
+    tied_embeddings: bool = False,
+) -> PlanEntry:
+    """One tensor's type, in llama.cpp's order: never quantized, user overrides, recipe rules, row fallback."""
+    if not is_quantizable(name, shape):
+        return PlanEntry(name, shape, "F32", "never quantized (1-D, norm, router or conv)", tensor_nbytes(T.F32, shape))
+    if name == "token_embd.weight" and overrides.token_embd_type:
+        return _exact(name, shape, overrides.token_embd_type, "--token-embedding-type", "--token-embedding-type")
+    if name == "output.weight" and overrides.output_type:
+        return _exact(name, shape, overrides.output_type, "--output-tensor-type", "--output-tensor-type")
+    row = shape[-1]
+    manual = next(((p, t) for p, t in overrides.tensor_types if re.search(p, name)), None)
+    if manual is not None:
+        qtype, rule = manual[1], f"--tensor-type {manual[0]}={manual[1]}"
+    elif recipe.is_float:
+        qtype, rule = recipe.default, f"uniform {recipe.default}"
+    else:
+        # llama.cpp gives a tied token_embd (no output.weight) the output tensor's rules
+        role = "output.weight" if tied_embeddings and name == "token_embd.weight" else name
+        chosen = recipe.first_match(role, block_index(name), row, facts)
+        if chosen is not None:
+            qtype, rule = chosen.qtype, f"{recipe.name}: {chosen.describe()}"
+        elif recipe.source == "uniform":
+            qtype, rule = recipe.default, f"uniform {recipe.default}"
+        else:
+            qtype, rule = recipe.default, f"{recipe.name}: default {recipe.default}"
+    fitted, fell_back = fit_row_length(T[qtype], row)
+    if fell_back:
+        rule += f"; row of {row} does not fit {qtype} → {fitted.name}"
+    return PlanEntry(name, shape, fitted.name, rule, tensor_nbytes(fitted, shape))
+
+
+def recipe_entries(
+    tensors: Sequence[tuple[str, tuple[int, ...]]], recipe: Recipe, facts: ModelFacts, overrides: Overrides = Overrides(),
+) -> list[PlanEntry]:
+    """The plan entries of every tensor (name, numpy shape), in the given order."""
+    tied = not any(name == "output.weight" for name, _ in tensors)
+    return [recipe_entry(name, shape, recipe, facts, overrides, tied) for name, shape in tensors]
+
+
+def render_plan(summary: dict) -> str:
+    """`rioquant plan` as text: one line per tensor (type, bytes, rule), then totals by type and the file size."""
+    width = max(len(t["name"]) for t in summary["tensors"])
+    lines = [f"{'tensor':<{width}}  {'type':<5} {'bytes':>15}  rule"]
+    lines += [f"{t['name']:<{width}}  {t['type']:<5} {t['bytes']:>15,}  {t['rule']}" for t in summary["tensors"]]
+    lines.append("")
+    for qtype, row in sorted(summary["types"].items(), key=lambda kv: -kv[1]["bytes"]):
+        lines.append(f"{qtype:<5} {row['tensors']:>5} tensors {row['bytes']:>19,} bytes")
+    p = summary["parameters"]
+    lines += [
+        "",
+        f"recipe     {summary['recipe']} ({summary['recipe_source']}), general.file_type {summary['file_type']}",
+        f"parameters {p['total']:,} (text {p['text']:,} + MTP {p['mtp']:,}; experts {p['experts']:,})",
+        f"tensors    {summary['tensor_bytes']:,} bytes, {summary['bpw']:.3f} bits per weight",
+        f"file size  {summary['file_bytes']:,} bytes ({summary['file_bytes'] / 1e9:.2f} GB)"
+        + (f" in {len(summary['shard_bytes'])} shards: " + ", ".join(f"{s:,}" for s in summary["shard_bytes"])
+           if len(summary["shard_bytes"]) > 1 else ""),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,363 @@
+"""Quantization recipes as data: ordered rules (tensor-name pattern, conditions → type), first match wins.
+
+A recipe names the default type of every quantizable tensor and the rules that override it. The
+llama.cpp mixes below are `llama_tensor_get_type_impl` (src/llama-quant.cpp) for qwen35moe, rewritten
+as tables and checked tensor by tensor against `llama_model_quantize` (tests/test_recipes.py); the XL
+mixes are ours (docs/recipes.md gives the reason for every rule). plan.py applies a recipe: never-quantized
+tensors first, then user overrides, then these rules, then llama.cpp's row-length fallback.
+
+Conditions a rule may carry, all of which must hold:
+- `layers`: a condition on the tensor's block index i, with n the block count (the MTP block included:
+  llama.cpp's n_layer_all). "use_more_bits" is llama.cpp's
+  `i < n/8 || i >= 7n/8 || (i - n/8) % 3 == 2`; otherwise "i < 2", "i < n/8", "i >= 7*n/8" (integer
+  division, as in C). Tensors outside a block (output, token_embd) never match a layer condition.
+  llama.cpp indexes attn_v-like rules by a counter of attn_v-like tensors visited in (block, name)
+  order, and ffn_down rules by the block in the name; qwen35moe has exactly one attn_v-like tensor per
+  block (attn_qkv in linear-attention blocks, attn_v in full-attention ones), so both are the block index.
+- `experts`: the model has exactly this many experts (llama.cpp special-cases 8).
+- `min_gqa`: n_head / n_head_kv is at least this.
+- `row_misfit`: the row length is not a multiple of the default type's block (llama.cpp then gives
+  output.weight Q8_0 instead of Q6_K).
+
+Patterns are Python regular expressions searched in the GGUF tensor name (`re.search`, like
+llama-quantize's `std::regex_search`). The llama.cpp categories are substrings, reproduced exactly:
+"attn_v-like" is attn_v.weight, attn_qkv.weight or attn_kv_b.weight (so the linear-attention attn_qkv is
+treated as attn_v, and llama.cpp's separate ATTENTION_QKV branch is never reached); "ffn_down" covers
+ffn_down_exps and ffn_down_shexp.
+"""
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+
+from rioquant.errors import PlanError, QuantInputError
+from rioquant.quant.types import parse_qtype
+
+T = GGMLQuantizationType
+F = LlamaFileType
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What llama.cpp's rules look at besides the tensor name: expert count, GQA ratio, block count."""
+
+    n_expert: int
+    n_gqa: int  # n_head // n_head_kv
+    n_blocks: int  # transformer blocks including MTP (NextN) blocks: llama.cpp's n_layer_all
+
+
+_LAYER_CONDITION = re.compile(r"^i\s*(<|<=|>|>=)\s*(?:(\d+)|(?:(\d+)\s*\*\s*)?n\s*/\s*(\d+)|n)$")
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the blocks and every third in between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def layer_condition_holds(condition: str, i: int, n: int) -> bool:
+    """Evaluate a `layers` condition (see the module docstring) for block i of n."""
+    if condition == "use_more_bits":
+        return use_more_bits(i, n)
+    match = _LAYER_CONDITION.match(condition.strip())
+    if match is None:
+        raise PlanError(f"layer condition {condition!r}: expected use_more_bits, 'i < K', 'i < n/D' or 'i >= M*n/D'")
+    op, const, mult, div = match.groups()
+    if const is not None:
+        bound = int(const)
+    elif div is not None:
+        bound = int(mult or 1) * n // int(div)
+    else:
+        bound = n
+    return {"<": i < bound, "<=": i <= bound, ">": i > bound, ">=": i >= bound}[op]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of a recipe: tensors whose name matches `pattern` (and the conditions) get `qtype`."""
+
+    pattern: str
+    qtype: str
+    why: str = ""
+    layers: str | None = None
+    experts: int | None = None
+    min_gqa: int | None = None
+    row_misfit: bool = False
+
+    def matches(self, name: str, block: int | None, row: int, default: str, facts: ModelFacts) -> bool:
+        if not re.search(self.pattern, name):
+            return False
+        if self.experts is not None and facts.n_expert != self.experts:
+            return False
+        if self.min_gqa is not None and facts.n_gqa < self.min_gqa:
+            return False
+        if self.row_misfit and row % GGML_QUANT_SIZES[T[default]][0] == 0:
+            return False
+        if self.layers is not None and (block is None or not layer_condition_holds(self.layers, block, facts.n_blocks)):
+            return False
+        return True
+
+    def describe(self) -> str:
+        if self.why:
+            return self.why
+        conditions = [c for c in (
+            self.layers and f"layers {self.layers}",
+            self.experts is not None and f"{self.experts} experts",
+            self.min_gqa is not None and f"n_gqa >= {self.min_gqa}",
+            self.row_misfit and "row does not fit the default type",
+        ) if c]
+        return f"/{self.pattern}/" + (f" ({', '.join(conditions)})" if conditions else "") + f" → {self.qtype}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named mix: the default type, llama.cpp's file type to record, and ordered rules."""
+
+    name: str
+    default: str
+    file_type: LlamaFileType
+    rules: tuple[Rule, ...] = ()
+    summary: str = ""
+    source: str = "llama.cpp"  # "llama.cpp", "rioquant" or the user's TOML path
+
+    def first_match(self, name: str, block: int | None, row: int, facts: ModelFacts) -> Rule | None:
+        return next((r for r in self.rules if r.matches(name, block, row, self.default, facts)), None)
+
+    @property
+    def is_float(self) -> bool:
+        return self.default in ("F32", "F16", "BF16")
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp's categories (substring tests in tensor_get_category) and the rules every mix shares.
+
+OUTPUT = r"^output\.weight$"
+TOKEN_EMBD = r"^token_embd\.weight$"
+ATTN_V_LIKE = r"attn_v\.weight|attn_qkv\.weight|attn_kv_b\.weight"
+ATTN_K = r"attn_k\.weight"
+ATTN_OUTPUT = r"attn_output\.weight"
+FFN_DOWN = r"ffn_down"
+
+# output.weight: Q8_0 when its row does not fit the mix's block, else Q6_K (Q8_0 mixes keep Q8_0)
+OUTPUT_Q8_0_IF_MISFIT = Rule(OUTPUT, "Q8_0", "output: row does not fit the mix's block → Q8_0", row_misfit=True)
+OUTPUT_Q6_K = Rule(OUTPUT, "Q6_K", "output → Q6_K")
+# "for the 8-expert model, bumping this to Q8_0 trades just ~128MB" (llama-quant.cpp)
+EIGHT_EXPERTS = (
+    Rule(ATTN_V_LIKE, "Q8_0", "8-expert model: attn_v/attn_qkv → Q8_0", experts=8),
+    Rule(ATTN_K, "Q8_0", "8-expert model: attn_k → Q8_0", experts=8),
+)
+EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K = Rule(ATTN_OUTPUT, "Q5_K", "8-expert model: attn_output → Q5_K", experts=8)
+
+
+def _llama(name: str, default: str, file_type: LlamaFileType, summary: str, *rules: Rule) -> Recipe:
+    output = (OUTPUT_Q8_0_IF_MISFIT,) if default == "Q8_0" else (OUTPUT_Q8_0_IF_MISFIT, OUTPUT_Q6_K)
+    return Recipe(name, default, file_type, (*output, *EIGHT_EXPERTS, *rules), summary)
+
+
+LLAMA_MIXES: dict[str, Recipe] = {r.name: r for r in (
+    _llama("Q8_0", "Q8_0", F.MOSTLY_Q8_0, "everything Q8_0"),
+    _llama("Q6_K", "Q6_K", F.MOSTLY_Q6_K, "everything Q6_K"),
+    _llama("Q5_K_M", "Q5_K", F.MOSTLY_Q5_K_M, "Q5_K; Q6_K for attn_v-like and ffn_down in use_more_bits blocks",
+           Rule(ATTN_V_LIKE, "Q6_K", "attn_v/attn_qkv in use_more_bits blocks → Q6_K", layers="use_more_bits"),
+           Rule(FFN_DOWN, "Q6_K", "ffn_down in use_more_bits blocks → Q6_K", layers="use_more_bits")),
+    _llama("Q5_K_S", "Q5_K", F.MOSTLY_Q5_K_S, "Q5_K; output Q6_K"),
+    _llama("Q4_K_M", "Q4_K", F.MOSTLY_Q4_K_M, "Q4_K; Q6_K for attn_v-like and ffn_down in use_more_bits blocks",
+           EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K,
+           Rule(ATTN_V_LIKE, "Q6_K", "attn_v/attn_qkv in use_more_bits blocks → Q6_K", layers="use_more_bits"),
+           Rule(FFN_DOWN, "Q6_K", "ffn_down in use_more_bits blocks → Q6_K", layers="use_more_bits")),
+    _llama("Q4_K_S", "Q4_K", F.MOSTLY_Q4_K_S, "Q4_K; Q5_K for the first attn_v-like and ffn_down blocks",
+           EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K,
+           Rule(ATTN_V_LIKE, "Q5_K", "attn_v/attn_qkv in the first 4 blocks → Q5_K", layers="i < 4"),
+           Rule(FFN_DOWN, "Q5_K", "ffn_down in the first n/8 blocks → Q5_K", layers="i < n/8")),
+    _llama("Q3_K_L", "Q3_K", F.MOSTLY_Q3_K_L, "Q3_K; Q5_K for attn_v-like, ffn_down and attn_output",
+           Rule(ATTN_OUTPUT, "Q3_K", "8-expert model: attn_output keeps Q3_K", experts=8),
+           Rule(ATTN_V_LIKE, "Q5_K", "attn_v/attn_qkv → Q5_K"),
+           Rule(FFN_DOWN, "Q5_K", "ffn_down → Q5_K"),
+           Rule(ATTN_OUTPUT, "Q5_K", "attn_output → Q5_K")),
+    _llama("Q3_K_M", "Q3_K", F.MOSTLY_Q3_K_M, "Q3_K; Q4_K/Q5_K for attn_v-like, ffn_down and attn_output",
+           EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K,
+           Rule(ATTN_V_LIKE, "Q5_K", "attn_v/attn_qkv in the first 2 blocks → Q5_K", layers="i < 2"),
+           Rule(ATTN_V_LIKE, "Q4_K", "attn_v/attn_qkv → Q4_K"),
+           Rule(FFN_DOWN, "Q5_K", "ffn_down in the first n/16 blocks → Q5_K", layers="i < n/16"),
+           Rule(FFN_DOWN, "Q4_K", "ffn_down → Q4_K"),
+           Rule(ATTN_OUTPUT, "Q4_K", "attn_output → Q4_K")),
+    _llama("Q3_K_S", "Q3_K", F.MOSTLY_Q3_K_S, "Q3_K; output Q6_K",
+           EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K),
+    _llama("Q2_K", "Q2_K", F.MOSTLY_Q2_K, "Q2_K; Q3_K/Q4_K for attn_v-like, ffn_down and attn_output",
+           EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K,
+           Rule(ATTN_V_LIKE, "Q4_K", "attn_v/attn_qkv → Q4_K (n_head/n_head_kv >= 4)", min_gqa=4),
+           Rule(ATTN_V_LIKE, "Q3_K", "attn_v/attn_qkv → Q3_K"),
+           Rule(FFN_DOWN, "Q3_K", "ffn_down → Q3_K"),
+           Rule(ATTN_OUTPUT, "Q3_K", "attn_output → Q3_K")),
+)}
+
+# ---------------------------------------------------------------------------------------------
+# rioquant's dynamic mixes for qwen35moe (docs/recipes.md has the evidence and the 397B sizes).
+
+ATTENTION = r"\.attn_(q|k|v|output|qkv|gate)\.weight$"  # full attention and the linear-attention projections
+SSM_GATES = r"\.ssm_(alpha|beta)\.weight$"  # the 64-row decay/beta projections: tiny, kept with attention
+SSM_OUT = r"\.ssm_out\.weight$"  # the worst tensor to quantize in Unsloth's Qwen3.5 study, and small
+SHARED_EXPERT = r"_shexp\.weight$"  # used by every token
+MTP_PROJ = r"nextn\.eh_proj\.weight$"  # the MTP block's input projection
+DOWN_EXPS = r"ffn_down_exps\.weight$"
+
+
+def _xl(name: str, default: str, file_type: LlamaFileType, summary: str, *, attention: str, ssm_out: str,
+        shared: str, down: str, token_embd: str, down_first: str | None = None) -> Recipe:
+    rules = (
+        OUTPUT_Q8_0_IF_MISFIT,
+        Rule(OUTPUT, "Q6_K", "output → Q6_K: every token's logits, 1 of 400 B weights"),
+        Rule(TOKEN_EMBD, token_embd, f"token_embd → {token_embd}: a lookup, errors do not compound"),
+        Rule(SSM_OUT, ssm_out, f"ssm_out → {ssm_out}: the most sensitive tensor, ~1% of the weights"),
+        Rule(ATTENTION, attention, f"attention projections → {attention}: all sensitive in this hybrid"),
+        Rule(SSM_GATES, attention, f"ssm_alpha/ssm_beta → {attention}: with attention, negligible size"),
+        Rule(MTP_PROJ, attention, f"MTP eh_proj → {attention}"),
+        Rule(SHARED_EXPERT, shared, f"shared expert → {shared}: every token uses it"),
+        *((Rule(DOWN_EXPS, down_first, f"ffn_down_exps in the first n/8 blocks → {down_first}", layers="i < n/8"),)
+          if down_first else ()),
+        Rule(DOWN_EXPS, down, f"ffn_down_exps → {down}: more sensitive than gate/up"),
+    )
+    return Recipe(name, default, file_type, rules, summary, source="rioquant")
+
+
+XL_MIXES: dict[str, Recipe] = {r.name: r for r in (
+    _xl("Q4_K_XL", "Q4_K", F.MOSTLY_Q4_K_M, "experts Q4_K gate/up + Q5_K down; attention, ssm_out, shared experts Q8_0",
+        attention="Q8_0", ssm_out="Q8_0", shared="Q8_0", down="Q5_K", token_embd="Q5_K"),
+    _xl("Q3_K_XL", "Q3_K", F.MOSTLY_Q3_K_M, "experts Q3_K gate/up + Q4_K down; attention Q6_K, ssm_out Q8_0",
+        attention="Q6_K", ssm_out="Q8_0", shared="Q6_K", down="Q4_K", token_embd="Q4_K"),
+    _xl("Q2_K_XL", "Q2_K", F.MOSTLY_Q2_K, "experts Q2_K gate/up + Q3_K down (Q4_K first n/8); attention Q6_K",
+        attention="Q6_K", ssm_out="Q8_0", shared="Q6_K", down="Q3_K", token_embd="Q4_K", down_first="Q4_K"),
+)}
+
+# Every quantizable tensor at one type, no rules (llama-quantize --pure). Q8_0, Q6_K and Q2_K are not
+# here: those names are llama.cpp mixes, whose rules win (Q8_0 and Q6_K differ from pure only in the
+# output and 8-expert attention tensors; Q2_K differs a lot). F32/F16/BF16 also keep llama.cpp's F32
+# for never-quantized tensors.
+UNIFORM: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("F32", "F32", F.ALL_F32, summary="every tensor F32", source="uniform"),
+    Recipe("F16", "F16", F.MOSTLY_F16, summary="F16; norms, router, conv F32", source="uniform"),
+    Recipe("BF16", "BF16", F.MOSTLY_BF16, summary="BF16; norms, router, conv F32", source="uniform"),
+    Recipe("Q5_K", "Q5_K", F.MOSTLY_Q5_K_S, summary="every quantizable tensor Q5_K", source="uniform"),
+    Recipe("Q4_K", "Q4_K", F.MOSTLY_Q4_K_S, summary="every quantizable tensor Q4_K", source="uniform"),
+    Recipe("Q3_K", "Q3_K", F.MOSTLY_Q3_K_S, summary="every quantizable tensor Q3_K", source="uniform"),
+)}
+
+RECIPES: dict[str, Recipe] = {**UNIFORM, **LLAMA_MIXES, **XL_MIXES}
+
+
+def get_recipe(name: str) -> Recipe:
+    """The built-in recipe `name` (case-insensitive), or a PlanError listing the choices."""
+    recipe = RECIPES.get(name.upper())
+    if recipe is None:
+        raise PlanError(f"--type {name}: unknown; choose one of {', '.join(RECIPES)}")
+    return recipe
+
+
+def check_type(qtype: str, where: str) -> str:
+    """Normalise a type name and check rioquant can write it; `where` names the option or file."""
+    try:
+        return parse_qtype(qtype).name
+    except QuantInputError as err:
+        raise PlanError(f"{where}: {err}") from None
+
+
+def parse_tensor_type(text: str) -> tuple[str, str]:
+    """`--tensor-type REGEX=TYPE` as llama-quantize parses it: split at the first '=', pattern lower-cased."""
+    pattern, sep, qtype = text.partition("=")
+    if not sep or not pattern or not qtype:
+        raise PlanError(f"--tensor-type {text!r}: expected REGEX=TYPE, e.g. ffn_down_exps=Q6_K")
+    pattern = pattern.lower()
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise PlanError(f"--tensor-type {text!r}: bad regular expression ({err})") from None
+    return pattern, check_type(qtype, f"--tensor-type {text!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# User recipes: TOML with the same fields as Rule.
+
+_RULE_KEYS = {"pattern", "type", "why", "layers", "experts", "min_gqa", "row_misfit"}
+_TOP_KEYS = {"name", "base", "default", "file_type", "summary", "rules"}
+
+
+def _rule_from_toml(raw: Mapping, where: str) -> Rule:
+    unknown = set(raw) - _RULE_KEYS
+    if unknown:
+        raise PlanError(f"{where}: unknown key {sorted(unknown)[0]!r} (rules take {', '.join(sorted(_RULE_KEYS))})")
+    if "pattern" not in raw or "type" not in raw:
+        raise PlanError(f"{where}: a rule needs pattern and type")
+    try:
+        re.compile(raw["pattern"])
+    except (re.error, TypeError) as err:
+        raise PlanError(f"{where}: bad pattern {raw['pattern']!r} ({err})") from None
+    layers = raw.get("layers")
+    if layers is not None:
+        try:
+            layer_condition_holds(str(layers), 0, 1)  # validates the syntax
+        except PlanError as err:
+            raise PlanError(f"{where}: {err}") from None
+    return Rule(
+        pattern=raw["pattern"], qtype=check_type(str(raw["type"]), where), why=str(raw.get("why", "")),
+        layers=layers, experts=raw.get("experts"), min_gqa=raw.get("min_gqa"), row_misfit=bool(raw.get("row_misfit", False)),
+    )
+
+
+def load_recipe(path: Path) -> Recipe:
+    """A user recipe from TOML: `default` (or `base`, a built-in mix these rules go in front of) and [[rules]].
+
+    Example:
+        base = "Q4_K_M"
+        [[rules]]
+        pattern = "ffn_down_exps"
+        type = "Q6_K"
+        layers = "i < n/8"
+        why = "first blocks' down projections"
+    """
+    where = f"--recipe {path}"
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PlanError(f"{where}: file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise PlanError(f"{where}: invalid TOML ({err})") from None
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise PlanError(f"{where}: unknown key {sorted(unknown)[0]!r} (a recipe takes {', '.join(sorted(_TOP_KEYS))})")
+    base = RECIPES.get(str(data["base"]).upper()) if "base" in data else None
+    if "base" in data and base is None:
+        raise PlanError(f"{where}: base {data['base']!r} unknown; choose one of {', '.join(RECIPES)}")
+    if base is None and "default" not in data:
+        raise PlanError(f"{where}: give `default = \"Q4_K\"` or `base = \"Q4_K_M\"`")
+    default = check_type(str(data["default"]), where) if "default" in data else base.default
+    rules = tuple(_rule_from_toml(r, f"{where} rule {i + 1}") for i, r in enumerate(data.get("rules", [])))
+    if "file_type" in data:
+        try:
+            file_type = F[str(data["file_type"])] if not str(data["file_type"]).isdigit() else F(int(data["file_type"]))
+        except (KeyError, ValueError):
+            raise PlanError(f"{where}: unknown file_type {data['file_type']!r} (e.g. MOSTLY_Q4_K_M)") from None
+    elif base is not None:
+        file_type = base.file_type
+    else:
+        file_type = default_file_type(default)
+    return Recipe(
+        name=str(data.get("name", Path(path).stem)), default=default, file_type=file_type,
+        rules=rules + (base.rules if base else ()), summary=str(data.get("summary", "")), source=str(path),
+    )
+
+
+def default_file_type(default: str) -> LlamaFileType:
+    """llama.cpp's file type for a recipe whose default type is `default` (the nearest named mix)."""
+    for recipe in (*UNIFORM.values(), *LLAMA_MIXES.values()):
+        if recipe.default == default:
+            return recipe.file_type
+    return {"Q4_0": F.MOSTLY_Q4_0, "Q5_0": F.MOSTLY_Q5_0, "Q5_1": F.MOSTLY_Q5_1}.get(default, F.GUESSED)
+
+
+__all__ = [
+    "LLAMA_MIXES", "ModelFacts", "RECIPES", "Recipe", "Rule", "UNIFORM", "XL_MIXES",
+    "get_recipe", "layer_condition_holds", "load_recipe", "parse_tensor_type", "use_more_bits",
+]

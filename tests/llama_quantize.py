@@ -1,0 +1,102 @@
+"""llama.cpp's own quantizer, `llama_model_quantize` (llama-cpp-python 0.3.36), as the oracle for recipes.
+
+- `llama_quantize(src, out, ftype, ...)` writes the GGUF llama-quantize would write from `src` (a BF16
+  GGUF): the file to compare rioquant's output with, tensor by tensor (tests/gguf_scan.py).
+- `llama_dry_run(src, ftype, ...)` runs the same function with `dry_run` set: llama.cpp decides every
+  tensor's type exactly as when quantizing, quantizes nothing and logs one line per tensor, which is
+  parsed here. Seconds instead of a minute, for the decision-only comparisons.
+
+Both take llama-quantize's overrides (`--tensor-type`, `--output-tensor-type`, `--token-embedding-type`).
+Neither imports rioquant.
+"""
+
+import contextlib
+import ctypes
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from gguf import GGMLQuantizationType, LlamaFileType
+
+_LINE = re.compile(
+    r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+-\s+\[[^\]]*\],\s+type =\s*(\w+),\s+size =\s*[\d.]+ MiB"
+    r"(?: ->\s*[\d.]+ MiB \((\w+)\))?"
+)
+
+
+def _params(ftype: LlamaFileType, tensor_types: Sequence[tuple[str, str]], output_type: str | None,
+            token_embd_type: str | None, dry_run: bool, keep: list):
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(ftype)
+    params.nthread = 2
+    params.dry_run = dry_run
+    if output_type:
+        params.output_tensor_type = int(GGMLQuantizationType[output_type])
+    if token_embd_type:
+        params.token_embedding_type = int(GGMLQuantizationType[token_embd_type])
+    if tensor_types:
+        array = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, (pattern, qtype) in enumerate(tensor_types):
+            array[i].pattern = pattern.encode()
+            array[i].type = int(GGMLQuantizationType[qtype])
+        array[len(tensor_types)].pattern = None  # terminator
+        keep.append(array)
+        params.tt_overrides = ctypes.cast(array, type(params.tt_overrides))
+    return params
+
+
+@contextlib.contextmanager
+def _captured_log() -> Iterator[list[str]]:
+    """Route llama.cpp's log into a list for the duration, then restore llama-cpp-python's handler."""
+    import llama_cpp
+    import llama_cpp._logger as default_logger
+
+    texts: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        texts.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield texts
+    finally:
+        llama_cpp.llama_log_set(default_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def llama_quantize(
+    src: Path, out: Path, ftype: LlamaFileType, tensor_types: Sequence[tuple[str, str]] = (),
+    output_type: str | None = None, token_embd_type: str | None = None,
+) -> Path:
+    """`llama-quantize src out FTYPE` with the given overrides; raises with llama.cpp's log on failure."""
+    import llama_cpp
+
+    keep: list = []
+    params = _params(ftype, tensor_types, output_type, token_embd_type, False, keep)
+    with _captured_log() as log:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    if rc != 0 or not out.is_file():
+        raise RuntimeError(f"llama_model_quantize {ftype.name} failed ({rc}):\n" + "".join(log)[-3000:])
+    return out
+
+
+def llama_dry_run(
+    src: Path, ftype: LlamaFileType, tensor_types: Sequence[tuple[str, str]] = (),
+    output_type: str | None = None, token_embd_type: str | None = None,
+) -> dict[str, GGMLQuantizationType]:
+    """The type llama_model_quantize gives every tensor of `src`, from its --dry-run log."""
+    import llama_cpp
+
+    keep: list = []
+    params = _params(ftype, tensor_types, output_type, token_embd_type, True, keep)
+    with _captured_log() as log:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), b"/dev/null", ctypes.byref(params))
+    text = "".join(log)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize --dry-run {ftype.name} failed ({rc}):\n" + text[-3000:])
+    decisions = {m[1]: GGMLQuantizationType[(m[3] or m[2]).upper()] for m in _LINE.finditer(text)}
+    if not decisions:
+        raise RuntimeError(f"no tensor lines in llama_model_quantize's dry-run log:\n{text[-3000:]}")
+    return decisions

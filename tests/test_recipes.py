@@ -1,0 +1,230 @@
+"""Recipes against llama.cpp's own quantizer: every tensor's type (and bytes) as `llama_model_quantize` chooses.
+
+The oracle is llama-cpp-python's `llama_model_quantize` on a BF16 GGUF written by llama.cpp's own
+converter from the same tiny checkpoint (tests/llama_quantize.py). Three checkpoints cover the rules'
+branches: 8 experts (llama.cpp's special case) with an MTP block; 6 experts with n_head/n_head_kv = 4 and
+16 blocks (so n/8, n/16 and use_more_bits all bite); and TINY, whose rows of 64 and 32 fit no K-quant
+block, so every fallback type appears. Decisions come from llama.cpp's dry run (seconds per mix); three
+mixes are also quantized for real and compared byte for byte with `rioquant convert`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+
+from rioquant.convert import ConvertOptions, build_plan, convert, describe_plan
+from rioquant.errors import PlanError
+from rioquant.quant.recipes import (
+    LLAMA_MIXES,
+    RECIPES,
+    XL_MIXES,
+    get_recipe,
+    layer_condition_holds,
+    load_recipe,
+    parse_tensor_type,
+    use_more_bits,
+)
+from tests.checkpoints import KQUANT, TINY, build_checkpoint
+from tests.gguf_scan import scan
+from tests.llama_quantize import llama_dry_run, llama_quantize
+from tests.oracles import llama_logits, run_reference_converter
+
+T = GGMLQuantizationType
+
+VARIANTS = {
+    "8-experts-mtp": replace(KQUANT, num_experts=8, num_hidden_layers=8, mtp=True),
+    "6-experts-gqa4-16-blocks": replace(KQUANT, num_experts=6, num_attention_heads=8, num_hidden_layers=16),
+    "tiny-fallbacks-mtp": replace(TINY, mtp=True),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The rule language, against llama.cpp's C expressions written out by hand
+
+
+def test_use_more_bits_is_llama_cpp_formula():
+    # C: i < n/8 || i >= 7*n/8 || (i - n/8) % 3 == 2, integer division; 61 = the 397B's 60 blocks + MTP
+    assert [i for i in range(61) if use_more_bits(i, 61)] == [
+        0, 1, 2, 3, 4, 5, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39, 42, 45, 48, 51, 53, 54, 55, 56, 57, 58, 59, 60,
+    ]
+    assert [i for i in range(5) if use_more_bits(i, 5)] == [2, 4]
+
+
+@pytest.mark.parametrize("condition,n,expected", [
+    ("i < 2", 61, [0, 1]),
+    ("i < n/16", 61, [0, 1, 2]),
+    ("i < n/8", 16, [0, 1]),
+    ("i >= 7*n/8", 16, [14, 15]),
+    ("i >= n", 4, []),
+])
+def test_layer_conditions(condition, n, expected):
+    assert [i for i in range(n) if layer_condition_holds(condition, i, n)] == expected
+
+
+def test_recipe_table_names():
+    assert list(LLAMA_MIXES) == ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K"]
+    assert list(XL_MIXES) == ["Q4_K_XL", "Q3_K_XL", "Q2_K_XL"]
+    for uniform in ("F32", "F16", "BF16", "Q5_K", "Q4_K", "Q3_K"):
+        assert RECIPES[uniform].rules == ()
+    assert get_recipe("q4_k_m") is LLAMA_MIXES["Q4_K_M"]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("ffn_down", "expected REGEX=TYPE"),
+    ("=Q4_K", "expected REGEX=TYPE"),
+    ("ffn_down=Q9_K", "unsupported tensor type"),
+    ("ffn_(down=Q4_K", "bad regular expression"),
+])
+def test_tensor_type_errors_name_the_option(text, message):
+    with pytest.raises(PlanError, match=message) as err:
+        parse_tensor_type(text)
+    assert str(err.value).startswith("--tensor-type") and "\n" not in str(err.value)
+
+
+def test_tensor_type_parsing_is_llama_quantizes():
+    assert parse_tensor_type("BLK\\.1\\.FFN_DOWN=q6_k") == ("blk\\.1\\.ffn_down", "Q6_K")  # pattern lower-cased
+    with pytest.raises(PlanError, match="'b=Q8_0'"):
+        parse_tensor_type("a=b=Q8_0")  # split at the first '=': 'b=Q8_0' is no type
+
+
+@pytest.mark.parametrize("body,message", [
+    ('default = "Q4_K"\n[[rules]]\npattern = "x"\n', "needs pattern and type"),
+    ('default = "Q4_K"\n[[rules]]\npattern = "x"\ntype = "Q4_K"\ncolour = 1\n', "unknown key 'colour'"),
+    ('[[rules]]\npattern = "x"\ntype = "Q4_K"\n', "give `default"),
+    ('base = "Q4_K_Z"\n', "unknown; choose one of"),
+    ('default = "Q4_K"\n[[rules]]\npattern = "x"\ntype = "Q4_K"\nlayers = "every other"\n', "layer condition"),
+    ('default = "Q4_K"\n[[rules]]\npattern = "("\ntype = "Q4_K"\n', "bad pattern"),
+    ("default = \n", "invalid TOML"),
+])
+def test_recipe_file_errors(tmp_path, body, message):
+    path = tmp_path / "mix.toml"
+    path.write_text(body)
+    with pytest.raises(PlanError, match=message) as err:
+        load_recipe(path)
+    assert "\n" not in str(err.value) and "mix.toml" in str(err.value)
+
+
+def test_recipe_file_puts_its_rules_before_its_base(tmp_path):
+    path = tmp_path / "down6.toml"
+    path.write_text('base = "Q4_K_M"\n[[rules]]\npattern = "ffn_down_exps"\ntype = "Q6_K"\nlayers = "i < n/8"\n'
+                    'why = "first blocks"\n')
+    recipe = load_recipe(path)
+    assert (recipe.name, recipe.default, recipe.file_type) == ("down6", "Q4_K", LlamaFileType.MOSTLY_Q4_K_M)
+    assert recipe.rules[0].layers == "i < n/8" and recipe.rules[1:] == LLAMA_MIXES["Q4_K_M"].rules
+
+
+# ---------------------------------------------------------------------------------------------
+# Decisions and bytes against llama_model_quantize
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Each variant's checkpoint and llama.cpp's own BF16 conversion of it (llama-quantize's input)."""
+    root = tmp_path_factory.mktemp("recipes")
+    out = {}
+    for name, spec in VARIANTS.items():
+        src = build_checkpoint(spec, root / name)
+        out[name] = src, run_reference_converter(src, root / f"{name}-bf16.gguf", "bf16")
+    return out
+
+
+def expected_bytes(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
+    block, type_bytes = GGML_QUANT_SIZES[qtype]
+    n = 1
+    for d in shape:
+        n *= d
+    return n // block * type_bytes
+
+
+def assert_same_decisions(plan, llama: dict[str, GGMLQuantizationType]) -> None:
+    ours = {e.name: e for e in plan.entries}
+    assert ours.keys() == llama.keys(), f"tensor sets differ: {sorted(ours.keys() ^ llama.keys())[:5]}"
+    wrong = [f"{n}: ours {ours[n].qtype} ({ours[n].rule}), llama.cpp {t.name}" for n, t in llama.items()
+             if ours[n].qtype != t.name]
+    assert not wrong, f"{len(wrong)} tensors differ:\n" + "\n".join(wrong[:15])
+    for name, qtype in llama.items():
+        assert ours[name].nbytes == expected_bytes(qtype, ours[name].shape), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mix", list(LLAMA_MIXES))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_mix_types_equal_llama_quantize(models, variant, mix):
+    src, bf16 = models[variant]
+    plan = build_plan(src, ConvertOptions(qtype=mix))
+    assert_same_decisions(plan, llama_dry_run(bf16, LLAMA_MIXES[mix].file_type))
+
+
+@pytest.mark.slow
+def test_overrides_equal_llama_quantize(models):
+    """--tensor-type (first match wins, regex search, over the mix), --output-tensor-type, --token-embedding-type."""
+    src, bf16 = models["8-experts-mtp"]
+    tensor_types = ("ffn_down_exps=Q8_0", r"BLK\.1\.=Q5_K", "attn_qkv=Q2_K", "^blk\\.[0-9]*[02468]\\.ffn_up=Q3_K")
+    options = ConvertOptions(qtype="Q4_K_M", tensor_types=tensor_types, output_tensor_type="Q8_0",
+                             token_embedding_type="Q6_K")
+    plan = build_plan(src, options)
+    as_llama_quantize_parses = [(t.split("=", 1)[0].lower(), t.split("=", 1)[1]) for t in tensor_types]
+    llama = llama_dry_run(bf16, LlamaFileType.MOSTLY_Q4_K_M, as_llama_quantize_parses,
+                          output_type="Q8_0", token_embd_type="Q6_K")
+    assert_same_decisions(plan, llama)
+    rules = {e.name: e.rule for e in plan.entries}
+    assert rules["blk.1.ffn_down_exps.weight"] == "--tensor-type ffn_down_exps=Q8_0"
+    assert rules["output.weight"] == "--output-tensor-type"
+
+
+@pytest.mark.slow
+def test_recipe_file_equals_llama_quantize_with_tensor_types(models, tmp_path):
+    """A TOML recipe's unconditional rules in front of its base = llama-quantize --tensor-type over that mix."""
+    src, bf16 = models["6-experts-gqa4-16-blocks"]
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text('base = "Q3_K_M"\n'
+                      '[[rules]]\npattern = "ssm_out"\ntype = "Q8_0"\nwhy = "most sensitive"\n'
+                      '[[rules]]\npattern = "_shexp"\ntype = "Q6_K"\n')
+    plan = build_plan(src, ConvertOptions(recipe=recipe))
+    assert_same_decisions(plan, llama_dry_run(bf16, LlamaFileType.MOSTLY_Q3_K_M, [("ssm_out", "Q8_0"), ("_shexp", "Q6_K")]))
+    assert {e.rule for e in plan.entries if "ssm_out" in e.name} == {"mine: most sensitive"}
+
+
+def squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape
+
+
+BYTES_CASES = [("8-experts-mtp", "Q4_K_M"), ("8-experts-mtp", "Q2_K"), ("tiny-fallbacks-mtp", "Q3_K_M")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,mix", BYTES_CASES)
+def test_mix_bytes_equal_llama_quantize(models, tmp_path, variant, mix):
+    """Every tensor's type, shape and bytes, and general.file_type, as llama-quantize writes them; the file is
+    exactly the size `rioquant plan` predicts."""
+    src, bf16 = models[variant]
+    ref = scan(llama_quantize(bf16, tmp_path / "llama.gguf", LLAMA_MIXES[mix].file_type))
+    options = ConvertOptions(qtype=mix, progress=False, report=False)
+    (out,) = convert(src, tmp_path / "ours.gguf", options)
+    ours = scan(out)
+    assert ours.tensors.keys() == ref.tensors.keys()
+    for name, r in ref.tensors.items():
+        t = ours.tensors[name]
+        # llama-quantize writes ggml's n_dims, dropping size-1 outer dims: ffn_gate_inp_shexp {H, 1} → {H}
+        assert (t.qtype, squeeze(t.shape)) == (r.qtype, r.shape), f"{name}: ours {t.qtype.name} {t.shape}, llama.cpp {r.qtype.name} {r.shape}"
+        assert t.data == r.data, f"{name} ({t.qtype.name}): bytes differ from llama_model_quantize's"
+    assert ours.kv["general.file_type"] == ref.kv["general.file_type"]
+    assert out.stat().st_size == describe_plan(build_plan(src, options))["file_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mix", list(XL_MIXES))
+def test_xl_mixes_load_in_llama_cpp(models, tmp_path, mix):
+    """Our own mixes: llama.cpp loads the file and computes finite logits."""
+    src, _ = models["tiny-fallbacks-mtp"]
+    (out,) = convert(src, tmp_path / f"{mix}.gguf", ConvertOptions(qtype=mix, progress=False, report=False))
+    types = {t.qtype.name for t in scan(out).tensors.values()}
+    assert "Q8_0" in types  # ssm_out (and output: its row of 64 does not fit Q6_K's block)
+    logits = llama_logits(out, [248045, 846, 198, 9707])
+    assert logits.shape[0] == 4 and bool((abs(logits) < 1e4).all())
