@@ -1,0 +1,301 @@
+"""Weights for the forward pass, one layer at a time, under GGUF names, from either kind of source.
+
+A Hugging Face checkpoint is read through the converter's own table (`export.qwen35moe.tensor_specs`
+and its transforms: +1 on norms, -exp(A_log), V heads in tiled order), so both sources hand the
+forward pass the same tensors under the same names and one forward pass serves both. A GGUF tensor is
+dequantized when its layer is loaded; an expert stack stays in its stored form (quantized bytes or
+BF16) and one expert is dequantized when the forward pass reaches it, so a layer costs its stored size.
+
+Layer tensors are keyed by kind: `blk.3.attn_q.weight` → `attn_q`, `blk.3.ssm_dt.bias` → `ssm_dt`.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+from rioquant.check.dequant import dequantize_rows, dequantize_to, dequantize_torch
+from rioquant.check.gguf_reader import GGUFModel, GGUFTensor, open_gguf, read_tensor_bytes
+from rioquant.errors import CheckpointError, EvaluationError
+from rioquant.export.checkpoint import read_float32, scan_tensors
+from rioquant.export.qwen35moe import ModelArgs, TensorSpec, load_piece, load_tensor, model_args, tensor_specs
+
+ARCH = "qwen35moe"
+SOURCE_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+F32_MATRICES = ("ffn_gate_inp", "ffn_gate_inp_shexp", "ssm_conv1d")  # kept F32 by the converters
+_KIND = re.compile(r"^blk\.\d+\.(?P<kind>.+?)(\.weight|\.bias)?$")
+
+
+def tensor_kind(name: str) -> str:
+    """'blk.3.ffn_down_exps.weight' → 'ffn_down_exps'; 'blk.3.ssm_a' → 'ssm_a'."""
+    match = _KIND.match(name)
+    return match["kind"] if match else name
+
+
+class ExpertStack:
+    """An expert tensor [E, rows, cols] held in its stored form; `expert(e)` is float32 (rows, cols)."""
+
+    def __init__(self, name: str, shape: tuple[int, int, int], device: torch.device,
+                 raw: np.ndarray | None = None, qtype: GGMLQuantizationType | None = None,
+                 dense: torch.Tensor | None = None) -> None:
+        self.name, self.shape, self.device = name, shape, device
+        self.qtype = qtype
+        self.raw = raw  # uint8 (E, slab_bytes) in host memory, dequantized by Numba (CPU)
+        self.raw_device = None  # the same bytes on the GPU, dequantized by the torch kernels (CUDA)
+        if raw is not None and device.type != "cpu":
+            self.raw_device, self.raw = torch.from_numpy(raw).to(device), None
+        self.dense = dense  # BF16/F16/F32 (E, rows, cols) on device (HF source)
+        self.cache: dict[int, torch.Tensor] | None = None  # float32 slabs, when keep_dequantized()
+
+    @property
+    def nbytes(self) -> int:
+        held = next(t for t in (self.dense, self.raw_device) if t is not None) if self.raw is None else None
+        return int(self.raw.nbytes) if held is None else held.numel() * held.element_size()
+
+    @property
+    def float_bytes(self) -> int:
+        return 4 * self.shape[0] * self.shape[1] * self.shape[2]
+
+    def keep_dequantized(self) -> None:
+        """Keep each expert's float32 slab after first use (when the layer meets several chunk groups)."""
+        self.cache = {}
+
+    def expert(self, e: int) -> torch.Tensor:
+        if self.cache is not None and e in self.cache:
+            return self.cache[e]
+        rows_cols = self.shape[1:]
+        if self.dense is not None:
+            w = self.dense[e].float()
+        elif self.raw_device is not None:
+            w = dequantize_torch(self.raw_device[e], self.qtype, rows_cols)
+        else:
+            w = dequantize_to(self.raw[e], self.qtype, rows_cols, self.device)
+        if self.cache is not None:
+            self.cache[e] = w
+        return w
+
+
+LayerWeights = dict[str, "torch.Tensor | ExpertStack"]
+
+
+@dataclass(frozen=True)
+class HeadWeights:
+    output_norm: torch.Tensor  # (H,)
+    output: torch.Tensor  # (n_vocab, H) float32
+
+
+class ModelSource:
+    """What the engine needs from a model: its shape, one layer's weights, the embedding and the head."""
+
+    path: Path
+    kind: str  # "hf" or "gguf"
+    args: ModelArgs
+    rope_sections: tuple[int, int, int, int]
+    n_vocab: int
+
+    def layer(self, il: int, device: torch.device) -> LayerWeights:
+        raise NotImplementedError
+
+    def embedding_rows(self, token_ids: np.ndarray) -> np.ndarray:
+        """float32 (len(token_ids), H): rows of the token embedding."""
+        raise NotImplementedError
+
+    def head(self, device: torch.device) -> HeadWeights:
+        raise NotImplementedError
+
+    def weight_types(self, il: int | None) -> dict[str, GGMLQuantizationType]:
+        """Stored type of each matrix of layer il (None: the head, as {"output": type}), for ggml numerics."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.kind})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face checkpoint
+
+
+class HFSource(ModelSource):
+    kind = "hf"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        config_path = path / "config.json"
+        try:
+            config = json.loads(config_path.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{config_path}: not found (is {path} a Hugging Face checkpoint?)") from None
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{config_path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+        self.args = model_args(config, str(config_path))
+        self.rope_sections = (*[*self.args.mrope_section, 0, 0, 0][:3], 0)
+        specs = tensor_specs(scan_tensors(path), self.args, with_mtp=False)
+        self.top = {s.name: s for s in specs if s.layer is None}
+        self.layers: dict[int, list[TensorSpec]] = {}
+        for spec in specs:
+            if spec.layer is not None:
+                self.layers.setdefault(spec.layer, []).append(spec)
+        self.n_vocab = self.args.vocab_size
+
+    def _float(self, spec: TensorSpec) -> np.ndarray:
+        return load_tensor(spec, self.args, read_float32)
+
+    def layer(self, il: int, device: torch.device) -> LayerWeights:
+        weights: LayerWeights = {}
+        for spec in self.layers[il]:
+            kind = tensor_kind(spec.name)
+            if spec.is_expert_stack:
+                dtype = SOURCE_TORCH_DTYPES[spec.pieces[0].source.dtype]
+                dense = torch.empty(spec.shape, dtype=dtype, device=device)
+                for e, piece in enumerate(spec.pieces):  # f32 → source dtype is exact
+                    dense[e] = torch.from_numpy(load_piece(piece, read_float32)).to(dtype)
+                weights[kind] = ExpertStack(spec.name, spec.shape, device, dense=dense)
+            else:
+                weights[kind] = torch.from_numpy(self._float(spec)).to(device)
+        return weights
+
+    def weight_types(self, il: int | None) -> dict[str, GGMLQuantizationType]:
+        """As the BF16/F16/F32 GGUF of this checkpoint would store them (routers kept F32 by the converter)."""
+        if il is None:
+            spec = self.top.get("output.weight", self.top["token_embd.weight"])
+            return {"output": GGMLQuantizationType[spec.pieces[0].source.dtype]}
+        types = {}
+        for spec in self.layers[il]:
+            kind = tensor_kind(spec.name)
+            keep_f32 = len(spec.shape) == 1 or kind in F32_MATRICES
+            types[kind] = GGMLQuantizationType.F32 if keep_f32 else GGMLQuantizationType[spec.pieces[0].source.dtype]
+        return types
+
+    def embedding_rows(self, token_ids: np.ndarray) -> np.ndarray:
+        spec = self.top["token_embd.weight"]
+        return read_float32(spec.pieces[0].source)[token_ids]
+
+    def head(self, device: torch.device) -> HeadWeights:
+        norm = torch.from_numpy(self._float(self.top["output_norm.weight"])).to(device)
+        out_spec = self.top.get("output.weight", self.top["token_embd.weight"])  # tied embeddings
+        return HeadWeights(norm, torch.from_numpy(self._float(out_spec)).to(device))
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF
+
+
+def _meta(model: GGUFModel, key: str, default: object = None) -> object:
+    value = model.get(f"{ARCH}.{key}", default)
+    if value is None:
+        raise CheckpointError(f"{model.path}: metadata {ARCH}.{key} missing")
+    return value
+
+
+def gguf_model_args(model: GGUFModel) -> ModelArgs:
+    """ModelArgs from a qwen35moe GGUF's metadata (the inverse of export.metadata.ARCH_KEYS)."""
+    n_nextn = int(_meta(model, "nextn_predict_layers", 0))
+    n_layers = int(_meta(model, "block_count")) - n_nextn
+    interval = int(_meta(model, "full_attention_interval", 4))
+    recurrent = model.get(f"{ARCH}.attention.recurrent_layers")
+    if recurrent is not None:
+        layer_types = tuple("linear_attention" if r else "full_attention" for r in list(recurrent)[:n_layers])
+    else:
+        layer_types = tuple("full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n_layers))
+    head_dim = int(_meta(model, "attention.key_length"))
+    n_v_heads = int(_meta(model, "ssm.time_step_rank"))
+    sections = [int(s) for s in _meta(model, "rope.dimension_sections")]
+    embd = model.tensors.get("token_embd.weight")
+    if embd is None:
+        raise CheckpointError(f"{model.path}: no token_embd.weight tensor")
+    return ModelArgs(
+        hidden_size=int(_meta(model, "embedding_length")),
+        num_hidden_layers=n_layers,
+        num_attention_heads=int(_meta(model, "attention.head_count")),
+        num_key_value_heads=int(_meta(model, "attention.head_count_kv")),
+        head_dim=head_dim,
+        linear_num_key_heads=int(_meta(model, "ssm.group_count")),
+        linear_num_value_heads=n_v_heads,
+        linear_key_head_dim=int(_meta(model, "ssm.state_size")),
+        linear_value_head_dim=int(_meta(model, "ssm.inner_size")) // n_v_heads,
+        linear_conv_kernel_dim=int(_meta(model, "ssm.conv_kernel")),
+        num_experts=int(_meta(model, "expert_count")),
+        num_experts_per_tok=int(_meta(model, "expert_used_count")),
+        moe_intermediate_size=int(_meta(model, "expert_feed_forward_length")),
+        shared_expert_intermediate_size=int(_meta(model, "expert_shared_feed_forward_length", 0)),
+        vocab_size=embd.shape[0],
+        rms_norm_eps=float(_meta(model, "attention.layer_norm_rms_epsilon")),
+        max_position_embeddings=int(_meta(model, "context_length")),
+        rope_theta=float(_meta(model, "rope.freq_base")),
+        partial_rotary_factor=int(_meta(model, "rope.dimension_count")) / head_dim,
+        mrope_section=tuple(sections[:3]),
+        full_attention_interval=interval,
+        layer_types=layer_types,
+        mtp_num_hidden_layers=n_nextn,
+        tie_word_embeddings="output.weight" not in model.tensors,
+    )
+
+
+class GGUFSource(ModelSource):
+    kind = "gguf"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.model = open_gguf(path)
+        arch = self.model.get("general.architecture")
+        if arch != ARCH:
+            raise EvaluationError(f"{path}: architecture {arch!r}; rioquant evaluates {ARCH} models only")
+        self.args = gguf_model_args(self.model)
+        sections = [int(s) for s in _meta(self.model, "rope.dimension_sections")]
+        self.rope_sections = tuple((sections + [0, 0, 0, 0])[:4])
+        self.n_vocab = self.args.vocab_size
+
+    def _tensor(self, name: str) -> GGUFTensor:
+        tensor = self.model.tensors.get(name)
+        if tensor is None:
+            raise CheckpointError(f"{self.path}: tensor {name} missing")
+        return tensor
+
+    def _float(self, tensor: GGUFTensor, device: torch.device) -> torch.Tensor:
+        return dequantize_to(read_tensor_bytes(tensor), tensor.qtype, tensor.shape, device)
+
+    def layer(self, il: int, device: torch.device) -> LayerWeights:
+        prefix = f"blk.{il}."
+        weights: LayerWeights = {}
+        for name, tensor in self.model.tensors.items():
+            if not name.startswith(prefix):
+                continue
+            kind = tensor_kind(name)
+            if len(tensor.shape) == 3:
+                raw = read_tensor_bytes(tensor).reshape(tensor.shape[0], -1)
+                weights[kind] = ExpertStack(name, tensor.shape, device, raw=raw, qtype=tensor.qtype)
+            else:
+                weights[kind] = self._float(tensor, device)
+        if not weights:
+            raise CheckpointError(f"{self.path}: no tensors for block {il}")
+        return weights
+
+    def weight_types(self, il: int | None) -> dict[str, GGMLQuantizationType]:
+        if il is None:
+            out = self.model.tensors.get("output.weight") or self._tensor("token_embd.weight")
+            return {"output": out.qtype}
+        prefix = f"blk.{il}."
+        return {tensor_kind(n): t.qtype for n, t in self.model.tensors.items() if n.startswith(prefix)}
+
+    def embedding_rows(self, token_ids: np.ndarray) -> np.ndarray:
+        tensor = self._tensor("token_embd.weight")
+        return dequantize_rows(read_tensor_bytes(tensor), tensor.qtype, tensor.shape[1], token_ids)
+
+    def head(self, device: torch.device) -> HeadWeights:
+        norm = self._float(self._tensor("output_norm.weight"), device)
+        out = self.model.tensors.get("output.weight") or self._tensor("token_embd.weight")
+        return HeadWeights(norm, self._float(out, device))
+
+
+def open_source(path: Path | str) -> ModelSource:
+    """A Hugging Face checkpoint directory or a GGUF file (any file of a split set)."""
+    path = Path(path)
+    if path.is_dir():
+        return HFSource(path)
+    if path.is_file():
+        return GGUFSource(path)
+    raise EvaluationError(f"{path}: no such model (expected a checkpoint directory or a .gguf file)")

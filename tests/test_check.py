@@ -1,0 +1,317 @@
+"""`rioquant ppl / kld / imatrix` end to end on a tiny Qwen3.5-MoE, against transformers and llama.cpp.
+
+The model is TINY in float32 (3 Gated DeltaNet layers + 1 gated full-attention layer, 4 experts
+top-2, logits far from uniform), converted by rioquant to F32 and Q8_0 GGUFs. The text is Python's
+own documentation (pydoc_data.topics, PSF licence), read from the interpreter: nothing is downloaded.
+
+- HF checkpoint: logits equal transformers' float32 forward; F32 GGUF: logits equal llama.cpp's over
+  the same chunks; Q8_0 GGUF: perplexity within 1 % of llama.cpp's (random tiny MoE models are
+  chaotic, so quantized paths are compared on perplexity, float32 paths on logits).
+- Layer-major streaming (activations spilled to disk) equals whole-model evaluation bit for bit.
+- KL divergence equals a direct full-vocabulary computation from both models' logits.
+- The imatrix equals Σx² gathered by hooks on transformers' modules, and reads back in llama.cpp's format.
+- Bad input fails with one line: short text, missing base, --device cuda without CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from rioquant.check.engine import Engine, EngineOptions, whole_model_states
+from rioquant.check.evaluate import chunk_logits, collect_imatrix, kl_divergence, perplexity
+from rioquant.check.source import open_source
+from rioquant.check.text import load_tokenizer, tokenize_text
+from rioquant.cli import main
+from rioquant.convert import ConvertOptions, convert
+from rioquant.export.qwen35moe import cols_tile_v
+from rioquant.quant.imatrix import read_imatrix
+from tests.checkpoints import TINY, build_checkpoint
+from tests.gguf_scan import scan
+from tests.oracles import llama_chunk_logits, plain_cpu_buffers, transformers_logits
+
+SPEC = replace(TINY, dtype="float32")  # float32 weights: the HF path is transformers' float32 path
+CTX = 64
+FIRST = CTX // 2
+QUIET = EngineOptions(progress=False)
+
+
+def evaluation_text(n_chars: int) -> str:
+    """Python's documentation topics (pydoc_data, PSF licence), always on the machine."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))[:n_chars]
+
+
+@pytest.fixture(scope="module")
+def m(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("check")
+    hf = build_checkpoint(SPEC, root / "hf")
+    (f32,) = convert(hf, root / "tiny-F32.gguf", ConvertOptions(qtype="F32", progress=False))
+    (q8,) = convert(hf, root / "tiny-Q8_0.gguf", ConvertOptions(qtype="Q8_0", progress=False))
+    text = root / "topics.txt"
+    text.write_text(evaluation_text(40_000))
+    chunks = tokenize_text(open_source(hf), text, CTX, 4)
+    return SimpleNamespace(root=root, hf=hf, f32=f32, q8=q8, text=text, chunks=chunks)
+
+
+def nll_from_logits(logits: np.ndarray, chunks: np.ndarray) -> np.ndarray:
+    """llama-perplexity's NLL of positions FIRST..CTX-2 from logits (n, CTX - FIRST, vocab), in float64."""
+    z = logits[:, :-1].astype(np.float64)
+    top = z.max(-1, keepdims=True)
+    lse = top[..., 0] + np.log(np.exp(z - top).sum(-1))
+    target = np.take_along_axis(z, chunks[:, FIRST + 1 :, None].astype(np.int64), -1)[..., 0]
+    return (lse - target).reshape(-1)
+
+
+@pytest.mark.slow
+def test_tokenization_matches_llama_cpp(m):
+    from llama_cpp import Llama
+
+    text = m.text.read_text()
+    with plain_cpu_buffers():
+        vocab = Llama(model_path=str(m.q8), vocab_only=True, verbose=False)
+    ref = vocab.tokenize(text.encode(), add_bos=False, special=False)
+    vocab.close()
+    for source in (open_source(m.hf), open_source(m.q8)):  # tokenizer.json, and the one rebuilt from the GGUF
+        ids = load_tokenizer(source).encode(text, add_special_tokens=False).ids
+        first_diff = next((i for i, (a, b) in enumerate(zip(ids, ref, strict=False)) if a != b), min(len(ids), len(ref)))
+        assert ids == ref, f"{source.describe()}: {len(ids)} tokens, llama.cpp {len(ref)}; first difference at {first_diff}"
+
+
+@pytest.mark.slow
+def test_hf_logits_equal_transformers(m):
+    ours = chunk_logits(m.hf, m.chunks[:2], QUIET)
+    for c in range(2):
+        ref = transformers_logits(m.hf, m.chunks[c])
+        diff = np.abs(ours[c] - ref)
+        assert diff.max() < 2e-3, f"chunk {c}: max |Δlogit| {diff.max():.2e} at {np.unravel_index(diff.argmax(), diff.shape)}"
+        assert np.array_equal(ours[c].argmax(-1), ref.argmax(-1))
+    ppl = perplexity(m.hf, m.text, CTX, 2, QUIET)["ppl"]
+    ref_nll = nll_from_logits(np.stack([transformers_logits(m.hf, c)[FIRST:] for c in m.chunks[:2]]), m.chunks[:2])
+    assert ppl == pytest.approx(np.exp(ref_nll.mean()), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_f32_gguf_logits_and_ppl_equal_llama_cpp(m):
+    ref = llama_chunk_logits(m.f32, m.chunks, FIRST)
+    ours = chunk_logits(m.f32, m.chunks, QUIET)[:, FIRST:]
+    diff = np.abs(ours - ref)
+    assert diff.max() < 2e-3, f"max |Δlogit| {diff.max():.2e} at {np.unravel_index(diff.argmax(), diff.shape)}"
+    result = perplexity(m.f32, m.text, CTX, 4, QUIET)
+    assert result["tokens_scored"] == 4 * (CTX - FIRST - 1)
+    assert result["ppl"] == pytest.approx(np.exp(nll_from_logits(ref, m.chunks).mean()), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_quantized_ppl_within_one_percent_of_llama_cpp(m):
+    ref = np.exp(nll_from_logits(llama_chunk_logits(m.q8, m.chunks, FIRST), m.chunks).mean())
+    ours = perplexity(m.q8, m.text, CTX, 4, QUIET)  # numerics auto: ggml's roundings for a GGUF
+    assert ours["ppl"] == pytest.approx(ref, rel=0.01), f"rioquant {ours['ppl']:.6g}, llama.cpp {ref:.6g}"
+
+
+STREAMING_CASES = {  # source, chunks per group, activations on disk
+    "hf-disk": ("hf", 1, True),
+    "q8-disk": ("q8", 1, True),
+    "q8-ram-experts-kept": ("q8", 2, False),  # two groups: each layer's experts dequantized once, kept
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(STREAMING_CASES))
+def test_layer_streaming_equals_whole_model(m, tmp_path, case):
+    which, group, on_disk = STREAMING_CASES[case]
+    source = open_source(getattr(m, which))
+    options = EngineOptions(progress=False, group_chunks=group, max_memory=1 if on_disk else 0, tmp_dir=tmp_path)
+    engine = Engine(source, m.chunks, options)
+    acts = engine.run_layers()
+    assert engine.profile.activations_on_disk == on_disk
+    head = source.head(engine.device)
+    streamed = np.concatenate([s.numpy() for _, s in engine.final_states(acts, head.output_norm)])
+    acts.close()
+    whole = whole_model_states(source, m.chunks, EngineOptions(progress=False, group_chunks=group))
+    assert np.array_equal(streamed, whole), f"max |Δ| {np.abs(streamed - whole).max()}"
+
+
+def direct_kld(base: np.ndarray, quant: np.ndarray, chunks: np.ndarray) -> dict[str, np.ndarray]:
+    """llama.cpp's per-token quantities straight from full logits, in float64."""
+    targets = chunks[:, FIRST + 1 :].reshape(-1).astype(np.int64)
+
+    def log_softmax(z):
+        z = z[:, :-1].reshape(-1, z.shape[-1]).astype(np.float64)
+        top = z.max(-1, keepdims=True)
+        return z - top - np.log(np.exp(z - top).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(base), log_softmax(quant)
+    rows = np.arange(len(targets))
+    kld = np.where(lp > -16, np.exp(lp) * (lp - lq), 0.0).sum(-1)
+    return {"kld": kld, "p_diff": np.exp(lq[rows, targets]) - np.exp(lp[rows, targets]),
+            "nll_q": -lq[rows, targets], "nll_base": -lp[rows, targets], "same_top": lp.argmax(-1) == lq.argmax(-1)}
+
+
+@pytest.mark.slow
+def test_kld_equals_direct_full_vocabulary_computation(m, tmp_path):
+    from rioquant.check.stats import kld_summary
+
+    states = tmp_path / "base-states.npy"
+    result = kl_divergence(m.hf, m.q8, m.text, CTX, 4, QUIET, base_states=states)
+    base = chunk_logits(m.hf, m.chunks, QUIET)[:, FIRST:]
+    quant = chunk_logits(m.q8, m.chunks, QUIET)[:, FIRST:]
+    ref = kld_summary(**direct_kld(base, quant, m.chunks))
+    assert result["tokens_scored"] == ref["tokens_scored"] == 4 * (CTX - FIRST - 1)
+    for key in ("kld", "kld_stderr", "ppl_q", "ppl_base", "ppl_ratio", "rms_delta_p", "delta_p", "same_top_p", "cor_ln_ppl"):
+        assert result[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-9), key
+    for label, value in ref["kld_percentiles"].items():
+        assert result["kld_percentiles"][label] == pytest.approx(value, rel=1e-3, abs=1e-7), label
+    assert states.stat().st_size < 4 * (CTX - FIRST - 1) * SPEC.hidden_size * 4 + 1024  # hidden × 4 bytes per token
+    again = kl_divergence(m.hf, m.q8, m.text, CTX, 4, QUIET, base_states=states)  # reuses the stored base run
+    assert again["kld"] == result["kld"]
+
+
+def transformers_imatrix(src: Path, chunks: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Σx² and counts per GGUF weight name from forward hooks on transformers' float32 modules."""
+    import transformers
+
+    model = transformers.Qwen3_5MoeForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    a = model.config
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "linear_attn.in_proj_qkv": "attn_qkv",
+             "linear_attn.in_proj_z": "attn_gate", "linear_attn.in_proj_b": "ssm_beta",
+             "linear_attn.in_proj_a": "ssm_alpha", "linear_attn.out_proj": "ssm_out", "mlp.gate": "ffn_gate_inp",
+             "mlp.shared_expert_gate": "ffn_gate_inp_shexp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+             "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp"}
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
+
+    def add(name, x, e=0, n_mat=1):
+        x = x.reshape(-1, x.shape[-1]).double()
+        sums.setdefault(name, np.zeros((n_mat, x.shape[-1])))[e] += (x * x).sum(0).numpy()
+        counts.setdefault(name, np.zeros(n_mat, np.int64))[e] += x.shape[0]
+
+    hooks = []
+    for module_name, module in model.named_modules():
+        parts = module_name.split(".")
+        if len(parts) < 4 or parts[1] != "layers":
+            continue
+        il, rest = int(parts[2]), ".".join(parts[3:])
+        if rest in names:
+            gguf = f"blk.{il}.{names[rest]}.weight"
+
+            def hook(mod, args, gguf=gguf, rest=rest):
+                x = args[0]
+                if rest == "linear_attn.out_proj":  # input columns in the GGUF's tiled V-head order
+                    x = torch.from_numpy(cols_tile_v(x.reshape(-1, x.shape[-1]).numpy(), open_source(src).args))
+                add(gguf, x)
+
+            hooks.append(module.register_forward_pre_hook(hook))
+        elif rest == "mlp.experts":
+            def expert_hook(mod, args, il=il):
+                x, top_e = args[0], args[1]
+                for e in range(a.num_experts):
+                    rows = (top_e == e).nonzero()[:, 0]
+                    xe = x[rows]
+                    gate, up = torch.nn.functional.linear(xe, mod.gate_up_proj[e]).chunk(2, dim=-1)
+                    add(f"blk.{il}.ffn_gate_exps.weight", xe, e, a.num_experts)
+                    add(f"blk.{il}.ffn_up_exps.weight", xe, e, a.num_experts)
+                    add(f"blk.{il}.ffn_down_exps.weight", torch.nn.functional.silu(gate) * up, e, a.num_experts)
+
+            hooks.append(module.register_forward_pre_hook(expert_hook))
+    with torch.no_grad():
+        for chunk in chunks:
+            model(input_ids=torch.tensor([chunk.tolist()]), use_cache=False)
+    for h in hooks:
+        h.remove()
+    return sums, counts
+
+
+@pytest.mark.slow
+def test_imatrix_equals_transformers_hooks_and_reads_back(m, tmp_path):
+    out = tmp_path / "imatrix.gguf"
+    result = collect_imatrix(m.hf, m.text, out, CTX, 2, QUIET)
+    ref_sums, ref_counts = transformers_imatrix(m.hf, m.chunks[:2])
+    assert result["entries"] == len(ref_sums)
+    imatrix = read_imatrix(out)  # the recipes' reader
+    assert (imatrix.chunk_count, imatrix.chunk_size, imatrix.datasets) == (2, CTX, (str(m.text),))
+    for name, sums in ref_sums.items():
+        entry = imatrix.entries[name]
+        assert np.array_equal(entry.counts, ref_counts[name]), f"{name}: counts {entry.counts} != {ref_counts[name]}"
+        np.testing.assert_allclose(entry.sums.reshape(sums.shape), sums, rtol=2e-4, atol=1e-4, err_msg=name)
+    raw = scan(out)  # an independent parser: llama-imatrix's keys and tensor shapes
+    assert set(raw.kv) == {"general.type", "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"}
+    assert raw.tensors["blk.0.ffn_down_exps.weight.in_sum2"].shape == (SPEC.num_experts, SPEC.moe_intermediate_size)
+    assert raw.tensors["blk.0.ffn_down_exps.weight.counts"].shape == (SPEC.num_experts, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.slow
+def test_cli_ppl_json(m, capsys):
+    code, out, err = run_cli(capsys, "ppl", m.q8, "--text", m.text, "--ctx", CTX, "--chunks", 2, "--json",
+                             "--no-progress")
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result) == {"ppl", "ppl_stderr", "tokens_scored", "chunks", "ctx"}
+    assert (result["chunks"], result["ctx"], result["tokens_scored"]) == (2, CTX, 2 * (CTX - FIRST - 1))
+
+
+@pytest.mark.slow
+def test_cli_errors_are_one_line(m, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.")
+    llama = tmp_path / "llama.gguf"  # a GGUF of another architecture
+    writer = gguf.GGUFWriter(llama, arch="llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
+        step()
+    cases = [
+        (["ppl", m.q8, "--text", short], "needs at least"),
+        (["ppl", llama, "--text", m.text], "architecture 'llama'; rioquant evaluates qwen35moe models only"),
+        (["kld", "--base", m.hf, "--quant", llama, "--text", m.text], "architecture 'llama'"),
+        (["kld", "--base", tmp_path / "missing", "--quant", m.q8, "--text", m.text], "no such model"),
+        (["ppl", tmp_path / "missing.gguf", "--text", m.text], "no such model"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["ppl", m.q8, "--text", m.text, "--device", "cuda"], "sees no CUDA device"))
+    for argv, message in cases:
+        code, out, err = run_cli(capsys, *argv, "--no-progress")
+        assert code == 1 and err.startswith("error: ") and message in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-specific: runs only where torch sees a GPU")
+def test_cuda_path_equals_cpu(m):
+    from rioquant.check.dequant import TORCH_KERNELS, dequantize_torch
+    from rioquant.quant import dequantize, quantize
+
+    x = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32)
+    for qtype in TORCH_KERNELS:
+        raw = quantize(x, qtype)
+        gpu = dequantize_torch(torch.from_numpy(raw.reshape(-1)).cuda(), qtype, x.shape).cpu().numpy()
+        assert np.array_equal(gpu, dequantize(raw, qtype, x.shape)), qtype.name
+    for model in (m.hf, m.q8):  # float32 sums in another order: 1e-6 unless a near-tied routing flips
+        cpu = perplexity(model, m.text, CTX, 4, QUIET)["ppl"]
+        gpu = perplexity(model, m.text, CTX, 4, EngineOptions(device="cuda", progress=False))["ppl"]
+        assert gpu == pytest.approx(cpu, rel=1e-2)
+    out = m.root / "imatrix-cuda.gguf"
+    collect_imatrix(m.hf, m.text, out, CTX, 2, EngineOptions(device="cuda", progress=False))
+    assert read_imatrix(out).chunk_count == 2
