@@ -195,7 +195,12 @@ def squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
-BYTES_CASES = [("8-experts-mtp", "Q4_K_M"), ("8-experts-mtp", "Q2_K"), ("tiny-fallbacks-mtp", "Q3_K_M")]
+# Bytes of every standard mix on the 8-expert model, plus the other expert count and the fallback rows
+BYTES_CASES = [
+    *(("8-experts-mtp", mix) for mix in LLAMA_MIXES),
+    ("6-experts-gqa4-16-blocks", "Q4_K_M"),
+    ("tiny-fallbacks-mtp", "Q3_K_M"),
+]
 
 
 @pytest.mark.slow
