@@ -69,10 +69,11 @@ def main() -> None:
             ref = oracle.quantize(x, qtype, importance)
             if not np.array_equal(ours, ref):
                 raise SystemExit(f"{name}/{path}: bytes differ from ggml; benchmark void")
-            rq1 = n / best_of(lambda: quantize(x, qtype, importance, threads=1), args.repeats)
-            gg1 = n / best_of(lambda: oracle.quantize(x, qtype, importance), args.repeats)
-            rqn = n / best_of(lambda: quantize(x, qtype, importance), args.repeats)
-            ggn = n / best_of(lambda: ggml_threaded(oracle, x, qtype, importance, all_threads), args.repeats)
+            q, w = qtype, importance
+            rq1 = n / best_of(lambda q=q, w=w: quantize(x, q, w, threads=1), args.repeats)
+            gg1 = n / best_of(lambda q=q, w=w: oracle.quantize(x, q, w), args.repeats)
+            rqn = n / best_of(lambda q=q, w=w: quantize(x, q, w), args.repeats)
+            ggn = n / best_of(lambda q=q, w=w: ggml_threaded(oracle, x, q, w, all_threads), args.repeats)
             print(f"{name:<6} {path:<8} {first_call:>12.2f} | {rq1:>13.1f} {gg1:>8.1f} {rq1 / gg1:>5.2f}x |"
                   f" {rqn:>15.1f} {ggn:>8.1f} {rqn / ggn:>5.2f}x", flush=True)
 

@@ -1,6 +1,5 @@
 """Shared fixtures: the ggml oracle (fails loudly if absent) and named regression inputs."""
 
-import numpy as np
 import pytest
 
 from tests.oracles import GgmlOracle

@@ -110,7 +110,7 @@ def test_quantized_output_loads_in_llama_cpp_and_stays_close(kquant, tmp_path, q
     src, _ = kquant
     (out,) = convert(src, tmp_path / f"{qtype}.gguf", ConvertOptions(qtype=qtype, progress=False))
     ours, ref = llama_logits(out, PROMPT), transformers_logits(src, PROMPT)
-    correlation = [np.corrcoef(a, b)[0, 1] for a, b in zip(ours, ref)]
+    correlation = [np.corrcoef(a, b)[0, 1] for a, b in zip(ours, ref, strict=True)]
     assert np.median(correlation) >= MIN_MEDIAN_CORRELATION[qtype], correlation
 
 

@@ -74,7 +74,7 @@ class ShardedGGUFOutput:
             self._start_fresh(writer)
         writer.close()
         self.handles = [open(p, "r+b") for p in self.work_files]
-        for handle, end in zip(self.handles, self.ends):
+        for handle, end in zip(self.handles, self.ends, strict=True):
             handle.truncate(end)  # drop bytes written after the last journaled tensor
             handle.seek(end)
         self.journal = open(self.workdir / JOURNAL, "a")
@@ -161,7 +161,7 @@ class ShardedGGUFOutput:
         missing = [n for n in self.shard_of if n not in self.done]
         if missing:
             raise AssertionError(f"finish() before tensor {missing[0]} was written")
-        for work, final in zip(self.work_files, self.final_files):
+        for work, final in zip(self.work_files, self.final_files, strict=True):
             os.replace(work, final)
         shutil.rmtree(self.workdir, ignore_errors=True)
         return self.final_files

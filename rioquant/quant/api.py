@@ -4,8 +4,8 @@ Validation lives here, once, so the kernels can assume well-formed float32 rows:
 NaN, a ragged row or a mismatched importance vector, and so never produce garbage silently.
 """
 
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numba
 import numpy as np
