@@ -108,3 +108,24 @@ def store_fp16(out: np.ndarray, offset: int, value: np.float32) -> None:
 def load_fp16(data: np.ndarray, offset: int) -> np.float32:
     """Read a little-endian ggml half from data[offset:offset+2]."""
     return fp16_bits_to_fp32(np.uint16(np.int64(data[offset]) | (np.int64(data[offset + 1]) << 8)))
+
+
+@njit(cache=True, inline="always")
+def positive_max(values: np.ndarray) -> np.float32:
+    """Largest value, or 0 when none is positive: ggml's scan for a super-block's max scale or min."""
+    best = F32(0.0)
+    for v in values:
+        if v > best:
+            best = v
+    return best
+
+
+@njit(cache=True, inline="always")
+def signed_max_abs(values: np.ndarray) -> tuple[np.float32, np.float32]:
+    """(the value with the largest magnitude, that magnitude); the first one wins ties, as in ggml."""
+    best, best_abs = F32(0.0), F32(0.0)
+    for v in values:
+        if abs(v) > best_abs:
+            best_abs = abs(v)
+            best = v
+    return best, best_abs

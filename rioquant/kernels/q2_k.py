@@ -13,7 +13,7 @@ the stored fp16 d/dmin and 4-bit scales.
 import numpy as np
 from numba import njit
 
-from rioquant.kernels.common import F32, load_fp16, nearest_int, store_fp16
+from rioquant.kernels.common import F32, load_fp16, nearest_int, positive_max, store_fp16
 from rioquant.kernels.search_affine import make_qkx2_quants, make_qkx3_quants, make_qp_quants, new_scratch
 
 QK_K = 256
@@ -49,13 +49,8 @@ def _choose_levels_ref(
     for i in range(QK_K):
         weights[i] = abs(xb[i])
     make_qkx2_quants(NSUB, SUB, 3, xb, weights, L, F32(-0.5), F32(0.1), 15, True, scales, mins, scratch)
-    max_scale = F32(0.0)
-    max_min = F32(0.0)
-    for j in range(NSUB):
-        if scales[j] > max_scale:
-            max_scale = scales[j]
-        if mins[j] > max_min:
-            max_min = mins[j]
+    max_scale = positive_max(scales)
+    max_min = positive_max(mins)
     q4scale = F32(15.0)
     if max_scale > F32(0.0):
         iscale = F32(q4scale / max_scale)

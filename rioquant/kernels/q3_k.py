@@ -19,7 +19,7 @@ each phase is one long loop the compiler can vectorise; the bytes are ggml's, bl
 import numpy as np
 from numba import njit
 
-from rioquant.kernels.common import F32, load_fp16, nearest_int, store_fp16
+from rioquant.kernels.common import F32, load_fp16, nearest_int, signed_max_abs, store_fp16
 from rioquant.kernels.search_symmetric import make_q3_quants, make_qx_quants, requantize
 
 QK_K = 256
@@ -34,12 +34,7 @@ def _code_scales_ref(scales: np.ndarray, codes: np.ndarray, out: np.ndarray) -> 
     """_ref: per block, 6-bit codes of the group scales over the largest (signed) one, and d."""
     for ib in range(scales.size // N_GROUPS):
         g0 = ib * N_GROUPS
-        max_scale = F32(0.0)
-        amax = F32(0.0)
-        for j in range(N_GROUPS):
-            if abs(scales[g0 + j]) > amax:
-                amax = abs(scales[g0 + j])
-                max_scale = scales[g0 + j]
+        max_scale, _ = signed_max_abs(scales[g0 : g0 + N_GROUPS])
         if max_scale != F32(0.0):
             iscale = F32(F32(-32.0) / max_scale)
             for j in range(N_GROUPS):

@@ -17,7 +17,7 @@ count and the packing of the levels, so the shared steps live here.
 import numpy as np
 from numba import njit
 
-from rioquant.kernels.common import F32, load_fp16, nearest_int, store_fp16
+from rioquant.kernels.common import F32, load_fp16, nearest_int, positive_max, store_fp16
 from rioquant.kernels.search_affine import make_qkx2_quants, make_qkx3_quants, make_qp_quants, new_scratch
 
 QK_K = 256
@@ -89,13 +89,8 @@ def choose_levels_ref(
         for i in range(SUB * j, SUB * (j + 1)):
             weights[i] = F32(av_x + abs(xb[i]))
     make_qkx2_quants(NSUB, SUB, nmax, xb, weights, L, rmin, rdelta, nstep, False, scales, mins, scratch)
-    max_scale = F32(0.0)
-    max_min = F32(0.0)
-    for j in range(NSUB):
-        if scales[j] > max_scale:
-            max_scale = scales[j]
-        if mins[j] > max_min:
-            max_min = mins[j]
+    max_scale = positive_max(scales)
+    max_min = positive_max(mins)
     inv_scale = F32(F32(63.0) / max_scale) if max_scale > F32(0.0) else F32(0.0)
     inv_min = F32(F32(63.0) / max_min) if max_min > F32(0.0) else F32(0.0)
     ls = np.empty(NSUB, dtype=np.uint8)

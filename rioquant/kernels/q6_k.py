@@ -12,7 +12,7 @@ only in weighting each group's scale search by the importance itself.
 import numpy as np
 from numba import njit
 
-from rioquant.kernels.common import F32, GROUP_MAX_EPS, load_fp16, nearest_int, store_fp16
+from rioquant.kernels.common import F32, GROUP_MAX_EPS, load_fp16, nearest_int, signed_max_abs, store_fp16
 from rioquant.kernels.search_symmetric import make_qx_quants, requantize
 
 QK_K = 256
@@ -31,12 +31,7 @@ def _code_scales(scales: np.ndarray, out: np.ndarray, group_step: np.ndarray) ->
     for ib in range(n_blocks):
         b0 = ib * BLOCK_BYTES
         g0 = ib * N_GROUPS
-        max_scale = F32(0.0)
-        max_abs_scale = F32(0.0)
-        for j in range(N_GROUPS):
-            if abs(scales[g0 + j]) > max_abs_scale:
-                max_abs_scale = abs(scales[g0 + j])
-                max_scale = scales[g0 + j]
+        max_scale, max_abs_scale = signed_max_abs(scales[g0 : g0 + N_GROUPS])
         if max_abs_scale < GROUP_MAX_EPS:
             zero[ib] = True
             group_step[g0 : g0 + N_GROUPS] = F32(0.0)
