@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 PYTEST  := $(BIN)/python -m pytest
 
-.PHONY: install test test-fast bench lint demo clean
+.PHONY: install test test-fast bench fidelity lint demo clean
 
 install: $(BIN)/python
 	# Go's own text/template renders the Ollama chat template in tests (tests/go/render.go): Debian's golang-go
@@ -29,6 +29,10 @@ test-fast:
 bench:
 	$(BIN)/python -m bench.kernels
 	$(BIN)/python -m bench.convert_bench
+
+# Trains the nano Qwen3.5-MoE once (~15 min on 2 cores, cached in .cache/nano), then measures every mix
+fidelity:
+	$(BIN)/python -m bench.fidelity
 
 lint:
 	$(BIN)/ruff check rioquant tests bench

@@ -6,16 +6,19 @@
   tensor's type exactly as when quantizing, quantizes nothing and logs one line per tensor, which is
   parsed here. Seconds instead of a minute, for the decision-only comparisons.
 
-Both take llama-quantize's overrides (`--tensor-type`, `--output-tensor-type`, `--token-embedding-type`).
-Neither imports rioquant.
+Both take llama-quantize's overrides (`--tensor-type`, `--output-tensor-type`, `--token-embedding-type`);
+`llama_quantize` also takes the importance llama-quantize derives from an imatrix file (name → float32
+values, each expert's row after the other: tests/imatrix_files.py computes it), passed as llama.cpp's
+own `llama_model_imatrix_data` array. Neither imports rioquant.
 """
 
 import contextlib
 import ctypes
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 
 _LINE = re.compile(
@@ -24,8 +27,25 @@ _LINE = re.compile(
 )
 
 
+def _imatrix_array(importance: Mapping[str, np.ndarray], keep: list):
+    """llama.cpp's `llama_model_imatrix_data[]`, terminated by a null name; `keep` holds the buffers alive."""
+    import llama_cpp
+
+    array = (llama_cpp.llama_model_imatrix_data * (len(importance) + 1))()
+    for i, (name, values) in enumerate(sorted(importance.items())):
+        flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+        keep.append(flat)
+        array[i].name = name.encode()
+        array[i].data = flat.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        array[i].size = flat.size
+    array[len(importance)].name = None
+    keep.append(array)
+    return array
+
+
 def _params(ftype: LlamaFileType, tensor_types: Sequence[tuple[str, str]], output_type: str | None,
-            token_embd_type: str | None, dry_run: bool, keep: list):
+            token_embd_type: str | None, dry_run: bool, keep: list,
+            importance: Mapping[str, np.ndarray] | None = None):
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -44,6 +64,8 @@ def _params(ftype: LlamaFileType, tensor_types: Sequence[tuple[str, str]], outpu
         array[len(tensor_types)].pattern = None  # terminator
         keep.append(array)
         params.tt_overrides = ctypes.cast(array, type(params.tt_overrides))
+    if importance:
+        params.imatrix = ctypes.cast(_imatrix_array(importance, keep), type(params.imatrix))
     return params
 
 
@@ -69,12 +91,13 @@ def _captured_log() -> Iterator[list[str]]:
 def llama_quantize(
     src: Path, out: Path, ftype: LlamaFileType, tensor_types: Sequence[tuple[str, str]] = (),
     output_type: str | None = None, token_embd_type: str | None = None,
+    importance: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
-    """`llama-quantize src out FTYPE` with the given overrides; raises with llama.cpp's log on failure."""
+    """`llama-quantize [--imatrix] src out FTYPE` with the given overrides; raises with llama.cpp's log on failure."""
     import llama_cpp
 
     keep: list = []
-    params = _params(ftype, tensor_types, output_type, token_embd_type, False, keep)
+    params = _params(ftype, tensor_types, output_type, token_embd_type, False, keep, importance)
     with _captured_log() as log:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
     if rc != 0 or not out.is_file():

@@ -30,6 +30,7 @@ from rioquant.quant.recipes import (
 )
 from tests.checkpoints import KQUANT, TINY, build_checkpoint
 from tests.gguf_scan import scan
+from tests.imatrix_files import gguf_importance, random_entries, write_gguf_imatrix
 from tests.llama_quantize import llama_dry_run, llama_quantize
 from tests.oracles import llama_logits, run_reference_converter
 
@@ -221,6 +222,26 @@ def test_mix_bytes_equal_llama_quantize(models, tmp_path, variant, mix):
         assert t.data == r.data, f"{name} ({t.qtype.name}): bytes differ from llama_model_quantize's"
     assert ours.kv["general.file_type"] == ref.kv["general.file_type"]
     assert out.stat().st_size == describe_plan(build_plan(src, options))["file_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q2_K"])
+def test_mix_bytes_with_imatrix_equal_llama_quantize(models, tmp_path, mix):
+    """With an imatrix (one expert never routed), every tensor's bytes equal llama_model_quantize's given
+    the importance llama-quantize derives from the same file: the per-expert slices, the neutral
+    weights of an expert without data, and which tensors get none."""
+    src, bf16 = models["8-experts-mtp"]
+    shapes = {n: e.shape for n, e in ((e.name, e) for e in build_plan(src, ConvertOptions(qtype="F32")).entries)
+              if n.startswith("blk.") and int(n.split(".")[1]) < 8 and len(e.shape) >= 2 and "conv1d" not in n}
+    entries = random_entries(shapes, seed=7, zero_counts={"blk.2.ffn_up_exps.weight": [5]})
+    path = write_gguf_imatrix(tmp_path / "imatrix.gguf", entries, ["calibration.txt"], chunk_count=4)
+    importance = {n: gguf_importance(e) for n, e in entries.items()}
+    ref = scan(llama_quantize(bf16, tmp_path / "llama.gguf", LLAMA_MIXES[mix].file_type, importance=importance))
+    (out,) = convert(src, tmp_path / "ours.gguf", ConvertOptions(qtype=mix, imatrix=path, progress=False, report=False))
+    ours = scan(out)
+    assert ours.tensors.keys() == ref.tensors.keys()
+    differ = [n for n, r in ref.tensors.items() if (ours.tensors[n].qtype, ours.tensors[n].data) != (r.qtype, r.data)]
+    assert not differ, f"{len(differ)} tensors differ from llama_model_quantize --imatrix: {differ[:5]}"
 
 
 @pytest.mark.slow

@@ -27,6 +27,32 @@ KNOWN_PRE_TOKENIZERS = {
     "d30d75d9059f1aa2c19359de71047b3ae408c70875e8a3ccf8c5fba56c9d8af4": "qwen35",  # Qwen3.5
     "1444df51289cfa8063b96f0e62b1125440111bc79a52003ea14b6eac7016fd5f": "qwen35",  # MiniCPM-V 4.6 (Qwen3.5 vocab)
 }
+# The probe's ids change with the vocabulary, so a vocabulary retrained behind Qwen3.5's pre-tokenizer
+# (distillation targets, test models) hashes to something unknown. What llama.cpp's "qwen35" stands for
+# is the normalisation and splitting, so those sections of tokenizer.json are also matched as data.
+QWEN35_PRE_TOKENIZATION = {
+    "normalizer": {"type": "NFC"},
+    "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": (
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+            r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")},
+         "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+    ]},
+}
+
+
+def _pre_tokenizer_name(tokenizer: Tokenizer, tokenizer_json: dict) -> tuple[str | None, str]:
+    """llama.cpp's name for the pre-tokenizer (None if unknown) and the probe hash llama.cpp uses."""
+    probe_ids = tokenizer.encode(PRE_TOKENIZER_PROBE).ids
+    digest = hashlib.sha256(str(probe_ids).encode()).hexdigest()
+    if digest in KNOWN_PRE_TOKENIZERS:
+        return KNOWN_PRE_TOKENIZERS[digest], digest
+    sections = {key: tokenizer_json.get(key) for key in QWEN35_PRE_TOKENIZATION}
+    model = tokenizer_json.get("model") or {}
+    if sections == QWEN35_PRE_TOKENIZATION and model.get("type") == "BPE" and not model.get("byte_fallback"):
+        return "qwen35", digest
+    return None, digest
 
 
 @dataclass(frozen=True)
@@ -73,11 +99,10 @@ def read_vocab(src: Path, vocab_size: int) -> Vocab:
         added = _added_tokens(src, tokenizer_json)
     except Exception as err:  # the tokenizers library raises plain Exceptions on malformed files
         raise CheckpointError(f"{path}: cannot be read as a tokenizer ({err})") from None
-    probe_ids = tokenizer.encode(PRE_TOKENIZER_PROBE).ids
-    digest = hashlib.sha256(str(probe_ids).encode()).hexdigest()
-    pre = KNOWN_PRE_TOKENIZERS.get(digest)
+    pre, digest = _pre_tokenizer_name(tokenizer, tokenizer_json)
     if pre is None:
-        raise CheckpointError(f"{path}: pre-tokenizer hash {digest} is not Qwen3.5's; llama.cpp would not know it")
+        raise CheckpointError(f"{path}: pre-tokenizer hash {digest} is not Qwen3.5's, nor are its normalizer and "
+                              "pre_tokenizer; llama.cpp would not know it")
     by_id = {i: t for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
     if max(by_id) >= vocab_size:
         raise CheckpointError(f"{path}: token id {max(by_id)} is beyond the model's vocab_size {vocab_size}")

@@ -1,0 +1,283 @@
+"""`make fidelity`: size against KL divergence for every mix, on a trained nano Qwen3.5-MoE.
+
+    python -m bench.fidelity [--out DIR] [--fresh]
+
+1. The nano model (bench/nano: trained once, then cached), its BF16 GGUF (`rioquant convert`), and an
+   importance matrix collected by `rioquant imatrix` on the calibration split.
+2. llama.cpp's ten standard mixes quantized by llama.cpp itself (`llama_model_quantize`), without and
+   with that imatrix (passed as llama.cpp's own `llama_model_imatrix_data`); rioquant's file of each
+   of them is checked byte for byte against llama.cpp's.
+3. rioquant's XL mixes, without and with the imatrix.
+4. Every file scored against the BF16 GGUF on the evaluation split (a split no training or calibration
+   text came from) by `rioquant kld`: mean KLD, 99.9 % KLD, same-top-p, PPL; sizes as bits per weight.
+5. The frontier: llama.cpp's Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, log-KLD linearly interpolated in bits
+   per weight (extended linearly beyond its ends); each XL mix is compared with the frontier of the same
+   imatrix setting at its own bpw. A table (markdown + JSON) and a PNG of both statistics.
+
+Results are kept per file (keyed by the file's sha256), so a re-run after changing one recipe measures
+only what changed. The 397B's sizes for each mix come from `rioquant plan` on its config alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench.nano.corpus import load_corpus
+from bench.nano.train import ensure_nano
+from rioquant.check.engine import EngineOptions
+from rioquant.check.evaluate import collect_imatrix, kl_divergence
+from rioquant.convert import ConvertOptions, build_plan, convert, describe_plan
+from rioquant.export.gguf_header import read_header
+from rioquant.quant.recipes import LLAMA_MIXES, XL_MIXES
+from tests.checkpoints import tokenizer_files
+from tests.gguf_scan import scan
+from tests.imatrix_files import RawEntry, gguf_importance
+from tests.llama_quantize import llama_quantize
+from tests.llama_src import CACHE_DIR
+
+FRONTIER_MIXES = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K")  # the issue's four, plus Q2_K for the low end
+RIO_397B_CONFIG = Path(__file__).resolve().parent.parent / "tests" / "data" / "rio-3.5-open-397b"
+CTX = 512
+
+
+@dataclass(frozen=True)
+class Quant:
+    mix: str
+    producer: str  # "llama.cpp" (llama_model_quantize) or "rioquant"
+    imatrix: bool
+    path: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.mix}{' +imatrix' if self.imatrix else ''} ({self.producer})"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _log(message: str) -> None:
+    print(time.strftime("%H:%M:%S"), message, flush=True)
+
+
+def llama_importance(imatrix: Path) -> dict[str, np.ndarray]:
+    """The importance llama-quantize derives from an imatrix GGUF (in_sum2 / count per expert), read
+    with gguf-py and computed by the test oracle's own code, not rioquant's."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: np.array(t.data) for t in GGUFReader(imatrix).tensors}
+    out = {}
+    for key, sums in tensors.items():
+        if key.endswith(".in_sum2"):
+            name = key.removesuffix(".in_sum2")
+            counts = tensors[f"{name}.counts"].reshape(-1)
+            out[name] = gguf_importance(RawEntry(sums.reshape(len(counts), -1).astype(np.float32), counts)).reshape(-1)
+    return out
+
+
+def assert_same_tensors(ours: Path, llama: Path) -> None:
+    a, b = scan(ours).tensors, scan(llama).tensors
+    differ = [n for n in b if n not in a or (a[n].qtype, a[n].data) != (b[n].qtype, b[n].data)]
+    if a.keys() != b.keys() or differ:
+        raise AssertionError(f"{ours.name}: {len(differ)} tensors differ from llama_model_quantize's {llama.name}: {differ[:5]}")
+
+
+def build_quants(work: Path, nano: Path, bf16: Path, imatrix: Path) -> list[Quant]:
+    importance = llama_importance(imatrix)
+    quants = []
+    for mix, recipe in LLAMA_MIXES.items():
+        for with_imatrix in (False, True):
+            path = work / f"nano-{mix}{'-imat' if with_imatrix else ''}-llama.gguf"
+            if not path.is_file():
+                _log(f"llama_model_quantize {mix}{' with imatrix' if with_imatrix else ''}")
+                llama_quantize(bf16, path, recipe.file_type, importance=importance if with_imatrix else None)
+            ours = work / "rioquant-check.gguf"  # rioquant's file of the mix is llama.cpp's, byte for byte
+            convert(nano, ours, ConvertOptions(qtype=mix, imatrix=imatrix if with_imatrix else None, force=True,
+                                               progress=False, report=False))
+            assert_same_tensors(ours, path)
+            ours.unlink()
+            quants.append(Quant(mix, "llama.cpp", with_imatrix, path))
+    for mix in XL_MIXES:
+        for with_imatrix in (False, True):
+            path = work / f"nano-{mix}{'-imat' if with_imatrix else ''}.gguf"
+            _log(f"rioquant convert {mix}{' with imatrix' if with_imatrix else ''}")
+            convert(nano, path, ConvertOptions(qtype=mix, imatrix=imatrix if with_imatrix else None, force=True,
+                                               progress=False, report=False))
+            quants.append(Quant(mix, "rioquant", with_imatrix, path))
+    return quants
+
+
+def bits_per_weight(path: Path) -> float:
+    """llama.cpp's BPW: tensor data bits over all tensor elements."""
+    header = read_header(path)
+    return sum(t.nbytes for t in header.tensors) * 8 / sum(t.n_elements for t in header.tensors)
+
+
+def measure(quant: Quant, bf16: Path, text: Path, states: Path, cache: dict) -> dict:
+    digest = _sha256(quant.path)
+    if digest not in cache:
+        _log(f"kld {quant.label}")
+        options = EngineOptions(threads=None, progress=False)
+        result = kl_divergence(bf16, quant.path, text, CTX, None, options, base_states=states)
+        cache[digest] = {"kld": result["kld"], "kld_stderr": result["kld_stderr"],
+                         "kld_99_9": result["kld_percentiles"]["99.9%"], "same_top_p": result["same_top_p"],
+                         "ppl": result["ppl_q"], "ppl_base": result["ppl_base"], "tokens": result["tokens_scored"]}
+    return {**asdict(quant), "path": quant.path.name, "label": quant.label, "bytes": quant.path.stat().st_size,
+            "bpw": bits_per_weight(quant.path), **cache[digest], "size_397b_gb": size_397b(quant.mix)}
+
+
+_SIZES_397B: dict[str, float] = {}
+
+
+def _rio_397b_folder() -> Path:
+    """config.json of the 397B with the real Qwen3.5 tokenizer files: all `rioquant plan` needs."""
+    folder = CACHE_DIR / "fidelity" / "Rio-3.5-Open-397B"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(RIO_397B_CONFIG / "config.json", folder / "config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copyfile(tokenizer_files() / name, folder / name)
+    return folder
+
+
+def size_397b(mix: str) -> float:
+    """GB (10⁹ bytes) of the 397B file for `mix`, from `rioquant plan` on its config alone (MTP included)."""
+    if mix not in _SIZES_397B:
+        plan = build_plan(_rio_397b_folder(), ConvertOptions(qtype=mix), weights_optional=True)
+        _SIZES_397B[mix] = describe_plan(plan)["file_bytes"] / 1e9
+    return _SIZES_397B[mix]
+
+
+def frontier_log_kld(rows: list[dict], imatrix: bool, key: str, bpw: float) -> float:
+    """llama.cpp's frontier at `bpw`: log KLD linear in bpw between its mixes, extended beyond its ends."""
+    points = sorted((r["bpw"], math.log(r[key])) for r in rows
+                    if r["producer"] == "llama.cpp" and r["imatrix"] == imatrix and r["mix"] in FRONTIER_MIXES)
+    xs = [x for x, _ in points]
+    i = min(max(int(np.searchsorted(xs, bpw)), 1), len(xs) - 1)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return y0 + (y1 - y0) * (bpw - x0) / (x1 - x0)
+
+
+def verdicts(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        if r["producer"] != "rioquant":
+            continue
+        entry = {"label": r["label"], "bpw": r["bpw"]}
+        for key in ("kld", "kld_99_9"):
+            frontier = math.exp(frontier_log_kld(rows, r["imatrix"], key, r["bpw"]))
+            entry[f"{key}_frontier"] = frontier
+            entry[f"{key}_ratio"] = r[key] / frontier
+        entry["below"] = entry["kld_ratio"] < 1 and entry["kld_99_9_ratio"] < 1
+        out.append(entry)
+    return out
+
+
+def markdown(rows: list[dict], checks: list[dict], nano: dict) -> str:
+    lines = [
+        f"Nano Qwen3.5-MoE ({nano['parameters'] / 1e6:.1f} M parameters, {nano['settings']['steps']} steps; "
+        f"BF16 PPL on the evaluation split {rows[0]['ppl_base']:.2f}, uniform {nano['token_ids']}); "
+        f"KLD against the BF16 GGUF over {rows[0]['tokens']} scored tokens (ctx {CTX}).",
+        "",
+        "| mix | imatrix | by | nano MB | bpw | mean KLD | 99.9 % KLD | same top p | PPL | 397B GB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["imatrix"], r["bpw"])):
+        lines.append(f"| {r['mix']} | {'yes' if r['imatrix'] else 'no'} | {r['producer']} | {r['bytes'] / 1e6:.2f} | "
+                     f"{r['bpw']:.3f} | {r['kld']:.5f} | {r['kld_99_9']:.4f} | {100 * r['same_top_p']:.2f} % | "
+                     f"{r['ppl']:.3f} | {r['size_397b_gb']:.1f} |")
+    lines += ["", "Against llama.cpp's frontier (Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K of the same imatrix setting, "
+              "log-KLD interpolated at the mix's bpw; ratio < 1 is below the frontier):", "",
+              "| mix | bpw | mean KLD / frontier | 99.9 % KLD / frontier | below |", "|---|---|---|---|---|"]
+    for c in checks:
+        lines.append(f"| {c['label']} | {c['bpw']:.3f} | {c['kld_ratio']:.3f} | {c['kld_99_9_ratio']:.3f} | "
+                     f"{'yes' if c['below'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6), constrained_layout=True)
+    styles = {("llama.cpp", False): ("#9e9e9e", "o", "llama.cpp mixes"),
+              ("llama.cpp", True): ("#1f77b4", "o", "llama.cpp mixes + imatrix"),
+              ("rioquant", False): ("#ff9f43", "D", "rioquant XL"),
+              ("rioquant", True): ("#d62728", "D", "rioquant XL + imatrix")}
+    for ax, key, title in ((axes[0], "kld", "mean KLD"), (axes[1], "kld_99_9", "99.9 % KLD")):
+        for (producer, imatrix), (colour, marker, name) in styles.items():
+            group = sorted((r for r in rows if r["producer"] == producer and r["imatrix"] == imatrix), key=lambda r: r["bpw"])
+            ax.scatter([r["bpw"] for r in group], [r[key] for r in group], color=colour, marker=marker, label=name, zorder=3)
+            for r in group:
+                ax.annotate(r["mix"], (r["bpw"], r[key]), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
+            front = [r for r in group if producer == "llama.cpp" and r["mix"] in FRONTIER_MIXES]
+            if front:
+                ax.plot([r["bpw"] for r in front], [r[key] for r in front], color=colour, lw=1, zorder=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per weight (nano model)")
+        ax.set_ylabel(f"{title} vs BF16 (nats)")
+        ax.set_title(f"{title}: lower left is better")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("Size vs KL divergence, nano Qwen3.5-MoE (lines: llama.cpp's Q2_K/Q3_K_M/Q4_K_M/Q5_K_M/Q6_K frontier)")
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def run(out: Path, fresh: bool = False) -> dict:
+    nano = ensure_nano(log=_log)
+    work = out / nano.name  # a retrained nano model gets its own folder
+    work.mkdir(parents=True, exist_ok=True)
+    provenance = json.loads((nano / "nano.json").read_text())
+    corpus = load_corpus()
+    calibration, evaluation = work / "calibration.txt", work / "evaluation.txt"
+    calibration.write_text(corpus.calibration, encoding="utf-8")
+    evaluation.write_text(corpus.evaluation, encoding="utf-8")
+    bf16 = work / "nano-BF16.gguf"
+    if fresh or not bf16.is_file():
+        convert(nano, bf16, ConvertOptions(qtype="BF16", force=True, progress=False, report=False))
+    imatrix = work / "imatrix.gguf"
+    if fresh or not imatrix.is_file():
+        _log("rioquant imatrix on the calibration split")
+        collect_imatrix(nano, calibration, imatrix, CTX, None, EngineOptions(progress=False))
+    quants = build_quants(work, nano, bf16, imatrix)
+    cache_path = work / "measurements.json"
+    cache = {} if fresh or not cache_path.is_file() else json.loads(cache_path.read_text())
+    rows = []
+    for quant in quants:
+        rows.append(measure(quant, bf16, evaluation, work / "base-states.npy", cache))
+        cache_path.write_text(json.dumps(cache, indent=1))
+    checks = verdicts(rows)
+    table = markdown(rows, checks, provenance)
+    (work / "fidelity.md").write_text(table)
+    (work / "fidelity.json").write_text(json.dumps({"nano": provenance, "rows": rows, "frontier": checks}, indent=1))
+    plot(rows, work / "fidelity.png")
+    print(table)
+    print(f"files: {work}/fidelity.md, fidelity.json, fidelity.png")
+    return {"rows": rows, "frontier": checks}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=CACHE_DIR / "fidelity", help="Work and result folder.")
+    parser.add_argument("--fresh", action="store_true", help="Rebuild the BF16 GGUF and imatrix; re-measure everything.")
+    args = parser.parse_args(argv)
+    run(args.out, args.fresh)
+
+
+if __name__ == "__main__":
+    main()
