@@ -152,12 +152,15 @@ def _rio_397b_folder() -> Path:
     return folder
 
 
-def size_397b(mix: str) -> float:
-    """GB (10⁹ bytes) of the 397B file for `mix`, from `rioquant plan` on its config alone (MTP included)."""
-    if mix not in _SIZES_397B:
-        plan = build_plan(_rio_397b_folder(), ConvertOptions(qtype=mix), weights_optional=True)
-        _SIZES_397B[mix] = describe_plan(plan)["file_bytes"] / 1e9
-    return _SIZES_397B[mix]
+def size_397b(mix: str, tensor_types: tuple[str, ...] = (), recipe: Path | None = None) -> float:
+    """GB (10⁹ bytes) of the 397B file for `mix` (or a recipe file, with --tensor-type overrides), from
+    `rioquant plan` on its config alone (MTP included)."""
+    key = f"{mix} {tensor_types} {recipe and recipe.read_text()}"
+    if key not in _SIZES_397B:
+        options = ConvertOptions(qtype=mix, tensor_types=tensor_types, recipe=recipe)
+        plan = build_plan(_rio_397b_folder(), options, weights_optional=True)
+        _SIZES_397B[key] = describe_plan(plan)["file_bytes"] / 1e9
+    return _SIZES_397B[key]
 
 
 def frontier_log_kld(rows: list[dict], imatrix: bool, key: str, bpw: float) -> float:
@@ -196,7 +199,7 @@ def markdown(rows: list[dict], checks: list[dict], nano: dict) -> str:
     ]
     for r in sorted(rows, key=lambda r: (r["imatrix"], r["bpw"])):
         lines.append(f"| {r['mix']} | {'yes' if r['imatrix'] else 'no'} | {r['producer']} | {r['bytes'] / 1e6:.2f} | "
-                     f"{r['bpw']:.3f} | {r['kld']:.5f} | {r['kld_99_9']:.4f} | {100 * r['same_top_p']:.2f} % | "
+                     f"{r['bpw']:.3f} | {r['kld']:.5f} ± {r['kld_stderr']:.5f} | {r['kld_99_9']:.4f} | {100 * r['same_top_p']:.2f} % | "
                      f"{r['ppl']:.3f} | {r['size_397b_gb']:.1f} |")
     lines += ["", "Against llama.cpp's frontier (Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K of the same imatrix setting, "
               "log-KLD interpolated at the mix's bpw; ratio < 1 is below the frontier):", "",

@@ -55,9 +55,9 @@ SIZES_397B = {
     "Q3_K_M": 192_648_024_064,  # 192.6 GB 3.82 bpw
     "Q3_K_S": 174_020_038_656,  # 174.0 GB 3.45 bpw
     "Q2_K": 147_136_397_312,  # 147.1 GB 2.92 bpw
-    "Q4_K_XL": 247_778_615_296,  # 247.8 GB 4.92 bpw
-    "Q3_K_XL": 194_960_683_008,  # 195.0 GB 3.87 bpw
-    "Q2_K_XL": 152_950_534_144,  # 153.0 GB 3.04 bpw
+    "Q4_K_XL": 241_453_604_864,  # 241.5 GB 4.79 bpw
+    "Q3_K_XL": 187_998_138_368,  # 188.0 GB 3.73 bpw
+    "Q2_K_XL": 146_189_316_096,  # 146.2 GB 2.90 bpw
 }
 
 
@@ -87,6 +87,16 @@ def test_397b_predicted_sizes(rio_397b):
     sizes = {mix: describe_plan(build_plan(rio_397b, ConvertOptions(qtype=mix), weights_optional=True))["file_bytes"]
              for mix in RECIPES}
     assert sizes == SIZES_397B
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("xl,llama_mix", [("Q4_K_XL", "Q4_K_M"), ("Q3_K_XL", "Q3_K_M"), ("Q2_K_XL", "Q2_K")])
+def test_397b_xl_mix_is_no_larger_than_llama_cpps_mix_of_its_name(rio_397b, xl, llama_mix):
+    """The XL mixes' promise (docs/recipes.md): at most the size of the llama.cpp mix they replace."""
+    def size(mix: str) -> int:
+        return describe_plan(build_plan(rio_397b, ConvertOptions(qtype=mix), weights_optional=True))["file_bytes"]
+
+    assert size(xl) <= size(llama_mix)
 
 
 @pytest.fixture(scope="module")

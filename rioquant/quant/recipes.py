@@ -206,30 +206,37 @@ DOWN_EXPS = r"ffn_down_exps\.weight$"
 
 
 def _xl(name: str, default: str, file_type: LlamaFileType, summary: str, *, attention: str, ssm_out: str,
-        shared: str, down: str, token_embd: str, down_first: str | None = None) -> Recipe:
+        shared: str, token_embd: str, down_first: str, down_more: str) -> Recipe:
+    """The XL shape: every non-expert matrix held high; ffn_down_exps two steps above the default in the
+    first n/8 blocks (the fidelity bench's ablation: the first block's down projections carry most of
+    the experts' error), one step above in llama.cpp's use_more_bits blocks, the default elsewhere."""
     rules = (
         OUTPUT_Q8_0_IF_MISFIT,
         Rule(OUTPUT, "Q6_K", "output → Q6_K: every token's logits, 1 of 400 B weights"),
-        Rule(TOKEN_EMBD, token_embd, f"token_embd → {token_embd}: a lookup, errors do not compound"),
+        Rule(TOKEN_EMBD, token_embd, f"token_embd → {token_embd}: a lookup, cheap; measured sensitive"),
         Rule(SSM_OUT, ssm_out, f"ssm_out → {ssm_out}: the most sensitive tensor, ~1% of the weights"),
         Rule(ATTENTION, attention, f"attention projections → {attention}: all sensitive in this hybrid"),
         Rule(SSM_GATES, attention, f"ssm_alpha/ssm_beta → {attention}: with attention, negligible size"),
         Rule(MTP_PROJ, attention, f"MTP eh_proj → {attention}"),
         Rule(SHARED_EXPERT, shared, f"shared expert → {shared}: every token uses it"),
-        *((Rule(DOWN_EXPS, down_first, f"ffn_down_exps in the first n/8 blocks → {down_first}", layers="i < n/8"),)
-          if down_first else ()),
-        Rule(DOWN_EXPS, down, f"ffn_down_exps → {down}: more sensitive than gate/up"),
+        Rule(DOWN_EXPS, down_first, f"ffn_down_exps in the first n/8 blocks → {down_first}: the most sensitive experts",
+             layers="i < n/8"),
+        Rule(DOWN_EXPS, down_more, f"ffn_down_exps in use_more_bits blocks → {down_more}", layers="use_more_bits"),
+        Rule(DOWN_EXPS, default, f"ffn_down_exps → {default} elsewhere"),
     )
     return Recipe(name, default, file_type, rules, summary, source="rioquant")
 
 
 XL_MIXES: dict[str, Recipe] = {r.name: r for r in (
-    _xl("Q4_K_XL", "Q4_K", F.MOSTLY_Q4_K_M, "experts Q4_K gate/up + Q5_K down; attention, ssm_out, shared experts Q8_0",
-        attention="Q8_0", ssm_out="Q8_0", shared="Q8_0", down="Q5_K", token_embd="Q5_K"),
-    _xl("Q3_K_XL", "Q3_K", F.MOSTLY_Q3_K_M, "experts Q3_K gate/up + Q4_K down; attention Q6_K, ssm_out Q8_0",
-        attention="Q6_K", ssm_out="Q8_0", shared="Q6_K", down="Q4_K", token_embd="Q4_K"),
-    _xl("Q2_K_XL", "Q2_K", F.MOSTLY_Q2_K, "experts Q2_K gate/up + Q3_K down (Q4_K first n/8); attention Q6_K",
-        attention="Q6_K", ssm_out="Q8_0", shared="Q6_K", down="Q3_K", token_embd="Q4_K", down_first="Q4_K"),
+    _xl("Q4_K_XL", "Q4_K", F.MOSTLY_Q4_K_M,
+        "experts Q4_K, down Q6_K/Q5_K in first/use_more_bits blocks; attention, ssm_out, shared experts Q8_0",
+        attention="Q8_0", ssm_out="Q8_0", shared="Q8_0", token_embd="Q5_K", down_first="Q6_K", down_more="Q5_K"),
+    _xl("Q3_K_XL", "Q3_K", F.MOSTLY_Q3_K_M,
+        "experts Q3_K, down Q5_K/Q4_K in first/use_more_bits blocks; attention Q6_K, ssm_out Q8_0",
+        attention="Q6_K", ssm_out="Q8_0", shared="Q6_K", token_embd="Q4_K", down_first="Q5_K", down_more="Q4_K"),
+    _xl("Q2_K_XL", "Q2_K", F.MOSTLY_Q2_K,
+        "experts Q2_K, down Q4_K/Q3_K in first/use_more_bits blocks; attention Q6_K, ssm_out Q8_0",
+        attention="Q6_K", ssm_out="Q8_0", shared="Q6_K", token_embd="Q4_K", down_first="Q4_K", down_more="Q3_K"),
 )}
 
 # Every quantizable tensor at one type, no rules (llama-quantize --pure). Q8_0, Q6_K and Q2_K are not

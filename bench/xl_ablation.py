@@ -1,0 +1,99 @@
+"""Which of Q4_K_XL's rules earn their bytes: each variant moves one tensor class of Q4_K_XL (with the
+imatrix) to another type and measures the nano model's KLD; the cost is counted on the 397B.
+
+    python -m bench.xl_ablation   (after `make fidelity`, whose files it reuses)
+
+Block-wise variants (`down_exps Q4_K in block i`) tell which blocks' experts are least sensitive; on
+the 397B each such step is one of 61 blocks. The evidence behind docs/recipes.md's Q4_K_XL.
+"""
+
+from __future__ import annotations
+
+import json
+
+from bench.fidelity import CACHE_DIR, CTX, Quant, _log, measure, size_397b
+from bench.nano.train import ensure_nano
+from rioquant.convert import ConvertOptions, convert
+
+ATTENTION = r"attn_(q|k|v|output|qkv|gate)\.weight"
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "Q4_K_XL": (),
+    "attention Q6_K": (f"{ATTENTION}=Q6_K", "ssm_(alpha|beta)=Q6_K"),
+    "attention Q4_K": (f"{ATTENTION}=Q4_K", "ssm_(alpha|beta)=Q4_K"),
+    "ssm_out Q6_K": ("ssm_out=Q6_K",),
+    "ssm_out Q4_K": ("ssm_out=Q4_K",),
+    "shared expert Q6_K": ("_shexp=Q6_K",),
+    "shared expert Q4_K": ("_shexp=Q4_K",),
+    "token_embd Q4_K": ("token_embd=Q4_K",),
+    "down_exps Q4_K": ("ffn_down_exps=Q4_K",),
+    "down_exps Q6_K": ("ffn_down_exps=Q6_K",),
+    "gate/up_exps Q5_K": ("ffn_(gate|up)_exps=Q5_K",),
+    **{f"down_exps Q4_K in block {i}": (rf"blk\.{i}\.ffn_down_exps=Q4_K",) for i in range(8)},
+}
+# Whole alternatives to an XL mix's expert rules: (base mix, [(tensor pattern, type, layers or None)]),
+# written as recipe files on top of the base (layer conditions need a recipe file).
+Layered = tuple[str, str, str | None]
+DOWN, GATE_UP = "ffn_down_exps", "ffn_(gate|up)_exps"
+CANDIDATES: dict[str, tuple[str, list[Layered]]] = {
+    "Q4_K_XL: down Q6_K first n/8, Q4_K after": ("Q4_K_XL", [(DOWN, "Q6_K", "i < n/8"), (DOWN, "Q4_K", None)]),
+    "Q4_K_XL: down Q6_K first n/8, Q5_K use_more_bits, Q4_K after": (
+        "Q4_K_XL", [(DOWN, "Q6_K", "i < n/8"), (DOWN, "Q5_K", "use_more_bits"), (DOWN, "Q4_K", None)]),
+    "Q4_K_XL: down Q6_K first n/8, Q4_K after; gate/up Q5_K first n/8": (
+        "Q4_K_XL", [(DOWN, "Q6_K", "i < n/8"), (DOWN, "Q4_K", None), (GATE_UP, "Q5_K", "i < n/8")]),
+    "Q3_K_XL (as built in)": ("Q3_K_XL", []),
+    "Q3_K_XL: down Q5_K first n/8, Q4_K use_more_bits, Q3_K after": (
+        "Q3_K_XL", [(DOWN, "Q5_K", "i < n/8"), (DOWN, "Q4_K", "use_more_bits"), (DOWN, "Q3_K", None)]),
+    "Q3_K_XL: down Q6_K first n/8, Q4_K use_more_bits, Q3_K after": (
+        "Q3_K_XL", [(DOWN, "Q6_K", "i < n/8"), (DOWN, "Q4_K", "use_more_bits"), (DOWN, "Q3_K", None)]),
+    "Q2_K_XL (as built in)": ("Q2_K_XL", []),
+    "Q2_K_XL: down Q4_K first n/8, Q3_K use_more_bits, Q2_K after": (
+        "Q2_K_XL", [(DOWN, "Q4_K", "i < n/8"), (DOWN, "Q3_K", "use_more_bits"), (DOWN, "Q2_K", None)]),
+}
+
+
+def candidate_toml(base: str, rules: list[Layered]) -> str:
+    lines = [f'base = "{base}"']
+    for pattern, qtype, layers in rules:
+        lines += ["[[rules]]", f'pattern = "{pattern}"', f'type = "{qtype}"', *([f'layers = "{layers}"'] if layers else [])]
+    return "\n".join(lines) + "\n"
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def main() -> None:
+    nano = ensure_nano(log=_log)
+    work = CACHE_DIR / "fidelity" / nano.name
+    bf16, imatrix, text = work / "nano-BF16.gguf", work / "imatrix.gguf", work / "evaluation.txt"
+    if not imatrix.is_file():
+        raise SystemExit(f"{imatrix}: run `make fidelity` first")
+    cache_path = work / "measurements.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    base_gb = size_397b("Q4_K_XL")
+    rows = []
+    variants = [(name, "Q4_K_XL", {"tensor_types": overrides}) for name, overrides in VARIANTS.items()]
+    for name, (base, rules) in CANDIDATES.items():
+        recipe = work / f"candidate-{_slug(name)}.toml"
+        recipe.write_text(candidate_toml(base, rules))
+        variants.append((name, base, {"recipe": recipe}))
+    for name, base, fields in variants:
+        path = work / f"ablation-{_slug(name)}.gguf"
+        options = ConvertOptions(qtype=base, imatrix=imatrix, force=True, progress=False, report=False, **fields)
+        convert(nano, path, options)
+        row = measure(Quant(base, "rioquant", True, path), bf16, text, work / "base-states.npy", cache)
+        cache_path.write_text(json.dumps(cache, indent=1))
+        gb = base_gb if "block" in name else size_397b(base, **fields)
+        rows.append({"variant": name, "bpw": row["bpw"], "kld": row["kld"], "kld_stderr": row["kld_stderr"],
+                     "kld_99_9": row["kld_99_9"], "same_top_p": row["same_top_p"], "gb_397b": gb})
+        _log(f"{name}: KLD {row['kld']:.5f} 99.9% {row['kld_99_9']:.4f} 397B {gb:.1f} GB")
+    (work / "xl_ablation.json").write_text(json.dumps(rows, indent=1))
+    print(f"\nQ4_K_XL ablation (nano, imatrix, ctx {CTX}); 397B GB for the same overrides\n")
+    print("| variant | nano bpw | mean KLD | 99.9 % KLD | same top p | 397B GB |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['bpw']:.3f} | {r['kld']:.5f} ± {r['kld_stderr']:.5f} | {r['kld_99_9']:.4f} | "
+              f"{100 * r['same_top_p']:.2f} % | {r['gb_397b']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
