@@ -82,8 +82,8 @@ def test_frontier_interpolates_log_kld_in_bpw_and_extends_past_its_ends():
         return {"mix": mix, "bpw": bpw, "kld": kld, "kld_99_9": 10 * kld, "producer": producer, "imatrix": imatrix,
                 "label": mix}
 
-    rows = [row("Q2_K", 3.0, 0.1), row("Q3_K_M", 4.0, 0.01), row("Q4_K_M", 5.0, 0.001), row("Q6_K", 7.0, 0.0001),
-            row("Q3_K_S", 3.5, 1e-9),  # not a frontier mix: ignored
+    rows = [row("Q3_K_M", 3.0, 0.1), row("Q4_K_M", 4.0, 0.01), row("Q5_K_M", 5.0, 0.001), row("Q6_K", 7.0, 0.0001),
+            row("Q3_K_S", 3.5, 1e-9), row("Q2_K", 2.0, 1.0),  # not frontier mixes: ignored
             row("Q4_K_M", 5.0, 1.0, imatrix=False)]  # other imatrix setting: ignored
     assert math.exp(frontier_log_kld(rows, True, "kld", 4.5)) == pytest.approx(10 ** -2.5)
     assert math.exp(frontier_log_kld(rows, True, "kld", 6.0)) == pytest.approx(10 ** -3.5)
