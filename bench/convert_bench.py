@@ -31,15 +31,33 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 """
 
 
+# The measured command is started by a fresh, small Python that forks it and reports its wait4 peak RSS:
+# on Linux a child's ru_maxrss starts from the memory image it was forked (or vforked) from, so
+# measuring straight from this process, which holds the synthetic checkpoint while building it,
+# would report our own peak for every step.
+_LAUNCHER = (
+    "import os, sys\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    os.execvp(sys.argv[1], sys.argv[1:])\n"
+    "_, status, usage = os.wait4(pid, 0)\n"
+    "sys.stderr.write(f'\\nmaxrss_kib={usage.ru_maxrss}\\n')\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
 def run_measured(args: list[str], env: dict | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS in GB) of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{args[:4]} failed: {proc.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 1e6  # ru_maxrss is in KiB on Linux
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        code = subprocess.run([sys.executable, "-c", _LAUNCHER, *args], env=env, stdout=subprocess.DEVNULL,
+                              stderr=log).returncode
+        wall = time.perf_counter() - start
+        log.seek(0)
+        text = log.read().decode(errors="replace")
+    if code != 0:
+        raise SystemExit(f"{args[:4]} failed: {text[-2000:]}")
+    return wall, int(text.rsplit("maxrss_kib=", 1)[1]) * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from rioquant.errors import CheckpointError, PlanError, QuantInputError
+from rioquant.errors import CheckpointError, NonFiniteRowError, PlanError, QuantInputError
 from rioquant.export.checkpoint import read_float32, read_rows_float32, scan_tensors
 from rioquant.export.gguf_out import OutputTensor, ShardedGGUFOutput, expected_total_bytes, planned_file_sizes
 from rioquant.export.metadata import add_arch_metadata, general_metadata
@@ -223,14 +223,29 @@ def _metadata_writer(plan: ConversionPlan, imatrix_meta: dict | None = None):
     return add
 
 
+ROW_BLOCK_BYTES = 64 << 20  # float32 rows quantized (and measured) at once: the 397B's 4 GB embedding in 64 pieces
+
+
+def _row_blocks(rows: np.ndarray, is_expert_slab: bool) -> Iterator[tuple[int, np.ndarray]]:
+    """A matrix's rows in pieces of at most ROW_BLOCK_BYTES, so the quantized copy and the error report's
+    temporaries are a piece's size, not the matrix's; rows are independent, so the bytes are the same.
+    An expert slab stays whole: the report keeps one record per expert."""
+    step = max(1, ROW_BLOCK_BYTES // (4 * rows.shape[1]))
+    if is_expert_slab or rows.shape[0] <= step:
+        yield 0, rows
+        return
+    for start in range(0, rows.shape[0], step):
+        yield start, rows[start : start + step]
+
+
 def _tensor_chunks(
     spec: TensorSpec, entry: PlanEntry, plan: ConversionPlan,
     imatrix: Imatrix | None = None, tracker: TensorErrorTracker | None = None,
 ) -> Iterator[np.ndarray]:
-    """Quantized bytes of one tensor: whole for ordinary tensors, one slab at a time for experts.
+    """Quantized bytes of one tensor: row blocks of an ordinary tensor, one slab at a time for experts.
 
     Expert e is quantized with slice e of the tensor's importance (llama-quantize's per-expert
-    imatrix); `tracker` measures each slab against its bytes while both are in memory.
+    imatrix); `tracker` measures each piece against its bytes while both are in memory.
     """
     qtype = T[entry.qtype]
     no_data = set(imatrix.experts_without_data(entry.name, entry.shape[-1])) if imatrix else set()
@@ -241,16 +256,20 @@ def _tensor_chunks(
     )
     for e, slab in enumerate(slabs):
         rows = np.ascontiguousarray(slab.reshape(-1, slab.shape[-1]) if slab.ndim > 1 else slab.reshape(1, -1), dtype=np.float32)
+        del slab
         expert = e if spec.is_expert_stack else None
         weights = imatrix.importance(entry.name, rows.shape[1], expert) if imatrix else None
-        try:
-            data = quantize(rows, qtype, imatrix=weights, threads=plan.options.threads)
-        except QuantInputError as err:
-            source = spec.pieces[0].source
-            raise CheckpointError(f"{source.file.name}: tensor {source.name}: {err}") from None
-        if tracker is not None:
-            tracker.add(rows, data, weights, no_imatrix_data=(expert or 0) in no_data)
-        yield data
+        for start, block in _row_blocks(rows, spec.is_expert_stack):
+            try:
+                data = quantize(block, qtype, imatrix=weights, threads=plan.options.threads)
+            except QuantInputError as err:
+                source = spec.pieces[0].source
+                if isinstance(err, NonFiniteRowError):
+                    err = NonFiniteRowError(start + err.row)
+                raise CheckpointError(f"{source.file.name}: tensor {source.name}: {err}") from None
+            if tracker is not None:
+                tracker.add(block, data, weights, no_imatrix_data=(expert or 0) in no_data)
+            yield data
 
 
 def convert(src: Path, out: Path, options: ConvertOptions) -> list[Path]:

@@ -14,6 +14,15 @@ class QuantInputError(RioquantError, ValueError):
     """An array handed to a quantizer cannot be quantized as asked (shape, dtype, NaN/Inf, block size)."""
 
 
+class NonFiniteRowError(QuantInputError):
+    """A row holds NaN or Inf; `row` is its index in the array handed over, so a caller that quantizes
+    a matrix in pieces can name the row of the whole matrix."""
+
+    def __init__(self, row: int) -> None:
+        super().__init__(f"row {row} holds NaN or Inf: refusing to quantize it")
+        self.row = row
+
+
 class CheckpointError(RioquantError):
     """A Hugging Face checkpoint is missing, corrupt or contradicts its config."""
 

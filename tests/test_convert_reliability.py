@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from rioquant.cli import main
 from rioquant.convert import ConvertOptions, convert
+from rioquant.errors import CheckpointError
 from tests.checkpoints import KQUANT, TINY, build_checkpoint
 from tests.gguf_scan import scan
 from tests.oracles import llama_logits
@@ -280,3 +281,25 @@ def test_inspect_reports_sizes(tiny, tmp_path, capsys):
     assert report["metadata"]["general.architecture"] == "qwen35moe"
     code, stdout, _ = run_cli_output(["inspect", out], capsys)
     assert code == 0 and "ffn_down_exps" in stdout and "Q8_0" in stdout
+
+
+def test_matrices_are_quantized_in_row_pieces_with_the_same_bytes(tiny, tmp_path, monkeypatch):
+    """Large matrices are quantized (and measured) in row pieces so memory stays near one float32 copy of
+    the largest tensor; pieces of 16 rows must give the file that whole matrices give, and a NaN is named
+    by its row in the whole matrix."""
+    import rioquant.convert
+
+    (whole,) = convert(tiny, tmp_path / "whole.gguf", ConvertOptions(qtype="Q8_0", progress=False, report=False))
+    monkeypatch.setattr(rioquant.convert, "ROW_BLOCK_BYTES", 4 * 64 * 16)
+    (pieces,) = convert(tiny, tmp_path / "pieces.gguf", ConvertOptions(qtype="Q8_0", progress=False))
+    assert pieces.read_bytes() == whole.read_bytes()
+
+    src = _copy(tiny, tmp_path / "src")
+    for shard in _shards(src):
+        tensors = load_file(str(shard))
+        name = next((n for n in tensors if n.endswith("layers.1.linear_attn.out_proj.weight")), None)
+        if name:
+            tensors[name][40, 5] = float("nan")
+            save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"out_proj\.weight: row 40 holds NaN or Inf"):
+        convert(src, tmp_path / "nan.gguf", ConvertOptions(qtype="Q8_0", progress=False, report=False))

@@ -135,8 +135,8 @@ def read_float32(tensor: SourceTensor, index: int | None = None) -> np.ndarray:
             if n == 0:
                 raise CheckpointError(f"{tensor.file}: truncated while reading tensor {tensor.name}")
             done += n
-    if tensor.dtype == "BF16":
-        values = (raw.astype(np.uint32) << 16).view(np.float32)
+    if tensor.dtype == "BF16":  # widened inside the ufunc: no uint32 temporary beside the result
+        values = np.left_shift(raw, 16, dtype=np.uint32).view(np.float32)
     else:
         values = raw.astype(np.float32)
     return values.reshape(shape)

@@ -11,7 +11,7 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from rioquant.errors import QuantInputError
+from rioquant.errors import NonFiniteRowError, QuantInputError
 from rioquant.kernels import floats
 from rioquant.kernels.driver import dequantize_rows, first_nonfinite_row, quantize_rows
 from rioquant.quant.types import BLOCK_KERNELS, FLOAT_TYPES, block_geometry, parse_qtype
@@ -52,7 +52,7 @@ def _check_rows(x: np.ndarray, qtype: GGMLQuantizationType) -> None:
         )
     bad_row = first_nonfinite_row(x)
     if bad_row >= 0:
-        raise QuantInputError(f"row {bad_row} holds NaN or Inf: refusing to quantize it")
+        raise NonFiniteRowError(bad_row)
 
 
 def _check_importance(imatrix: np.ndarray, n_per_row: int) -> np.ndarray:
