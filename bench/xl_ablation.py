@@ -14,19 +14,20 @@ import json
 from bench.fidelity import CACHE_DIR, CTX, Quant, _log, measure, size_397b
 from bench.nano.train import ensure_nano
 from rioquant.convert import ConvertOptions, convert
+from rioquant.quant.recipes import ATTENTION, DOWN_EXPS, SHARED_EXPERT, SSM_GATES, SSM_OUT, TOKEN_EMBD
 
-ATTENTION = r"attn_(q|k|v|output|qkv|gate)\.weight"
+# --tensor-type overrides on top of Q4_K_XL, with the recipes' own patterns for each tensor class
 VARIANTS: dict[str, tuple[str, ...]] = {
     "Q4_K_XL": (),
-    "attention Q6_K": (f"{ATTENTION}=Q6_K", "ssm_(alpha|beta)=Q6_K"),
-    "attention Q4_K": (f"{ATTENTION}=Q4_K", "ssm_(alpha|beta)=Q4_K"),
-    "ssm_out Q6_K": ("ssm_out=Q6_K",),
-    "ssm_out Q4_K": ("ssm_out=Q4_K",),
-    "shared expert Q6_K": ("_shexp=Q6_K",),
-    "shared expert Q4_K": ("_shexp=Q4_K",),
-    "token_embd Q4_K": ("token_embd=Q4_K",),
-    "down_exps Q4_K": ("ffn_down_exps=Q4_K",),
-    "down_exps Q6_K": ("ffn_down_exps=Q6_K",),
+    "attention Q6_K": (f"{ATTENTION}=Q6_K", f"{SSM_GATES}=Q6_K"),
+    "attention Q4_K": (f"{ATTENTION}=Q4_K", f"{SSM_GATES}=Q4_K"),
+    "ssm_out Q6_K": (f"{SSM_OUT}=Q6_K",),
+    "ssm_out Q4_K": (f"{SSM_OUT}=Q4_K",),
+    "shared expert Q6_K": (f"{SHARED_EXPERT}=Q6_K",),
+    "shared expert Q4_K": (f"{SHARED_EXPERT}=Q4_K",),
+    "token_embd Q4_K": (f"{TOKEN_EMBD}=Q4_K",),
+    "down_exps Q4_K": (f"{DOWN_EXPS}=Q4_K",),
+    "down_exps Q6_K": (f"{DOWN_EXPS}=Q6_K",),
     "gate/up_exps Q5_K": ("ffn_(gate|up)_exps=Q5_K",),
     **{f"down_exps Q4_K in block {i}": (rf"blk\.{i}\.ffn_down_exps=Q4_K",) for i in range(8)},
 }

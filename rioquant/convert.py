@@ -256,7 +256,6 @@ def _tensor_chunks(
     )
     for e, slab in enumerate(slabs):
         rows = np.ascontiguousarray(slab.reshape(-1, slab.shape[-1]) if slab.ndim > 1 else slab.reshape(1, -1), dtype=np.float32)
-        del slab
         expert = e if spec.is_expert_stack else None
         weights = imatrix.importance(entry.name, rows.shape[1], expert) if imatrix else None
         for start, block in _row_blocks(rows, spec.is_expert_stack):

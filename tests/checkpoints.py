@@ -113,9 +113,7 @@ class TinySpec:
 
     @property
     def layer_types(self) -> list[str]:
-        k = self.full_attention_interval
-        n = self.num_hidden_layers
-        return ["full_attention" if (i + 1) % k == 0 else "linear_attention" for i in range(n)]
+        return layer_types(self.num_hidden_layers, self.full_attention_interval)
 
     @property
     def architecture(self) -> str:
@@ -123,11 +121,21 @@ class TinySpec:
 
     @property
     def mrope_section(self) -> list[int]:
-        """T/H/W split of the rotary pairs: [11, 11, 10] for the real head_dim 256."""
-        pairs = int(self.head_dim * 0.25) // 2
-        w = pairs // 3
-        h = (pairs - w) // 2
-        return [pairs - w - h, h, w]
+        return mrope_section(self.head_dim)
+
+
+def layer_types(n_layers: int, full_attention_interval: int) -> list[str]:
+    """Qwen3.5's hybrid pattern: every k-th layer (1-based) is full attention, the rest Gated DeltaNet."""
+    k = full_attention_interval
+    return ["full_attention" if (i + 1) % k == 0 else "linear_attention" for i in range(n_layers)]
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """T/H/W split of the rotary pairs (partial rotary 0.25): [11, 11, 10] for the real head_dim 256."""
+    pairs = int(head_dim * 0.25) // 2
+    w = pairs // 3
+    h = (pairs - w) // 2
+    return [pairs - w - h, h, w]
 
 
 TINY = TinySpec()

@@ -172,12 +172,12 @@ def _listed_but_absent(src: Path) -> str:
     return "model.layers.0.mlp.gate.extra_weight"
 
 
-def _nan_in_tensor(src: Path) -> str:
+def _nan_in_tensor(src: Path, row: int = 3) -> str:
     for shard in _shards(src):
         tensors = load_file(str(shard))
         name = next((n for n in tensors if n.endswith("layers.1.linear_attn.out_proj.weight")), None)
         if name:
-            tensors[name][3, 5] = float("nan")
+            tensors[name][row, 5] = float("nan")
             save_file(tensors, str(shard), metadata={"format": "pt"})
             return name
     raise AssertionError("tensor not found")
@@ -295,11 +295,6 @@ def test_matrices_are_quantized_in_row_pieces_with_the_same_bytes(tiny, tmp_path
     assert pieces.read_bytes() == whole.read_bytes()
 
     src = _copy(tiny, tmp_path / "src")
-    for shard in _shards(src):
-        tensors = load_file(str(shard))
-        name = next((n for n in tensors if n.endswith("layers.1.linear_attn.out_proj.weight")), None)
-        if name:
-            tensors[name][40, 5] = float("nan")
-            save_file(tensors, str(shard), metadata={"format": "pt"})
+    _nan_in_tensor(src, row=40)
     with pytest.raises(CheckpointError, match=r"out_proj\.weight: row 40 holds NaN or Inf"):
         convert(src, tmp_path / "nan.gguf", ConvertOptions(qtype="Q8_0", progress=False, report=False))

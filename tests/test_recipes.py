@@ -231,8 +231,9 @@ def test_mix_bytes_with_imatrix_equal_llama_quantize(models, tmp_path, mix):
     the importance llama-quantize derives from the same file: the per-expert slices, the neutral
     weights of an expert without data, and which tensors get none."""
     src, bf16 = models["8-experts-mtp"]
-    shapes = {n: e.shape for n, e in ((e.name, e) for e in build_plan(src, ConvertOptions(qtype="F32")).entries)
-              if n.startswith("blk.") and int(n.split(".")[1]) < 8 and len(e.shape) >= 2 and "conv1d" not in n}
+    shapes = {e.name: e.shape for e in build_plan(src, ConvertOptions(qtype="F32")).entries  # llama-imatrix's set
+              if e.name.startswith("blk.") and int(e.name.split(".")[1]) < 8 and len(e.shape) >= 2
+              and "conv1d" not in e.name}
     entries = random_entries(shapes, seed=7, zero_counts={"blk.2.ffn_up_exps.weight": [5]})
     path = write_gguf_imatrix(tmp_path / "imatrix.gguf", entries, ["calibration.txt"], chunk_count=4)
     importance = {n: gguf_importance(e) for n, e in entries.items()}

@@ -28,6 +28,7 @@ import torch
 
 from bench.nano.corpus import load_corpus
 from bench.nano.tokenizer import special_id, write_tokenizer
+from tests.checkpoints import layer_types, mrope_section
 from tests.llama_src import CACHE_DIR
 
 RECIPE_TAG = "nano-v1"  # bump when the model, data or training changes: it names the cache folder
@@ -73,18 +74,15 @@ def default_dir(settings: TrainSettings, shape: NanoShape, corpus_digest: str) -
 def _config(shape: NanoShape, vocab_size: int, tokenizer_dir: Path, settings: TrainSettings):
     from transformers import Qwen3_5MoeTextConfig
 
-    pairs = shape.head_dim // 4 // 2  # partial rotary 0.25; sections T/H/W as in the real config
-    w = pairs // 3
-    h = (pairs - w) // 2
     k = shape.full_attention_interval
     endoftext = special_id(tokenizer_dir, "<|endoftext|>")
     fields = {key: value for key, value in asdict(shape).items() if key != "full_attention_interval"}
     return Qwen3_5MoeTextConfig(
         vocab_size=vocab_size, **fields,
-        layer_types=["full_attention" if (i + 1) % k == 0 else "linear_attention" for i in range(shape.num_hidden_layers)],
+        layer_types=layer_types(shape.num_hidden_layers, k),
         full_attention_interval=k, linear_conv_kernel_dim=4, attn_output_gate=True,
         rope_parameters={"rope_type": "default", "rope_theta": 10_000_000, "partial_rotary_factor": 0.25,
-                         "mrope_interleaved": True, "mrope_section": [pairs - w - h, h, w]},
+                         "mrope_interleaved": True, "mrope_section": mrope_section(shape.head_dim)},
         partial_rotary_factor=0.25, max_position_embeddings=262144, rms_norm_eps=1e-6,
         output_router_logits=True, router_aux_loss_coef=settings.router_aux_loss_coef, tie_word_embeddings=False,
         bos_token_id=endoftext, eos_token_id=special_id(tokenizer_dir, "<|im_end|>"), pad_token_id=endoftext,
