@@ -3,7 +3,7 @@
 Each side runs in its own process (so each peak RSS is its own) over the same token chunks:
 llama.cpp through llama-cpp-python in llama-perplexity's loop (one sequence per chunk, memory cleared,
 logits requested from position ctx/2 on, the NLL taken from them in torch as our engine does), and
-`rioquant.check.evaluate.perplexity`. Reported: tokens/s (all chunk tokens / evaluation time, model
+`rioquant.evaluate.pipelines.perplexity`. Reported: tokens/s (all chunk tokens / evaluation time, model
 load excluded and shown apart; best of --repeats), peak RSS, both perplexities, and the rioquant/llama.cpp ratio; then
 rioquant's per-layer time and weight bytes, which docs/evaluation.md extrapolates to the 397B model.
 
@@ -57,10 +57,10 @@ def worker_llama(gguf: Path, text: Path, ctx: int, chunks: int, threads: int, re
     import numpy as np
     import torch
 
-    from rioquant.check.head import scores_from_logits
-    from rioquant.check.source import open_source
-    from rioquant.check.stats import perplexity_summary
-    from rioquant.check.text import tokenize_text
+    from rioquant.evaluate.head import scores_from_logits
+    from rioquant.evaluate.source import open_source
+    from rioquant.evaluate.stats import perplexity_summary
+    from rioquant.evaluate.text import tokenize_text
     from tests.oracles import LlamaChunks
 
     tokens = tokenize_text(open_source(gguf), text, ctx, chunks)
@@ -83,8 +83,8 @@ def worker_llama(gguf: Path, text: Path, ctx: int, chunks: int, threads: int, re
 
 
 def worker_rioquant(gguf: Path, text: Path, ctx: int, chunks: int, threads: int, repeats: int) -> dict:
-    from rioquant.check.engine import EngineOptions
-    from rioquant.check.evaluate import perplexity
+    from rioquant.evaluate.engine import EngineOptions
+    from rioquant.evaluate.pipelines import perplexity
 
     CACHE.mkdir(parents=True, exist_ok=True)
     profile_path = CACHE / "rioquant-profile.json"

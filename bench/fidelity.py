@@ -33,8 +33,8 @@ import numpy as np
 
 from bench.nano.corpus import load_corpus
 from bench.nano.train import ensure_nano
-from rioquant.check.engine import EngineOptions
-from rioquant.check.evaluate import collect_imatrix, kl_divergence
+from rioquant.evaluate.engine import EngineOptions
+from rioquant.evaluate.pipelines import collect_imatrix, kl_divergence
 from rioquant.convert import ConvertOptions, build_plan, convert, describe_plan
 from rioquant.export.gguf_header import read_header
 from rioquant.quant.recipes import LLAMA_MIXES, XL_MIXES

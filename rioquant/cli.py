@@ -274,7 +274,7 @@ def eval_options(command):
 
 
 def _engine_options(device, threads, numerics, max_memory, tmp_dir, no_progress):
-    from rioquant.check.engine import EngineOptions
+    from rioquant.evaluate.engine import EngineOptions
 
     return EngineOptions(device=device, threads=threads, numerics=numerics, max_memory=max_memory, tmp_dir=tmp_dir,
                          progress=not no_progress)
@@ -292,7 +292,7 @@ def ppl(model, text, ctx, chunks, device, threads, numerics, max_memory, tmp_dir
       rioquant ppl rio-Q4_K_M.gguf --text wiki.test.raw --json
       rioquant ppl ./Rio-3.5-Open-397B --text wiki.test.raw --device cuda --max-memory 200G
     """
-    from rioquant.check.evaluate import perplexity
+    from rioquant.evaluate.pipelines import perplexity
 
     result = perplexity(model, text, ctx, chunks, _engine_options(device, threads, numerics, max_memory, tmp_dir, no_progress),
                         tokenizer, profile_out)
@@ -319,8 +319,8 @@ def kld(base, quant, base_states, text, ctx, chunks, device, threads, numerics, 
       rioquant kld --base ./Rio-3.5-Open-397B --quant rio-Q4_K_M.gguf --text wiki.test.raw --json
       rioquant kld --base rio-BF16.gguf --quant rio-Q3_K_M.gguf --text wiki.test.raw --base-states base.npy
     """
-    from rioquant.check.evaluate import kl_divergence
-    from rioquant.check.stats import render_kld
+    from rioquant.evaluate.pipelines import kl_divergence
+    from rioquant.evaluate.stats import render_kld
 
     result = kl_divergence(base, quant, text, ctx, chunks,
                            _engine_options(device, threads, numerics, max_memory, tmp_dir, no_progress), tokenizer,
@@ -342,7 +342,7 @@ def imatrix_command(src, out, process_output, text, ctx, chunks, device, threads
       rioquant imatrix ./Rio-3.5-Open-397B --text calibration.txt -o imatrix.gguf --device cuda
       rioquant convert ./Rio-3.5-Open-397B -o rio-Q4_K_M.gguf --type Q4_K_M --imatrix imatrix.gguf
     """
-    from rioquant.check.evaluate import collect_imatrix
+    from rioquant.evaluate.pipelines import collect_imatrix
 
     result = collect_imatrix(src, text, out, ctx, chunks,
                              _engine_options(device, threads, numerics, max_memory, tmp_dir, no_progress), tokenizer,

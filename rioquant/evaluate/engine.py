@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rioquant.check.forward import NO_OBSERVER, Observer, Rope, decoder_layer, is_linear_layer, rms_norm
-from rioquant.check.numerics import EXACT, NUMERICS, ExactNumerics, GgmlNumerics
-from rioquant.check.source import ExpertStack, LayerWeights, ModelSource
+from rioquant.evaluate.forward import NO_OBSERVER, Observer, Rope, decoder_layer, is_linear_layer, rms_norm
+from rioquant.evaluate.numerics import EXACT, NUMERICS, ExactNumerics, GgmlNumerics
+from rioquant.evaluate.source import ExpertStack, LayerWeights, ModelSource
 from rioquant.errors import EvaluationError
 from rioquant.quant.api import numba_threads
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rioquant.check.numerics import EXACT, ExactNumerics
+from rioquant.evaluate.numerics import EXACT, ExactNumerics
 from rioquant.export.qwen35moe import ModelArgs
 
 DELTA_CHUNK = 64  # positions per chunk of the chunked delta rule, as llama.cpp's

@@ -1,6 +1,6 @@
 """Evaluation: perplexity, KL divergence and importance matrices from a streamed PyTorch forward pass.
 
-evaluate.py   the three pipelines (tokenize → stream the layers → score the head)
+pipelines.py  the three pipelines (tokenize → stream the layers → score the head)
 engine.py     layer-major streaming, activations in RAM or on disk, per-layer profile
 forward.py    the qwen35moe text model's math (attention, Gated DeltaNet, MoE)
 numerics.py   exact float32, or ggml-cpu's activation roundings

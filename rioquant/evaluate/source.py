@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from rioquant.check.dequant import dequantize_rows, dequantize_to, dequantize_torch
-from rioquant.check.gguf_reader import GGUFModel, GGUFTensor, open_gguf, read_tensor_bytes
+from rioquant.evaluate.dequant import dequantize_rows, dequantize_to, dequantize_torch
+from rioquant.evaluate.gguf_reader import GGUFModel, GGUFTensor, open_gguf, read_tensor_bytes
 from rioquant.errors import CheckpointError, EvaluationError
 from rioquant.export.checkpoint import read_float32, scan_tensors
 from rioquant.export.qwen35moe import ModelArgs, TensorSpec, load_piece, load_tensor, model_args, tensor_specs

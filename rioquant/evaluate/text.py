@@ -14,7 +14,7 @@ import numpy as np
 from gguf import Keys, TokenType
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from rioquant.check.source import GGUFSource, ModelSource
+from rioquant.evaluate.source import GGUFSource, ModelSource
 from rioquant.errors import EvaluationError
 
 # tokenizer.ggml.pre → the split regex llama.cpp applies before byte-level BPE (src/llama-vocab.cpp)

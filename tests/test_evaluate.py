@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 import torch
 
-from rioquant.check.engine import Engine, EngineOptions, whole_model_states
-from rioquant.check.evaluate import chunk_logits, collect_imatrix, kl_divergence, perplexity
-from rioquant.check.source import open_source
-from rioquant.check.text import load_tokenizer, tokenize_text
+from rioquant.evaluate.engine import Engine, EngineOptions, whole_model_states
+from rioquant.evaluate.pipelines import chunk_logits, collect_imatrix, kl_divergence, perplexity
+from rioquant.evaluate.source import open_source
+from rioquant.evaluate.text import load_tokenizer, tokenize_text
 from rioquant.cli import main
 from rioquant.convert import ConvertOptions, convert
 from rioquant.export.qwen35moe import cols_tile_v
@@ -158,7 +158,7 @@ def direct_kld(base: np.ndarray, quant: np.ndarray, chunks: np.ndarray) -> dict[
 
 @pytest.mark.slow
 def test_kld_equals_direct_full_vocabulary_computation(m, tmp_path):
-    from rioquant.check.stats import kld_summary
+    from rioquant.evaluate.stats import kld_summary
 
     states = tmp_path / "base-states.npy"
     result = kl_divergence(m.hf, m.q8, m.text, CTX, 4, QUIET, base_states=states)
@@ -300,7 +300,7 @@ def test_cli_errors_are_one_line(m, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-specific: runs only where torch sees a GPU")
 def test_cuda_path_equals_cpu(m):
-    from rioquant.check.dequant import TORCH_KERNELS, dequantize_torch
+    from rioquant.evaluate.dequant import TORCH_KERNELS, dequantize_torch
     from rioquant.quant import dequantize, quantize
 
     x = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32)

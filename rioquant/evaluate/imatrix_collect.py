@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 import torch
 
-from rioquant.check.forward import Observer
+from rioquant.evaluate.forward import Observer
 from rioquant.export.qwen35moe import ModelArgs
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rioquant.check.numerics import ExactNumerics
+from rioquant.evaluate.numerics import ExactNumerics
 
 VOCAB_SLICE = 8192
 KLD_LOG_P_FLOOR = -16.0  # llama.cpp sums p·(log p − log q) only where the base log p > −16

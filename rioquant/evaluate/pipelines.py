@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rioquant.check.engine import (
+from rioquant.evaluate.engine import (
     Activations,
     Engine,
     EngineOptions,
@@ -29,11 +29,11 @@ from rioquant.check.engine import (
     numerics_for,
     resolve_numerics,
 )
-from rioquant.check.head import OutputHead, kld_terms
-from rioquant.check.imatrix_collect import ImatrixCollector
-from rioquant.check.source import HeadWeights, ModelSource, open_source
-from rioquant.check.stats import kld_summary, perplexity_summary
-from rioquant.check.text import tokenize_text
+from rioquant.evaluate.head import OutputHead, kld_terms
+from rioquant.evaluate.imatrix_collect import ImatrixCollector
+from rioquant.evaluate.source import HeadWeights, ModelSource, open_source
+from rioquant.evaluate.stats import kld_summary, perplexity_summary
+from rioquant.evaluate.text import tokenize_text
 from rioquant.errors import EvaluationError
 
 log = logging.getLogger(__name__)
