@@ -17,9 +17,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from tests.checkpoints import KQUANT, build_checkpoint
-from tests.gguf_scan import scan
-from tests.llama_src import llama_cpp_source
+from rioquant.testing.checkpoints import KQUANT, build_checkpoint
+from rioquant.testing.gguf_scan import scan
+from rioquant.testing.llama_src import llama_cpp_source
 
 QUANTIZE_PURE_Q4_K = """
 import ctypes, sys, llama_cpp

@@ -12,8 +12,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from tests.checkpoints import KQUANT, build_checkpoint
-from tests.oracles import plain_cpu_buffers
+from rioquant.testing.checkpoints import KQUANT, build_checkpoint
+from rioquant.testing.oracles import plain_cpu_buffers
 
 
 def main() -> None:

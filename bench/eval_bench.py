@@ -28,7 +28,7 @@ def bench_model(qtype: str) -> Path:
     """A Qwen3.5-MoE shaped like the real one at small scale: hidden 256, 8 layers (6 linear + 2 full),
     16 experts top-4, real 248K vocabulary; converted once and cached."""
     from rioquant.convert import ConvertOptions, convert
-    from tests.checkpoints import KQUANT, build_checkpoint
+    from rioquant.testing.checkpoints import KQUANT, build_checkpoint
 
     out = CACHE / f"bench-{qtype}.gguf"
     if out.is_file():
@@ -61,7 +61,7 @@ def worker_llama(gguf: Path, text: Path, ctx: int, chunks: int, threads: int, re
     from rioquant.evaluate.source import open_source
     from rioquant.evaluate.stats import perplexity_summary
     from rioquant.evaluate.text import tokenize_text
-    from tests.oracles import LlamaChunks
+    from rioquant.testing.oracles import LlamaChunks
 
     tokens = tokenize_text(open_source(gguf), text, ctx, chunks)
     first = ctx // 2

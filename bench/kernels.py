@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType
 
 from rioquant.quant import quantize
 from rioquant.quant.types import BLOCK_KERNELS
-from tests.oracles import GgmlOracle
+from rioquant.testing.oracles import GgmlOracle
 
 T = GGMLQuantizationType
 ORDER = [T.Q8_0, T.Q6_K, T.Q5_K, T.Q4_K, T.Q3_K, T.Q2_K]

@@ -1,6 +1,6 @@
 """What error tracking costs: `convert` on a K-quant-shaped tiny checkpoint with and without it.
 
-Builds tests.checkpoints.KQUANT (8 experts, MTP; about 150 M weights, dominated by the 248K-token
+Builds rioquant.testing.checkpoints.KQUANT (8 experts, MTP; about 150 M weights, dominated by the 248K-token
 embedding and output matrices, like the real model's largest tensors), warms the Numba caches, then
 converts it `--repeats` times each way, alternating, and reports the best times and their ratio.
 The goal is tracking under 15 % of the conversion time. Absolute times move with machine load;
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rioquant.convert import ConvertOptions, convert
 from rioquant.quant.metrics import TensorErrorTracker
-from tests.checkpoints import KQUANT, build_checkpoint
+from rioquant.testing.checkpoints import KQUANT, build_checkpoint
 
 
 class TrackerClock:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.oracles import GgmlOracle
+from rioquant.testing.oracles import GgmlOracle
 
 
 @pytest.fixture(scope="session")

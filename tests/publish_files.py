@@ -15,7 +15,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from tests.checkpoints import TINY, build_checkpoint, tokenizer_files
+from rioquant.testing.checkpoints import TINY, build_checkpoint
+from rioquant.testing.tokenizer import tokenizer_files
 
 BASE_MODEL = "Qwen/Qwen3.5-35B-A3B"
 TOKENS = ["a", "b", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]

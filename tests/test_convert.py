@@ -16,9 +16,9 @@ import pytest
 from gguf import GGMLQuantizationType
 
 from rioquant.convert import ConvertOptions, convert
-from tests.checkpoints import KQUANT, TINY, build_checkpoint
-from tests.gguf_scan import scan
-from tests.oracles import GgmlOracle, llama_logits, run_reference_converter, transformers_logits
+from rioquant.testing.checkpoints import KQUANT, TINY, build_checkpoint
+from rioquant.testing.gguf_scan import scan
+from rioquant.testing.oracles import GgmlOracle, llama_logits, run_reference_converter, transformers_logits
 
 PROMPT = [248045, 846, 198, 9707, 11, 1246, 525, 498, 30, 248046, 198, 248045, 77091, 198]
 

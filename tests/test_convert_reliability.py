@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 from rioquant.cli import main
 from rioquant.convert import ConvertOptions, convert
 from rioquant.errors import CheckpointError
-from tests.checkpoints import KQUANT, TINY, build_checkpoint
-from tests.gguf_scan import scan
-from tests.oracles import llama_logits
+from rioquant.testing.checkpoints import KQUANT, TINY, build_checkpoint
+from rioquant.testing.gguf_scan import scan
+from rioquant.testing.oracles import llama_logits
 
 PROMPT = [248045, 846, 198, 9707, 11, 1246, 525, 498, 30]
 

@@ -33,9 +33,9 @@ from rioquant.cli import main
 from rioquant.convert import ConvertOptions, convert
 from rioquant.export.qwen35moe import cols_tile_v
 from rioquant.quant.imatrix import read_imatrix
-from tests.checkpoints import TINY, build_checkpoint
-from tests.gguf_scan import scan
-from tests.oracles import llama_chunk_logits, plain_cpu_buffers, transformers_logits
+from rioquant.testing.checkpoints import TINY, build_checkpoint
+from rioquant.testing.gguf_scan import scan
+from rioquant.testing.oracles import llama_chunk_logits, plain_cpu_buffers, transformers_logits
 
 SPEC = replace(TINY, dtype="float32")  # float32 weights: the HF path is transformers' float32 path
 CTX = 64

@@ -18,15 +18,15 @@ import torch
 from rioquant.evaluate.dequant import TORCH_KERNELS, dequantize_torch
 from rioquant.evaluate.engine import resolve_device
 from rioquant.evaluate.forward import delta_rule_chunked, delta_rule_recurrent, l2_norm, rope_angles
-from rioquant.evaluate.gguf_reader import open_gguf
+from rioquant.files.gguf_set import open_set
 from rioquant.evaluate.numerics import round_q8_0, round_q8_k
 from rioquant.evaluate.source import open_source
 from rioquant.evaluate.stats import kld_summary, percentile, perplexity_summary
 from rioquant.evaluate.text import token_chunks
 from rioquant.errors import EvaluationError
 from rioquant.quant import dequantize, quantize
-from tests.inputs import INPUTS
-from tests.oracles import ggml_activation_rounding
+from rioquant.testing.inputs import INPUTS
+from rioquant.testing.oracles import ggml_activation_rounding
 
 T = gguf.GGMLQuantizationType
 
@@ -153,9 +153,9 @@ def test_gguf_reader_joins_a_split_set(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    model = open_gguf(tmp_path / "m-00002-of-00002.gguf")  # any file of the set
+    model = open_set(tmp_path / "m-00002-of-00002.gguf")  # any file of the set
     assert model.get("qwen35moe.block_count") == 1 and len(model.files) == 2
     assert model.tensors["a.weight"].shape == (2, 4) and model.tensors["b.weight"].qtype == T.F16
-    from rioquant.evaluate.gguf_reader import read_tensor_bytes
+    from rioquant.files.gguf_file import read_tensor_bytes
 
     assert np.array_equal(read_tensor_bytes(model.tensors["b.weight"]).view(np.float16).reshape(3, 32), b)

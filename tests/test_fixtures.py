@@ -1,7 +1,7 @@
 """The test fixtures and oracles checked against each other, independently of rioquant.
 
-Tiny checkpoints (tests.checkpoints) must be what transformers and llama.cpp's reference converter
-take for real Qwen3.5-MoE checkpoints; the oracles (tests.oracles) must agree: llama.cpp's logits
+Tiny checkpoints (rioquant.testing.checkpoints) must be what transformers and llama.cpp's reference converter
+take for real Qwen3.5-MoE checkpoints; the oracles (rioquant.testing.oracles) must agree: llama.cpp's logits
 from the reference converter's F32 GGUF equal transformers' float32 logits to about 1e-3, with the
 same argmax. When these fail, converter tests that lean on them mean nothing.
 """
@@ -17,7 +17,7 @@ import torch
 from gguf import GGUFReader
 from safetensors import safe_open
 
-from tests.checkpoints import (
+from rioquant.testing.checkpoints import (
     ENDOFTEXT_ID,
     IM_END_ID,
     IM_START_ID,
@@ -26,9 +26,9 @@ from tests.checkpoints import (
     TINY,
     TinySpec,
     build_checkpoint,
-    tokenizer_files,
 )
-from tests.oracles import llama_logits, run_reference_converter, transformers_logits
+from rioquant.testing.oracles import llama_logits, run_reference_converter, transformers_logits
+from rioquant.testing.tokenizer import tokenizer_files
 
 PROMPTS = [
     "The capital of France is Paris, and the capital of Germany is",

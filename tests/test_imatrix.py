@@ -1,7 +1,7 @@
 """imatrix: reading llama.cpp's GGUF and legacy .dat files, fitting them to the model, and quantizing
 with them, against llama-quantize's documented arithmetic and ggml's own quantizers.
 
-Files are written here as llama-imatrix writes them (tests/imatrix_files.py, gguf-py's GGUFWriter for
+Files are written here as llama-imatrix writes them (rioquant/testing/imatrix_files.py, gguf-py's GGUFWriter for
 the GGUF form), including experts that no token reached (count 0).
 """
 
@@ -19,9 +19,9 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from rioquant.convert import ConvertOptions, convert
 from rioquant.errors import ImatrixError
 from rioquant.quant.imatrix import check_fit, read_imatrix
-from tests.checkpoints import KQUANT, build_checkpoint
-from tests.gguf_scan import scan
-from tests.imatrix_files import (
+from rioquant.testing.checkpoints import KQUANT, build_checkpoint
+from rioquant.testing.gguf_scan import scan
+from rioquant.testing.imatrix_files import (
     RawEntry,
     dat_importance,
     gguf_importance,
@@ -29,7 +29,7 @@ from tests.imatrix_files import (
     write_dat_imatrix,
     write_gguf_imatrix,
 )
-from tests.oracles import GgmlOracle, run_reference_converter
+from rioquant.testing.oracles import GgmlOracle, run_reference_converter
 
 T = GGMLQuantizationType
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from rioquant.quant import dequantize, quantize
 from rioquant.quant.types import BLOCK_KERNELS, FLOAT_TYPES, block_geometry
-from tests.inputs import IMPORTANCE_KINDS, INPUTS, random_importance
+from rioquant.testing.inputs import IMPORTANCE_KINDS, INPUTS, random_importance
 
 ALL_TYPES = [*FLOAT_TYPES, *BLOCK_KERNELS]
 TYPE_IDS = [t.name for t in ALL_TYPES]

@@ -21,10 +21,10 @@ import pytest
 
 from rioquant.cli import main
 from rioquant.errors import PublishError
-from rioquant.export.gguf_header import read_header
+from rioquant.files.gguf_file import read_header
 from rioquant.publish.gotemplate import QWEN35_GO_TEMPLATE
 from rioquant.publish.modelfile import PRESETS, modelfile_text
-from tests.checkpoints import tokenizer_files
+from rioquant.testing.tokenizer import tokenizer_files
 from tests.publish_files import qwen35_template, tiny_release, write_gguf
 
 GO_SOURCE = Path(__file__).parent / "go" / "render.go"

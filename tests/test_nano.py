@@ -15,8 +15,8 @@ from tokenizers import Tokenizer
 from bench.nano.corpus import load_corpus
 from bench.nano.train import NanoShape, TrainSettings, train
 from rioquant.convert import ConvertOptions, convert
-from rioquant.export.gguf_header import read_header
-from tests.oracles import plain_cpu_buffers
+from rioquant.files.gguf_file import read_header
+from rioquant.testing.oracles import plain_cpu_buffers
 
 SMALL = NanoShape(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32, linear_key_head_dim=16,
                   linear_value_head_dim=16, num_experts=4, moe_intermediate_size=64, shared_expert_intermediate_size=64,

@@ -28,10 +28,11 @@ from rioquant.export.metadata import add_arch_metadata
 from rioquant.quant import budget
 from rioquant.quant.plan import tensor_nbytes
 from rioquant.quant.recipes import LLAMA_MIXES, RECIPES
-from tests.checkpoints import TINY, build_checkpoint, tokenizer_files
-from tests.gguf_scan import scan
-from tests.llama_quantize import llama_dry_run
-from tests.oracles import run_reference_converter
+from rioquant.testing.checkpoints import TINY, build_checkpoint
+from rioquant.testing.tokenizer import tokenizer_files
+from rioquant.testing.gguf_scan import scan
+from rioquant.testing.llama_quantize import llama_dry_run
+from rioquant.testing.oracles import run_reference_converter
 
 T = GGMLQuantizationType
 CONFIG_397B = Path(__file__).parent / "data" / "rio-3.5-open-397b" / "config.json"

@@ -1,7 +1,7 @@
 """`rioquant publish`: verification of every GGUF, the model card and files, the dry run, the upload.
 
 Figures in the card are checked against independent readers: tensor sizes and types from
-tests/gguf_scan.py (not rioquant's header reader), checksums with coreutils' `sha256sum -c`. The
+rioquant/testing/gguf_scan.py (not rioquant's header reader), checksums with coreutils' `sha256sum -c`. The
 upload runs against tests/hub_double.py, a small HTTP test double of the Hub on 127.0.0.1.
 """
 
@@ -26,7 +26,7 @@ from rioquant.errors import GGUFError, PublishError, RioquantError
 from rioquant.publish.gotemplate import QWEN35_GO_TEMPLATE
 from rioquant.publish.release import PublishOptions, plan_release, publish
 from rioquant.publish.verify import find_sets
-from tests.gguf_scan import scan
+from rioquant.testing.gguf_scan import scan
 from tests.hub_double import HubDouble
 from tests.publish_files import BASE_MODEL, patch_scalar, qwen35_template, tiny_release, write_gguf
 

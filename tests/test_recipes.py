@@ -1,7 +1,7 @@
 """Recipes against llama.cpp's own quantizer: every tensor's type (and bytes) as `llama_model_quantize` chooses.
 
 The oracle is llama-cpp-python's `llama_model_quantize` on a BF16 GGUF written by llama.cpp's own
-converter from the same tiny checkpoint (tests/llama_quantize.py). Three checkpoints cover the rules'
+converter from the same tiny checkpoint (rioquant/testing/llama_quantize.py). Three checkpoints cover the rules'
 branches: 8 experts (llama.cpp's special case) with an MTP block; 6 experts with n_head/n_head_kv = 4 and
 16 blocks (so n/8, n/16 and use_more_bits all bite); and TINY, whose rows of 64 and 32 fit no K-quant
 block, so every fallback type appears. Decisions come from llama.cpp's dry run (seconds per mix); three
@@ -28,11 +28,11 @@ from rioquant.quant.recipes import (
     parse_tensor_type,
     use_more_bits,
 )
-from tests.checkpoints import KQUANT, TINY, build_checkpoint
-from tests.gguf_scan import scan
-from tests.imatrix_files import gguf_importance, random_entries, write_gguf_imatrix
-from tests.llama_quantize import llama_dry_run, llama_quantize
-from tests.oracles import llama_logits, run_reference_converter
+from rioquant.testing.checkpoints import KQUANT, TINY, build_checkpoint
+from rioquant.testing.gguf_scan import scan
+from rioquant.testing.imatrix_files import gguf_importance, random_entries, write_gguf_imatrix
+from rioquant.testing.llama_quantize import llama_dry_run, llama_quantize
+from rioquant.testing.oracles import llama_logits, run_reference_converter
 
 T = GGMLQuantizationType
 

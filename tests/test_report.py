@@ -21,10 +21,10 @@ from rioquant.cli import main
 from rioquant.convert import ConvertOptions, convert
 from rioquant.quant import metrics, quantize
 from rioquant.quant.metrics import OUTLIER_FACTOR, TensorErrorTracker
-from tests.checkpoints import KQUANT, TINY, build_checkpoint
-from tests.gguf_scan import scan
-from tests.imatrix_files import gguf_importance, random_entries, write_gguf_imatrix
-from tests.oracles import run_reference_converter
+from rioquant.testing.checkpoints import KQUANT, TINY, build_checkpoint
+from rioquant.testing.gguf_scan import scan
+from rioquant.testing.imatrix_files import gguf_importance, random_entries, write_gguf_imatrix
+from rioquant.testing.oracles import run_reference_converter
 
 T = gguf.GGMLQuantizationType
 DEAD = ("model.layers.1.mlp.experts.2.down_proj.weight", "blk.1.ffn_down_exps.weight", 2)

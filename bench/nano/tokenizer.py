@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from tests.checkpoints import tokenizer_files
+from rioquant.testing.tokenizer import tokenizer_files
 
 BPE_VOCAB = 4096  # byte alphabet (256) + merges
 TRAIN_CHARS = 4_000_000  # the BPE statistics settle long before the whole 10 MB

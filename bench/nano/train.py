@@ -28,8 +28,8 @@ import torch
 
 from bench.nano.corpus import load_corpus
 from bench.nano.tokenizer import special_id, write_tokenizer
-from tests.checkpoints import layer_types, mrope_section
-from tests.llama_src import CACHE_DIR
+from rioquant.testing.checkpoints import layer_types, mrope_section
+from rioquant.testing.llama_src import CACHE_DIR
 
 RECIPE_TAG = "nano-v1"  # bump when the model, data or training changes: it names the cache folder
 

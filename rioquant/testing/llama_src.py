@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # must match the llama-cpp-python pin in pyproject.toml
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # rioquant/testing/llama_src.py → the checkout (editable install)
 CACHE_DIR = REPO_ROOT / ".cache"
 _SDIST_TOP = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"  # top folder inside the sdist tarball
 _VENDOR = "vendor/llama.cpp"

@@ -1,14 +1,14 @@
 """llama.cpp's own quantizer, `llama_model_quantize` (llama-cpp-python 0.3.36), as the oracle for recipes.
 
 - `llama_quantize(src, out, ftype, ...)` writes the GGUF llama-quantize would write from `src` (a BF16
-  GGUF): the file to compare rioquant's output with, tensor by tensor (tests/gguf_scan.py).
+  GGUF): the file to compare rioquant's output with, tensor by tensor (rioquant/testing/gguf_scan.py).
 - `llama_dry_run(src, ftype, ...)` runs the same function with `dry_run` set: llama.cpp decides every
   tensor's type exactly as when quantizing, quantizes nothing and logs one line per tensor, which is
   parsed here. Seconds instead of a minute, for the decision-only comparisons.
 
 Both take llama-quantize's overrides (`--tensor-type`, `--output-tensor-type`, `--token-embedding-type`);
 `llama_quantize` also takes the importance llama-quantize derives from an imatrix file (name → float32
-values, each expert's row after the other: tests/imatrix_files.py computes it), passed as llama.cpp's
+values, each expert's row after the other: rioquant/testing/imatrix_files.py computes it), passed as llama.cpp's
 own `llama_model_imatrix_data` array. Neither imports rioquant.
 """
 

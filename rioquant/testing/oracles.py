@@ -3,7 +3,7 @@
 - `GgmlOracle`: ggml's C quantizers via ctypes, from llama-cpp-python's own `libggml-base.so` (the
   pinned 0.3.36 build). If it cannot be loaded, `GgmlOracle()` raises: tests that need it fail
   loudly instead of skipping.
-- `run_reference_converter`: llama.cpp's own convert_hf_to_gguf.py (from `tests.llama_src`).
+- `run_reference_converter`: llama.cpp's own convert_hf_to_gguf.py (from `rioquant.testing.llama_src`).
 - `llama_logits` / `transformers_logits`: a model's logits through llama.cpp and through transformers.
 """
 
@@ -83,7 +83,7 @@ def run_reference_converter(
     converter asserts on such a checkpoint), False always adds it (drop the MTP layer), True never.
     The text GGUF only: the vision tower is skipped (`--mmproj` would write the projector instead).
     """
-    from tests.llama_src import llama_cpp_source
+    from rioquant.testing.llama_src import llama_cpp_source
 
     src_dir, out_path = Path(src_dir), Path(out_path)
     tree = llama_cpp_source()
