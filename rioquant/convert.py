@@ -9,8 +9,7 @@ import functools
 import hashlib
 import json
 import logging
-import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,7 +19,13 @@ from tqdm import tqdm
 
 from rioquant.errors import CheckpointError, NonFiniteRowError, PlanError, QuantInputError
 from rioquant.export.checkpoint import read_float32, read_rows_float32, scan_tensors
-from rioquant.export.gguf_out import OutputTensor, ShardedGGUFOutput, expected_total_bytes, planned_file_sizes
+from rioquant.export.gguf_out import (
+    OutputFS,
+    OutputTensor,
+    ShardedGGUFOutput,
+    expected_total_bytes,
+    planned_file_sizes,
+)
 from rioquant.export.metadata import add_arch_metadata, general_metadata
 from rioquant.export.qwen35moe import (
     ModelArgs,
@@ -144,7 +149,7 @@ def planned_sizes(plan: ConversionPlan) -> list[int]:
     return planned_file_sizes(tensors, _metadata_writer(plan), plan.options.split_max_size, plan.options.split_max_tensors)
 
 
-def _error_samples(plan: ConversionPlan, names: set[str]) -> Iterator[tuple[str, np.ndarray]]:
+def error_samples(plan: ConversionPlan, names: set[str]) -> Iterator[tuple[str, np.ndarray]]:
     """Deterministic row samples of the named tensors (budget.sample_rows), read row by row."""
     for spec in plan.specs:
         if spec.name in names:
@@ -164,7 +169,7 @@ def _fit_budget(plan: ConversionPlan) -> list[PlanEntry]:
                         "choose a smaller --type")
     types = {e.name: [e.qtype, *budget.upgrade_types(e)] for e in plan.entries if budget.can_raise(e)}
     types = {name: ts for name, ts in types.items() if len(ts) > 1}
-    errors = budget.measure_errors(_error_samples(plan, set(types)), types)
+    errors = budget.measure_errors(error_samples(plan, set(types)), types)
     if options.target_size is None:
         limit = int(options.target_bpw * _parameter_counts(plan)[0] // 8)
         return budget.raise_to_budget(plan.entries, errors, limit, "target-bpw")
@@ -226,11 +231,29 @@ def _metadata_writer(plan: ConversionPlan, imatrix_meta: dict | None = None):
 ROW_BLOCK_BYTES = 64 << 20  # float32 rows quantized (and measured) at once: the 397B's 4 GB embedding in 64 pieces
 
 
-def _row_blocks(rows: np.ndarray, is_expert_slab: bool) -> Iterator[tuple[int, np.ndarray]]:
-    """A matrix's rows in pieces of at most ROW_BLOCK_BYTES, so the quantized copy and the error report's
+def _ignore(entry: PlanEntry) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class ConvertHooks:
+    """The seams of one conversion run; the defaults are the real run, tests replace them.
+
+    `on_tensor(entry)` runs just before each tensor's bytes are written (a test interrupts a run there);
+    `row_block_bytes` sizes the row pieces matrices are quantized in (the bytes do not depend on it);
+    `fs` holds the output's file-system calls (free space, fsync), replaced to simulate a full disk.
+    """
+
+    on_tensor: Callable[[PlanEntry], None] = _ignore
+    row_block_bytes: int = ROW_BLOCK_BYTES
+    fs: OutputFS = OutputFS()
+
+
+def _row_blocks(rows: np.ndarray, is_expert_slab: bool, block_bytes: int) -> Iterator[tuple[int, np.ndarray]]:
+    """A matrix's rows in pieces of at most block_bytes, so the quantized copy and the error report's
     temporaries are a piece's size, not the matrix's; rows are independent, so the bytes are the same.
     An expert slab stays whole: the report keeps one record per expert."""
-    step = max(1, ROW_BLOCK_BYTES // (4 * rows.shape[1]))
+    step = max(1, block_bytes // (4 * rows.shape[1]))
     if is_expert_slab or rows.shape[0] <= step:
         yield 0, rows
         return
@@ -241,6 +264,7 @@ def _row_blocks(rows: np.ndarray, is_expert_slab: bool) -> Iterator[tuple[int, n
 def _tensor_chunks(
     spec: TensorSpec, entry: PlanEntry, plan: ConversionPlan,
     imatrix: Imatrix | None = None, tracker: TensorErrorTracker | None = None,
+    row_block_bytes: int = ROW_BLOCK_BYTES,
 ) -> Iterator[np.ndarray]:
     """Quantized bytes of one tensor: row blocks of an ordinary tensor, one slab at a time for experts.
 
@@ -258,7 +282,7 @@ def _tensor_chunks(
         rows = np.ascontiguousarray(slab.reshape(-1, slab.shape[-1]) if slab.ndim > 1 else slab.reshape(1, -1), dtype=np.float32)
         expert = e if spec.is_expert_stack else None
         weights = imatrix.importance(entry.name, rows.shape[1], expert) if imatrix else None
-        for start, block in _row_blocks(rows, spec.is_expert_stack):
+        for start, block in _row_blocks(rows, spec.is_expert_stack, row_block_bytes):
             try:
                 data = quantize(block, qtype, imatrix=weights, threads=plan.options.threads)
             except QuantInputError as err:
@@ -271,8 +295,9 @@ def _tensor_chunks(
             yield data
 
 
-def convert(src: Path, out: Path, options: ConvertOptions) -> list[Path]:
+def convert(src: Path, out: Path, options: ConvertOptions, hooks: ConvertHooks | None = None) -> list[Path]:
     """Convert the checkpoint at `src` into `out` (or its split set); returns the files written."""
+    hooks = hooks or ConvertHooks()
     plan = build_plan(src, options)
     imatrix = imatrix_meta = None
     if options.imatrix is not None:
@@ -287,7 +312,7 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> list[Path]:
     tensors = [OutputTensor(e.name, e.shape, T[e.qtype], e.nbytes) for e in plan.entries]
     out.parent.mkdir(parents=True, exist_ok=True)
     needed = expected_total_bytes(tensors)
-    free = shutil.disk_usage(out.parent).free
+    free = hooks.fs.free_bytes(out.parent)
     if needed > free:
         raise PlanError(f"{out.parent}: {needed / 1e9:.2f} GB needed for the output, {free / 1e9:.2f} GB free")
     fingerprint = plan_fingerprint(plan.entries, {
@@ -297,7 +322,7 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> list[Path]:
     output = ShardedGGUFOutput(
         out, tensors, add_metadata, fingerprint,
         split_max_size=options.split_max_size, split_max_tensors=options.split_max_tensors,
-        resume=options.resume, force=options.force,
+        resume=options.resume, force=options.force, fs=hooks.fs,
     )
     done_bytes = sum(e.nbytes for e in plan.entries if output.is_done(e.name))
     bar = tqdm(total=plan.total_bytes, initial=done_bytes, unit="B", unit_scale=True, disable=not options.progress,
@@ -309,7 +334,8 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> list[Path]:
             bar.set_postfix_str(f"tensor {i + 1}/{len(plan.entries)} {entry.name} {entry.qtype}")
             tracker = TensorErrorTracker(entry.name, entry.qtype, entry.shape, spec.layer) \
                 if options.report and entry.qtype != "F32" else None
-            output.write_tensor(entry.name, _tensor_chunks(spec, entry, plan, imatrix, tracker),
+            hooks.on_tensor(entry)
+            output.write_tensor(entry.name, _tensor_chunks(spec, entry, plan, imatrix, tracker, hooks.row_block_bytes),
                                 note=tracker.result if tracker else None)
             bar.update(entry.nbytes)
         files = output.finish()

@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rioquant.cli import main
-from rioquant.convert import ConvertOptions, convert
-from rioquant.errors import CheckpointError
+from rioquant.convert import ConvertHooks, ConvertOptions, convert
+from rioquant.errors import CheckpointError, PlanError
+from rioquant.export.gguf_out import DiskFullError, OutputFS
 from rioquant.testing.checkpoints import KQUANT, TINY, build_checkpoint
 from rioquant.testing.gguf_scan import scan
 from rioquant.testing.oracles import llama_logits
@@ -234,36 +235,29 @@ def test_existing_output_needs_force(tiny, tmp_path, capsys):
     assert out.read_bytes()[:4] == b"GGUF"
 
 
-def test_not_enough_disk_space_is_checked_up_front(tiny, tmp_path, capsys, monkeypatch):
-    import shutil
-
-    import rioquant.convert
-
-    usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(rioquant.convert.shutil, "disk_usage", lambda p: usage._replace(free=1_000_000))
+def test_not_enough_disk_space_is_checked_up_front(tiny, tmp_path):
     out = tmp_path / "m.gguf"
-    code, err = run_cli(["convert", tiny, "-o", out, "--type", "F16", "--no-progress"], capsys)
-    assert code == 1 and "GB needed" in err and str(tmp_path) in err
+    full = ConvertHooks(fs=OutputFS(free_bytes=lambda path: 1_000_000))
+    with pytest.raises(PlanError, match="GB needed") as err:
+        convert(tiny, out, ConvertOptions(qtype="F16", progress=False), full)
+    assert str(tmp_path) in str(err.value)
     assert not out.exists() and not (tmp_path / ".m.gguf.partial").exists()
 
 
-def test_disk_full_during_write_then_resume(tiny, tmp_path, capsys, monkeypatch):
-    import rioquant.export.gguf_out as gguf_out
-
-    real_fsync, calls = os.fsync, {"n": 0}
+def test_disk_full_during_write_then_resume(tiny, tmp_path):
+    calls = 0
 
     def failing_fsync(fd):
-        calls["n"] += 1
-        if calls["n"] == 6:
+        nonlocal calls
+        calls += 1
+        if calls == 6:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_fsync(fd)
+        os.fsync(fd)
 
-    monkeypatch.setattr(gguf_out.os, "fsync", failing_fsync)
     out = tmp_path / "m.gguf"
-    code, err = run_cli(["convert", tiny, "-o", out, "--type", "F16", "--no-progress"], capsys)
-    assert code == 1 and "disk full while writing tensor" in err and "--resume" in err
+    with pytest.raises(DiskFullError, match="disk full while writing tensor .*--resume"):
+        convert(tiny, out, ConvertOptions(qtype="F16", progress=False), ConvertHooks(fs=OutputFS(fsync=failing_fsync)))
     assert not out.exists()
-    monkeypatch.setattr(gguf_out.os, "fsync", real_fsync)
     (resumed,) = convert(tiny, out, ConvertOptions(qtype="F16", resume=True, progress=False))
     (fresh,) = convert(tiny, tmp_path / "fresh.gguf", ConvertOptions(qtype="F16", progress=False))
     assert resumed.read_bytes() == fresh.read_bytes()
@@ -283,18 +277,16 @@ def test_inspect_reports_sizes(tiny, tmp_path, capsys):
     assert code == 0 and "ffn_down_exps" in stdout and "Q8_0" in stdout
 
 
-def test_matrices_are_quantized_in_row_pieces_with_the_same_bytes(tiny, tmp_path, monkeypatch):
+def test_matrices_are_quantized_in_row_pieces_with_the_same_bytes(tiny, tmp_path):
     """Large matrices are quantized (and measured) in row pieces so memory stays near one float32 copy of
     the largest tensor; pieces of 16 rows must give the file that whole matrices give, and a NaN is named
     by its row in the whole matrix."""
-    import rioquant.convert
-
     (whole,) = convert(tiny, tmp_path / "whole.gguf", ConvertOptions(qtype="Q8_0", progress=False, report=False))
-    monkeypatch.setattr(rioquant.convert, "ROW_BLOCK_BYTES", 4 * 64 * 16)
-    (pieces,) = convert(tiny, tmp_path / "pieces.gguf", ConvertOptions(qtype="Q8_0", progress=False))
+    sixteen_rows = ConvertHooks(row_block_bytes=4 * 64 * 16)
+    (pieces,) = convert(tiny, tmp_path / "pieces.gguf", ConvertOptions(qtype="Q8_0", progress=False), sixteen_rows)
     assert pieces.read_bytes() == whole.read_bytes()
 
     src = _copy(tiny, tmp_path / "src")
     _nan_in_tensor(src, row=40)
     with pytest.raises(CheckpointError, match=r"out_proj\.weight: row 40 holds NaN or Inf"):
-        convert(src, tmp_path / "nan.gguf", ConvertOptions(qtype="Q8_0", progress=False, report=False))
+        convert(src, tmp_path / "nan.gguf", ConvertOptions(qtype="Q8_0", progress=False, report=False), sixteen_rows)

@@ -244,9 +244,9 @@ def test_target_size_raises_the_worst_tensors_within_budget(tiny, tmp_path):
 
 
 def _samples(plan):
-    from rioquant.convert import _error_samples
+    from rioquant.convert import error_samples
 
-    return _error_samples(plan, {e.name for e in plan.entries if budget.can_raise(e)})
+    return error_samples(plan, {e.name for e in plan.entries if budget.can_raise(e)})
 
 
 def test_target_size_needs_weights(rio_397b):

@@ -16,9 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import rioquant.convert as convert_module
 from rioquant.cli import main
-from rioquant.convert import ConvertOptions, convert
+from rioquant.convert import ConvertHooks, ConvertOptions, convert
 from rioquant.quant import metrics, quantize
 from rioquant.quant.metrics import OUTLIER_FACTOR, TensorErrorTracker
 from rioquant.testing.checkpoints import KQUANT, TINY, build_checkpoint
@@ -173,22 +172,18 @@ def test_report_equals_direct_computation_from_written_file(converted):
 
 
 @pytest.mark.slow
-def test_resume_gives_the_same_report(converted, tmp_path, monkeypatch):
-    original = convert_module._tensor_chunks
+def test_resume_gives_the_same_report(converted, tmp_path):
     calls = 0
 
-    def crash_midway(*args, **kwargs):
+    def crash_midway(entry):
         nonlocal calls
         calls += 1
         if calls == 25:
             raise KeyboardInterrupt  # like ^C in the middle of the run
-        return original(*args, **kwargs)
 
     out = tmp_path / "out" / "q4.gguf"
-    monkeypatch.setattr(convert_module, "_tensor_chunks", crash_midway)
     with pytest.raises(KeyboardInterrupt):
-        convert(converted["src"], out, converted["options"])
-    monkeypatch.setattr(convert_module, "_tensor_chunks", original)
+        convert(converted["src"], out, converted["options"], ConvertHooks(on_tensor=crash_midway))
     files = convert(converted["src"], out, replace(converted["options"], resume=True))
     assert [f.name for f in files] == [f.name for f in converted["files"]]
     resumed = json.loads((out.parent / "q4.report.json").read_text())

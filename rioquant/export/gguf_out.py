@@ -41,6 +41,18 @@ class DiskFullError(PlanError):
     """ENOSPC while writing; the partial output stays in the work directory for --resume."""
 
 
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+@dataclass(frozen=True)
+class OutputFS:
+    """The file-system calls whose failures the output handles (a full disk): the seam tests replace."""
+
+    free_bytes: Callable[[Path], int] = _free_bytes  # free space on the file system holding a folder
+    fsync: Callable[[int], None] = os.fsync
+
+
 class ShardedGGUFOutput:
     """Writes tensors in plan order into one GGUF or a split set; see the module docstring."""
 
@@ -54,8 +66,10 @@ class ShardedGGUFOutput:
         split_max_tensors: int = 0,
         resume: bool = False,
         force: bool = False,
+        fs: OutputFS = OutputFS(),
     ) -> None:
         self.out_path = out_path
+        self.fs = fs
         self.workdir = out_path.parent / f".{out_path.name}.partial"
         self.fingerprint = fingerprint
         writer = layout_writer(self.workdir / out_path.name, tensors, add_metadata, split_max_size, split_max_tensors)
@@ -90,11 +104,11 @@ class ShardedGGUFOutput:
         self.ends = [f.tell() for f in writer.fout]
         writer.flush()
         for f in writer.fout:
-            os.fsync(f.fileno())
+            self.fs.fsync(f.fileno())
         with open(self.workdir / JOURNAL, "w") as journal:
             journal.write(json.dumps({"fingerprint": self.fingerprint, "header_ends": self.ends}) + "\n")
             journal.flush()
-            os.fsync(journal.fileno())
+            self.fs.fsync(journal.fileno())
 
     def _load_journal(self) -> bool:
         """Restore progress; False when there is nothing compatible to resume from."""
@@ -138,11 +152,11 @@ class ShardedGGUFOutput:
                 raise AssertionError(f"tensor {name}: wrote {written} bytes, plan says {self.nbytes[name]}")
             handle.write(b"\0" * (_pad(written, self.alignment) - written))
             handle.flush()
-            os.fsync(handle.fileno())
+            self.fs.fsync(handle.fileno())
             record = {"tensor": name, "end": handle.tell(), **({"note": note()} if note else {})}
             self.journal.write(json.dumps(record) + "\n")
             self.journal.flush()
-            os.fsync(self.journal.fileno())
+            self.fs.fsync(self.journal.fileno())
         except OSError as err:
             if err.errno == errno.ENOSPC:
                 raise DiskFullError(
