@@ -26,7 +26,7 @@ from rioquant.convert import ConvertOptions, build_plan, convert, describe_plan
 from rioquant.errors import PlanError
 from rioquant.export.metadata import add_arch_metadata
 from rioquant.quant import budget
-from rioquant.quant.plan import tensor_nbytes
+from rioquant.files.gguf_file import nbytes
 from rioquant.quant.recipes import LLAMA_MIXES, RECIPES
 from rioquant.testing.checkpoints import TINY, build_checkpoint
 from rioquant.testing.tokenizer import tokenizer_files
@@ -214,7 +214,7 @@ def _no_upgrade_fits(entries, errors, budget_left: int, alignment: int) -> bool:
         if e.name not in errors or not budget.can_raise(e):
             continue
         for t in budget.upgrade_types(e):
-            grows = pad(tensor_nbytes(T[t], e.shape)) - pad(e.nbytes)
+            grows = pad(nbytes(T[t], e.shape)) - pad(e.nbytes)
             if errors[e.name][t] < errors[e.name][e.qtype] and grows <= budget_left:
                 return False
     return True

@@ -15,6 +15,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
+from rioquant.files.gguf_file import nbytes
 from rioquant.quant import dequantize as numba_dequantize
 from rioquant.quant.types import BLOCK_KERNELS, FLOAT_TYPES
 
@@ -158,8 +159,7 @@ def dequantize_torch(raw: torch.Tensor, qtype: GGMLQuantizationType, shape: tupl
     """uint8 bytes (on any device) → float32 tensor of `shape` on the same device, with torch ops only."""
     if qtype in TORCH_FLOATS:
         return raw.view(TORCH_FLOATS[qtype]).float().reshape(shape)
-    block, type_bytes = GGML_QUANT_SIZES[qtype]
-    return TORCH_KERNELS[qtype](raw.reshape(-1, type_bytes)).reshape(shape)
+    return TORCH_KERNELS[qtype](raw.reshape(-1, GGML_QUANT_SIZES[qtype][1])).reshape(shape)  # (blocks, type bytes)
 
 
 def dequantize_to(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -175,6 +175,5 @@ def dequantize_to(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int
 
 def dequantize_rows(raw: np.ndarray, qtype: GGMLQuantizationType, n_per_row: int, rows: np.ndarray) -> np.ndarray:
     """Only the given rows of a 2-D tensor (the token embedding: the rows of the tokens seen)."""
-    row_bytes = n_per_row // GGML_QUANT_SIZES[qtype][0] * GGML_QUANT_SIZES[qtype][1]
-    picked = raw.reshape(-1, row_bytes)[rows]
+    picked = raw.reshape(-1, nbytes(qtype, (n_per_row,)))[rows]
     return dequantize_to(np.ascontiguousarray(picked).reshape(-1), qtype, (len(rows), n_per_row), torch.device("cpu")).numpy()

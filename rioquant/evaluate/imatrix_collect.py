@@ -9,7 +9,6 @@ and one count per expert, counting each routed (token, slot) pair. The file hold
 Sums are accumulated in float64 (llama.cpp: float32) and written as float32.
 """
 
-import os
 from pathlib import Path
 
 import gguf
@@ -18,6 +17,7 @@ import torch
 
 from rioquant.evaluate.forward import Observer
 from rioquant.export.qwen35moe import ModelArgs
+from rioquant.files.disk import replacing
 
 
 class ImatrixCollector:
@@ -59,20 +59,19 @@ class ImatrixCollector:
     def write(self, path: Path, datasets: list[str], chunk_count: int, chunk_size: int) -> int:
         """Write the GGUF imatrix (under a temporary name, renamed when complete); returns the entry count."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.partial")
-        writer = gguf.GGUFWriter(tmp, arch="imatrix")
-        writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix writes no architecture
-        writer.add_type(gguf.GGUFType.IMATRIX)
-        writer.add_array(gguf.Keys.IMatrix.DATASETS, datasets)
-        writer.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, chunk_count)
-        writer.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, chunk_size)
-        names = sorted(n for n in self.sums if np.any(self.counts[n] > 0))  # llama-imatrix skips entries with no data
-        for name in names:
-            writer.add_tensor(f"{name}.in_sum2", self.sums[name].float().cpu().numpy())  # (n_mat, n_per_row)
-            writer.add_tensor(f"{name}.counts", self.counts[name].astype(np.float32).reshape(-1, 1))  # (n_mat, 1)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            writer = gguf.GGUFWriter(tmp, arch="imatrix")
+            writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix writes no architecture
+            writer.add_type(gguf.GGUFType.IMATRIX)
+            writer.add_array(gguf.Keys.IMatrix.DATASETS, datasets)
+            writer.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, chunk_count)
+            writer.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, chunk_size)
+            names = sorted(n for n in self.sums if np.any(self.counts[n] > 0))  # llama-imatrix skips entries with no data
+            for name in names:
+                writer.add_tensor(f"{name}.in_sum2", self.sums[name].float().cpu().numpy())  # (n_mat, n_per_row)
+                writer.add_tensor(f"{name}.counts", self.counts[name].astype(np.float32).reshape(-1, 1))  # (n_mat, 1)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
         return len(names)

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from rioquant.evaluate.dequant import dequantize_rows, dequantize_to, dequantize_torch
-from rioquant.evaluate.gguf_reader import GGUFModel, GGUFTensor, open_gguf, read_tensor_bytes
 from rioquant.errors import CheckpointError, EvaluationError
+from rioquant.evaluate.dequant import dequantize_rows, dequantize_to, dequantize_torch
 from rioquant.export.checkpoint import read_float32, scan_tensors
 from rioquant.export.qwen35moe import ModelArgs, TensorSpec, load_piece, load_tensor, model_args, tensor_specs
+from rioquant.files.gguf_file import TensorInfo, read_tensor_bytes
+from rioquant.files.gguf_set import GGUFSet, open_set
 
 ARCH = "qwen35moe"
 SOURCE_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -184,14 +185,14 @@ class HFSource(ModelSource):
 # GGUF
 
 
-def _meta(model: GGUFModel, key: str, default: object = None) -> object:
+def _meta(model: GGUFSet, key: str, default: object = None) -> object:
     value = model.get(f"{ARCH}.{key}", default)
     if value is None:
         raise CheckpointError(f"{model.path}: metadata {ARCH}.{key} missing")
     return value
 
 
-def gguf_model_args(model: GGUFModel) -> ModelArgs:
+def gguf_model_args(model: GGUFSet) -> ModelArgs:
     """ModelArgs from a qwen35moe GGUF's metadata (the inverse of export.metadata.ARCH_KEYS)."""
     n_nextn = int(_meta(model, "nextn_predict_layers", 0))
     n_layers = int(_meta(model, "block_count")) - n_nextn
@@ -240,7 +241,7 @@ class GGUFSource(ModelSource):
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.model = open_gguf(path)
+        self.model = open_set(path)
         arch = self.model.get("general.architecture")
         if arch != ARCH:
             raise EvaluationError(f"{path}: architecture {arch!r}; rioquant evaluates {ARCH} models only")
@@ -249,13 +250,13 @@ class GGUFSource(ModelSource):
         self.rope_sections = tuple((sections + [0, 0, 0, 0])[:4])
         self.n_vocab = self.args.vocab_size
 
-    def _tensor(self, name: str) -> GGUFTensor:
+    def _tensor(self, name: str) -> TensorInfo:
         tensor = self.model.tensors.get(name)
         if tensor is None:
             raise CheckpointError(f"{self.path}: tensor {name} missing")
         return tensor
 
-    def _float(self, tensor: GGUFTensor, device: torch.device) -> torch.Tensor:
+    def _float(self, tensor: TensorInfo, device: torch.device) -> torch.Tensor:
         return dequantize_to(read_tensor_bytes(tensor), tensor.qtype, tensor.shape, device)
 
     def layer(self, il: int, device: torch.device) -> LayerWeights:

@@ -14,8 +14,8 @@ import numpy as np
 from gguf import Keys, TokenType
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from rioquant.evaluate.source import GGUFSource, ModelSource
 from rioquant.errors import EvaluationError
+from rioquant.evaluate.source import GGUFSource, ModelSource
 
 # tokenizer.ggml.pre → the split regex llama.cpp applies before byte-level BPE (src/llama-vocab.cpp)
 PRE_TOKENIZER_REGEX: dict[str, str] = {
@@ -32,7 +32,7 @@ PRE_TOKENIZER_REGEX: dict[str, str] = {
 
 def gguf_tokenizer(source: GGUFSource) -> Tokenizer:
     """A `tokenizers` BPE from the GGUF's tokenizer.ggml.* metadata."""
-    kv = source.model.kv
+    kv = source.model.meta
     model, pre = kv.get(Keys.Tokenizer.MODEL), kv.get(Keys.Tokenizer.PRE)
     if model != "gpt2" or pre not in PRE_TOKENIZER_REGEX:
         raise EvaluationError(
@@ -76,7 +76,7 @@ def load_tokenizer(source: ModelSource, override: Path | None = None) -> Tokeniz
 def bos_to_add(source: ModelSource) -> int | None:
     """The BOS id llama-perplexity would put at the start of each chunk, or None (Qwen3.5: none)."""
     if isinstance(source, GGUFSource):
-        kv = source.model.kv
+        kv = source.model.meta
         return int(kv[Keys.Tokenizer.BOS_ID]) if kv.get(Keys.Tokenizer.ADD_BOS) else None
     config_path = source.path / "tokenizer_config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}

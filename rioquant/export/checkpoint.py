@@ -9,7 +9,6 @@ checkpoints are refused: unpickling untrusted files runs code.
 """
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from rioquant.errors import CheckpointError
+from rioquant.files.disk import read_at
 
 # safetensors dtype → (bytes per element, converter from the raw little-endian array to float32)
 SOURCE_DTYPES: dict[str, tuple[int, str]] = {
@@ -127,14 +127,9 @@ def read_float32(tensor: SourceTensor, index: int | None = None) -> np.ndarray:
     count = int(np.prod(shape, dtype=np.int64))
     offset = tensor.data_start + (0 if index is None else index * count * tensor.itemsize)
     raw = np.empty(count, dtype=SOURCE_DTYPES[tensor.dtype][1])
-    view = memoryview(raw).cast("B")
     with open(tensor.file, "rb", buffering=0) as f:
-        done = 0
-        while done < len(view):  # pread may return less than asked (2 GiB cap per call)
-            n = os.preadv(f.fileno(), [view[done:]], offset + done)
-            if n == 0:
-                raise CheckpointError(f"{tensor.file}: truncated while reading tensor {tensor.name}")
-            done += n
+        if not read_at(f.fileno(), memoryview(raw).cast("B"), offset):
+            raise CheckpointError(f"{tensor.file}: truncated while reading tensor {tensor.name}")
     if tensor.dtype == "BF16":  # widened inside the ufunc: no uint32 temporary beside the result
         values = np.left_shift(raw, 16, dtype=np.uint32).view(np.float32)
     else:
@@ -158,14 +153,8 @@ def read_rows_float32(tensor: SourceTensor, index: int | None, rows: list[int]) 
             end = start + 1
             while end < len(rows) and rows[end] == rows[end - 1] + 1:
                 end += 1
-            view = memoryview(out[start:end]).cast("B")
-            offset = base + rows[start] * cols * tensor.itemsize
-            done = 0
-            while done < len(view):
-                n = os.preadv(f.fileno(), [view[done:]], offset + done)
-                if n == 0:
-                    raise CheckpointError(f"{tensor.file}: truncated while reading tensor {tensor.name}")
-                done += n
+            if not read_at(f.fileno(), memoryview(out[start:end]).cast("B"), base + rows[start] * cols * tensor.itemsize):
+                raise CheckpointError(f"{tensor.file}: truncated while reading tensor {tensor.name}")
             start = end
     if tensor.dtype == "BF16":
         return (out.astype(np.uint32) << 16).view(np.float32)

@@ -1,9 +1,9 @@
-"""`rioquant inspect`: what is in a GGUF, from its header alone (see gguf_header for why not GGUFReader)."""
+"""`rioquant inspect`: what is in a GGUF, from its header alone (see rioquant.files.gguf_file for why not GGUFReader)."""
 
 from collections import defaultdict
 from pathlib import Path
 
-from rioquant.export.gguf_header import read_header
+from rioquant.files.gguf_file import read_header
 
 MAX_ARRAY_SHOWN = 8
 

@@ -9,15 +9,15 @@ instead, for older releases. The same parameters are the Hub's `params` file (se
 """
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from rioquant import __version__
 from rioquant.errors import PublishError
-from rioquant.export.gguf_header import GGUFHeader, read_header
+from rioquant.files.disk import write_atomic
+from rioquant.files.gguf_file import GGUFHeader, read_header
+from rioquant.files.gguf_set import first_shard, set_stem
 from rioquant.publish.gotemplate import QWEN35_GO_TEMPLATE, looks_like_qwen35
-from rioquant.publish.verify import first_shard, set_stem
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,5 @@ def write_modelfile(gguf: Path, out: Path | None, **options) -> str:
     text = modelfile_text(gguf, out, **options)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
+        write_atomic(out, text)
     return text

@@ -10,16 +10,17 @@ Uploaded: every quant (file or split set) with its companions `NAME.*` (error re
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rioquant.errors import PublishError
+from rioquant.files.disk import write_atomic
+from rioquant.files.gguf_set import GGUFSet
 from rioquant.publish.card import GENERATED_MARK, describe, render_card
 from rioquant.publish.gotemplate import QWEN35_GO_TEMPLATE, looks_like_qwen35
 from rioquant.publish.modelfile import ARCH, ollama_params
 from rioquant.publish.upload import hub_url, upload_release
-from rioquant.publish.verify import HASH_CACHE, QuantSet, find_sets, sha256_files
+from rioquant.publish.verify import HASH_CACHE, find_sets, sha256_files
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def _sha256_text(text: str) -> tuple[int, str]:
     return len(data), hashlib.sha256(data).hexdigest()
 
 
-def _companions(folder: Path, sets: list[QuantSet]) -> list[Path]:
+def _companions(folder: Path, sets: list[GGUFSet]) -> list[Path]:
     """`NAME.*` beside each set (reports, figures, eval) and the imatrix files the quants name."""
     out = []
     for qset in sets:
@@ -143,10 +144,7 @@ def publish(repo_id: str, folder: Path, options: PublishOptions) -> str:
     if options.dry_run:
         return render_plan(release, options)
     for path, text in release.generated.items():
-        target = folder / path
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
+        write_atomic(folder / path, text)
     url = upload_release(repo_id, folder, release.paths, private=options.private, revision=options.revision,
                          commit_message=release.commit_message, endpoint=options.endpoint)
     return f"uploaded {len(release.paths)} files to {hub_url(repo_id, options.endpoint)}: {url}\n"

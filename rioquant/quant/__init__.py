@@ -1,5 +1,5 @@
 """Quant types, the conversion plan, recipes, imatrix and error reports."""
 
-from rioquant.quant.api import dequantize, quantize, row_bytes
+from rioquant.quant.api import dequantize, quantize
 
-__all__ = ["dequantize", "quantize", "row_bytes"]
+__all__ = ["dequantize", "quantize"]

@@ -12,6 +12,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from rioquant.errors import NonFiniteRowError, QuantInputError
+from rioquant.files.gguf_file import nbytes
 from rioquant.kernels import floats
 from rioquant.kernels.driver import dequantize_rows, first_nonfinite_row, quantize_rows
 from rioquant.quant.types import BLOCK_KERNELS, FLOAT_TYPES, block_geometry, parse_qtype
@@ -33,12 +34,6 @@ def numba_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         numba.set_num_threads(previous)
-
-
-def row_bytes(qtype: "str | GGMLQuantizationType", n_per_row: int) -> int:
-    """Bytes of one quantized row of n_per_row weights."""
-    block, type_bytes = block_geometry(parse_qtype(qtype))
-    return n_per_row // block * type_bytes
 
 
 def _check_rows(x: np.ndarray, qtype: GGMLQuantizationType) -> None:
@@ -81,7 +76,7 @@ def quantize(
     if qtype in FLOAT_TYPES:
         return floats.to_element_bytes(x, qtype.name)
     importance = _NO_IMPORTANCE if imatrix is None else _check_importance(imatrix, x.shape[1])
-    out = np.empty((x.shape[0], row_bytes(qtype, x.shape[1])), dtype=np.uint8)
+    out = np.empty((x.shape[0], nbytes(qtype, (x.shape[1],))), dtype=np.uint8)
     with numba_threads(threads):
         quantize_rows(BLOCK_KERNELS[qtype].quantize_row, x, importance, out)
     return out
@@ -93,7 +88,10 @@ def dequantize(data: np.ndarray, qtype: "str | GGMLQuantizationType", shape: tup
     shape = tuple(int(s) for s in shape)
     n_per_row = shape[-1]
     rows = int(np.prod(shape[:-1], dtype=np.int64))
-    expected = rows * row_bytes(qtype, n_per_row)
+    try:
+        expected = nbytes(qtype, shape)
+    except ValueError as err:
+        raise QuantInputError(f"dequantize {qtype.name} of shape {shape}: {err}") from None
     raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
     if raw.size != expected:
         raise QuantInputError(f"{qtype.name} data of {raw.size} bytes does not hold shape {shape} ({expected} bytes)")

@@ -25,8 +25,9 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from rioquant.errors import PlanError
+from rioquant.files.gguf_file import nbytes
 from rioquant.quant.api import dequantize, quantize
-from rioquant.quant.plan import PlanEntry, fit_row_length, tensor_nbytes
+from rioquant.quant.plan import PlanEntry, fit_row_length
 
 log = logging.getLogger(__name__)
 T = GGMLQuantizationType
@@ -61,11 +62,11 @@ def can_raise(entry: PlanEntry) -> bool:
 
 def upgrade_types(entry: PlanEntry) -> list[str]:
     """The types an entry may be raised to: LADDER types above it, after the row-length fallback."""
-    current = tensor_nbytes(T[entry.qtype], entry.shape)
+    current = nbytes(T[entry.qtype], entry.shape)
     found: list[str] = []
     for name in LADDER:
         fitted, _ = fit_row_length(T[name], entry.shape[-1])
-        if fitted.name in RAISABLE and tensor_nbytes(fitted, entry.shape) > current and fitted.name not in found:
+        if fitted.name in RAISABLE and nbytes(fitted, entry.shape) > current and fitted.name not in found:
             found.append(fitted.name)
     return found
 
@@ -111,7 +112,7 @@ def raise_to_budget(
             for qtype in upgrade_types(entry):
                 if qtype not in errors[name]:
                     continue
-                added = cost(tensor_nbytes(T[qtype], entry.shape)) - cost(entry.nbytes)
+                added = cost(nbytes(T[qtype], entry.shape)) - cost(entry.nbytes)
                 gain = now ** 2 - errors[name][qtype] ** 2
                 if gain <= 0 or used + added > budget:
                     continue
@@ -124,7 +125,7 @@ def raise_to_budget(
         i = index[name]
         was = original[name]
         plan[i] = replace(
-            plan[i], qtype=qtype, nbytes=tensor_nbytes(T[qtype], plan[i].shape),
+            plan[i], qtype=qtype, nbytes=nbytes(T[qtype], plan[i].shape),
             rule=f"{label}: raised from {was} (rel. RMSE {errors[name][was]:.4f} → {errors[name][qtype]:.4f})",
         )
         used += added

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from gguf import GGMLQuantizationType
 
 from rioquant.errors import PlanError
+from rioquant.files.gguf_file import nbytes
 from rioquant.quant.recipes import ModelFacts, Recipe
 from rioquant.quant.types import block_geometry
 
@@ -73,14 +74,6 @@ def fit_row_length(qtype: GGMLQuantizationType, n_per_row: int) -> tuple[GGMLQua
     return fallback, True
 
 
-def tensor_nbytes(qtype: GGMLQuantizationType, shape: Sequence[int]) -> int:
-    block, type_bytes = block_geometry(qtype)
-    n = 1
-    for d in shape:
-        n *= d
-    return n // block * type_bytes
-
-
 def plan_fingerprint(entries: Sequence[PlanEntry], options: dict) -> str:
     """A hash of everything that determines the output bytes: the resume journal's key."""
     payload = json.dumps({"entries": [asdict(e) for e in entries], "options": options}, sort_keys=True, default=str)
@@ -112,7 +105,7 @@ def _exact(name: str, shape: tuple[int, ...], qtype: str, option: str, rule: str
     block, _ = block_geometry(T[qtype])
     if shape[-1] % block:
         raise PlanError(f"{option} {qtype}: {name} has rows of {shape[-1]}, not a multiple of {qtype}'s block of {block}")
-    return PlanEntry(name, shape, qtype, rule, tensor_nbytes(T[qtype], shape))
+    return PlanEntry(name, shape, qtype, rule, nbytes(T[qtype], shape))
 
 
 def recipe_entry(
@@ -121,7 +114,7 @@ def recipe_entry(
 ) -> PlanEntry:
     """One tensor's type, in llama.cpp's order: never quantized, user overrides, recipe rules, row fallback."""
     if not is_quantizable(name, shape):
-        return PlanEntry(name, shape, "F32", "never quantized (1-D, norm, router or conv)", tensor_nbytes(T.F32, shape))
+        return PlanEntry(name, shape, "F32", "never quantized (1-D, norm, router or conv)", nbytes(T.F32, shape))
     if name == "token_embd.weight" and overrides.token_embd_type:
         return _exact(name, shape, overrides.token_embd_type, "--token-embedding-type", "--token-embedding-type")
     if name == "output.weight" and overrides.output_type:
@@ -145,7 +138,7 @@ def recipe_entry(
     fitted, fell_back = fit_row_length(T[qtype], row)
     if fell_back:
         rule += f"; row of {row} does not fit {qtype} → {fitted.name}"
-    return PlanEntry(name, shape, fitted.name, rule, tensor_nbytes(fitted, shape))
+    return PlanEntry(name, shape, fitted.name, rule, nbytes(fitted, shape))
 
 
 def recipe_entries(
