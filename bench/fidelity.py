@@ -33,16 +33,16 @@ import numpy as np
 
 from bench.nano.corpus import load_corpus
 from bench.nano.train import ensure_nano
+from rioquant.convert import ConvertOptions, build_plan, convert, describe_plan
 from rioquant.evaluate.engine import EngineOptions
 from rioquant.evaluate.pipelines import collect_imatrix, kl_divergence
-from rioquant.convert import ConvertOptions, build_plan, convert, describe_plan
 from rioquant.files.gguf_file import read_header
 from rioquant.quant.recipes import LLAMA_MIXES, XL_MIXES
-from rioquant.testing.tokenizer import tokenizer_files
 from rioquant.testing.gguf_scan import scan
 from rioquant.testing.imatrix_files import RawEntry, gguf_importance
 from rioquant.testing.llama_quantize import llama_quantize
 from rioquant.testing.llama_src import CACHE_DIR
+from rioquant.testing.tokenizer import tokenizer_files
 
 # llama.cpp's frontier: below Q3_K_M it is extended along the Q3_K_M–Q4_K_M slope, which asks more of a
 # smaller mix than Q2_K's own point would (Q2_K lies far above that line)

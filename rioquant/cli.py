@@ -1,4 +1,4 @@
-"""The `rioquant` command line: parse options, call the packages, print one-line errors.
+"""The `rioquant` command line: parse options, call the packages, render (rioquant.render), print one-line errors.
 
 Every user-caused failure is a RioquantError and is printed as `error: <message>` with exit code 1;
 set RIOQUANT_DEBUG=1 to see the traceback instead.
@@ -36,43 +36,75 @@ class SizeType(click.ParamType):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log every step.")
 def cli(verbose: bool) -> None:
-    """rioquant: stream a Qwen3.5-MoE checkpoint into GGUF quants that are bit-exact with ggml."""
+    """rioquant: stream a Qwen3.5-MoE checkpoint into GGUF quants that are bit-exact with ggml.
+
+    \b
+    Examples:
+      rioquant plan ./Rio-3.5-Open-397B --type Q4_K_M
+      rioquant convert ./Rio-3.5-Open-397B -o rio-Q4_K_M.gguf --type Q4_K_M --split-max-size 50G
+      rioquant report rio-Q4_K_M.gguf
+      rioquant kld --base ./Rio-3.5-Open-397B --quant rio-Q4_K_M.gguf --text wiki.test.raw
+    """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-def recipe_options(command):
-    """The options that decide every tensor's type, shared by `convert` and `plan`."""
-    options = [
-        click.option("--type", "qtype", default=None, metavar="MIX",
-                     help="Q8_0 (default), Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K "
-                          "(llama.cpp's mixes), Q4_K_XL, Q3_K_XL, Q2_K_XL (rioquant's), or uniform "
-                          "F32, F16, BF16, Q5_K, Q4_K, Q3_K."),
-        click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
-                     help="Type of the tensors whose name matches REGEX (repeatable; first match wins)."),
-        click.option("--output-tensor-type", default=None, metavar="TYPE", help="Type of output.weight."),
-        click.option("--token-embedding-type", default=None, metavar="TYPE", help="Type of token_embd.weight."),
-        click.option("--recipe", type=click.Path(path_type=Path), default=None, metavar="FILE.toml",
-                     help="A recipe of your own (TOML rules, see docs/recipes.md) instead of --type."),
-        click.option("--target-size", type=SizeType(), default=None,
-                     help="Raise the worst-measured tensors until the output is this big (e.g. 230G)."),
-        click.option("--target-bpw", type=float, default=None,
-                     help="Raise the worst-measured tensors up to this many bits per weight."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def options(*decorators):
+    """One decorator from many click options, so a group of options is declared once and shared."""
+    def apply(command):
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return apply
 
 
-def _recipe_fields(values: dict) -> dict:
-    """ConvertOptions fields from recipe_options' values."""
+# The options that decide every tensor's type, shared by `convert` and `plan`.
+recipe_options = options(
+    click.option("--type", "qtype", default=None, metavar="MIX",
+                 help="Q8_0 (default), Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K "
+                      "(llama.cpp's mixes), Q4_K_XL, Q3_K_XL, Q2_K_XL (rioquant's), or uniform "
+                      "F32, F16, BF16, Q5_K, Q4_K, Q3_K."),
+    click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
+                 help="Type of the tensors whose name matches REGEX (repeatable; first match wins)."),
+    click.option("--output-tensor-type", default=None, metavar="TYPE", help="Type of output.weight."),
+    click.option("--token-embedding-type", default=None, metavar="TYPE", help="Type of token_embd.weight."),
+    click.option("--recipe", type=click.Path(path_type=Path), default=None, metavar="FILE.toml",
+                 help="A recipe of your own (TOML rules, see docs/recipes.md) instead of --type."),
+    click.option("--target-size", type=SizeType(), default=None,
+                 help="Raise the worst-measured tensors until the output is this big (e.g. 230G)."),
+    click.option("--target-bpw", type=float, default=None,
+                 help="Raise the worst-measured tensors up to this many bits per weight."),
+)
+
+# What goes into the file besides the types (which tensors, how split, the metadata), shared by
+# `convert` and `plan`: the metadata changes the header's size, so `plan` takes it too.
+output_options = options(
+    click.option("--no-mtp", is_flag=True, help="Drop the multi-token-prediction (NextN) layer."),
+    click.option("--split-max-size", type=SizeType(), default=0, help="Split into shards of at most this size (e.g. 50G)."),
+    click.option("--split-max-tensors", type=int, default=0, help="Split into shards of at most N tensors."),
+    click.option("--base-model", "base_models", multiple=True, metavar="ORG/REPO",
+                 help="A model this one derives from (repeat for each parent of a merge)."),
+    click.option("--name", default=None, help="general.name (default: from the model card or directory)."),
+    click.option("--quantized-by", default=None, help="general.quantized_by."),
+)
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+no_progress_option = click.option("--no-progress", is_flag=True, help="No progress bar.")
+
+
+def _convert_options(qtype, tensor_types, output_tensor_type, token_embedding_type, recipe, target_size, target_bpw,
+                     no_mtp, split_max_size, split_max_tensors, base_models, name, quantized_by, **run):
+    """ConvertOptions from recipe_options' and output_options' values; `run` holds convert's own fields."""
+    from rioquant.convert import ConvertOptions
     from rioquant.errors import PlanError
 
-    if values["recipe"] is not None and values["qtype"] is not None:
+    if recipe is not None and qtype is not None:
         raise PlanError('--recipe and --type: give one (a recipe extends a mix with base = "Q4_K_M")')
-    return dict(
-        qtype=values["qtype"] or "Q8_0", recipe=values["recipe"], tensor_types=tuple(values["tensor_types"]),
-        output_tensor_type=values["output_tensor_type"], token_embedding_type=values["token_embedding_type"],
-        target_size=values["target_size"], target_bpw=values["target_bpw"],
+    return ConvertOptions(
+        qtype=qtype or "Q8_0", recipe=recipe, tensor_types=tuple(tensor_types), output_tensor_type=output_tensor_type,
+        token_embedding_type=token_embedding_type, target_size=target_size, target_bpw=target_bpw,
+        with_mtp=not no_mtp, split_max_size=split_max_size, split_max_tensors=split_max_tensors,
+        base_models=tuple(base_models), name=name, quantized_by=quantized_by, **run,
     )
 
 
@@ -80,22 +112,15 @@ def _recipe_fields(values: dict) -> dict:
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--outfile", "out", type=click.Path(path_type=Path), required=True, help="Output .gguf path.")
 @recipe_options
-@click.option("--no-mtp", is_flag=True, help="Drop the multi-token-prediction (NextN) layer.")
-@click.option("--split-max-size", type=SizeType(), default=0, help="Split into shards of at most this size (e.g. 50G).")
-@click.option("--split-max-tensors", type=int, default=0, help="Split into shards of at most N tensors.")
-@click.option("--base-model", "base_models", multiple=True, metavar="ORG/REPO",
-              help="A model this one derives from (repeat for each parent of a merge).")
-@click.option("--name", default=None, help="general.name (default: from the model card or directory).")
-@click.option("--quantized-by", default=None, help="general.quantized_by.")
+@output_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted conversion of the same plan.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--threads", type=int, default=None, help="Quantization threads (default: all cores).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@no_progress_option
 @click.option("--imatrix", "imatrix", type=click.Path(path_type=Path), default=None,
               help="llama.cpp importance matrix (GGUF from llama-imatrix or `rioquant imatrix`, or legacy .dat).")
 @click.option("--no-report", is_flag=True, help="Skip the per-tensor/per-expert error report (NAME.report.json/.csv).")
-def convert(src, out, no_mtp, split_max_size, split_max_tensors, base_models, name, quantized_by,
-            resume, force, threads, no_progress, imatrix, no_report, **recipe) -> None:
+def convert(src, out, resume, force, threads, no_progress, imatrix, no_report, **values) -> None:
     """Convert the Hugging Face checkpoint SRC into a GGUF.
 
     \b
@@ -105,14 +130,10 @@ def convert(src, out, no_mtp, split_max_size, split_max_tensors, base_models, na
       rioquant convert ./ckpt -o out.gguf --type BF16 --base-model Qwen/Qwen3.5-397B-A17B
       rioquant convert ./ckpt -o out-Q4_K.gguf --type Q4_K --imatrix imatrix.gguf
     """
-    from rioquant.convert import ConvertOptions
     from rioquant.convert import convert as run_convert
 
-    options = ConvertOptions(
-        **_recipe_fields(recipe), with_mtp=not no_mtp, split_max_size=split_max_size, split_max_tensors=split_max_tensors,
-        base_models=tuple(base_models), name=name, quantized_by=quantized_by, resume=resume, force=force,
-        threads=threads, progress=not no_progress, imatrix=imatrix, report=not no_report,
-    )
+    options = _convert_options(**values, resume=resume, force=force, threads=threads, progress=not no_progress,
+                               imatrix=imatrix, report=not no_report)
     for path in run_convert(src, out, options):
         click.echo(str(path))
 
@@ -120,14 +141,9 @@ def convert(src, out, no_mtp, split_max_size, split_max_tensors, base_models, na
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @recipe_options
-@click.option("--no-mtp", is_flag=True, help="Drop the multi-token-prediction (NextN) layer.")
-@click.option("--split-max-size", type=SizeType(), default=0, help="Split into shards of at most this size (e.g. 50G).")
-@click.option("--split-max-tensors", type=int, default=0, help="Split into shards of at most N tensors.")
-@click.option("--base-model", "base_models", multiple=True, metavar="ORG/REPO", help="As for convert (metadata size).")
-@click.option("--name", default=None, help="As for convert (metadata size).")
-@click.option("--quantized-by", default=None, help="As for convert (metadata size).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan(src, no_mtp, split_max_size, split_max_tensors, base_models, name, quantized_by, as_json, **recipe) -> None:
+@output_options
+@json_option
+def plan(src, as_json, **values) -> None:
     """Print what `convert` would write, writing nothing: each tensor's type, the rule that chose it, its
     bytes, and the exact file size. SRC may hold only config.json and the tokenizer files (no weights).
 
@@ -136,15 +152,11 @@ def plan(src, no_mtp, split_max_size, split_max_tensors, base_models, name, quan
       rioquant plan ./Rio-3.5-Open-397B --type Q4_K_M
       rioquant plan ./Rio-3.5-Open-397B --type Q4_K_XL --split-max-size 50G --json > plan.json
     """
-    from rioquant.convert import ConvertOptions, build_plan, describe_plan
-    from rioquant.quant.plan import render_plan
+    from rioquant import render
+    from rioquant.convert import build_plan, describe_plan
 
-    options = ConvertOptions(
-        **_recipe_fields(recipe), with_mtp=not no_mtp, split_max_size=split_max_size,
-        split_max_tensors=split_max_tensors, base_models=tuple(base_models), name=name, quantized_by=quantized_by,
-    )
-    summary = describe_plan(build_plan(src, options, weights_optional=True))
-    click.echo(json.dumps(summary, indent=2) if as_json else render_plan(summary))
+    summary = describe_plan(build_plan(src, _convert_options(**values), weights_optional=True))
+    click.echo(json.dumps(summary, indent=2) if as_json else render.plan_table(summary))
 
 
 @cli.command()
@@ -163,10 +175,12 @@ def report(file, top, plots_dir, no_plots) -> None:
       rioquant report rio-Q4_K.gguf
       rioquant report rio-Q4_K.report.json --top 30 --plots-dir figures/
     """
-    from rioquant.quant.report import draw_figures, load_report, render_text
+    from rioquant import render
+    from rioquant.quant.figures import draw_figures
+    from rioquant.quant.report import load_report
 
     data, json_path = load_report(file)
-    click.echo(render_text(data, top))
+    click.echo(render.error_report(data, top))
     if not no_plots:
         stem = json_path.name.removesuffix(".json")
         for path in draw_figures(data, plots_dir or json_path.parent, stem):
@@ -175,14 +189,20 @@ def report(file, top, plots_dir, no_plots) -> None:
 
 @cli.command()
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def inspect(file, as_json) -> None:
-    """Print a GGUF's metadata and its size by type and by tensor kind."""
-    from rioquant.export.inspect import inspect_gguf, render_text
+    """Print a GGUF's metadata and its size by type and by tensor kind.
+
+    \b
+    Examples:
+      rioquant inspect rio-Q4_K_M.gguf
+      rioquant inspect rio-Q4_K_M-00001-of-00005.gguf --json
+    """
+    from rioquant import render
+    from rioquant.export.inspect import inspect_gguf
 
     report = inspect_gguf(file)
-    click.echo(json.dumps(report, indent=2) if as_json else render_text(report))
-
+    click.echo(json.dumps(report, indent=2) if as_json else render.gguf_summary(report))
 
 
 @cli.command()
@@ -247,33 +267,31 @@ def publish(repo_id, folder, dry_run, private, revision, commit_message, base_mo
                              base_models=tuple(base_models), force=force, progress=not no_progress)
     click.echo(run_publish(repo_id, folder, options), nl=False)
 
-def eval_options(command):
-    """Options shared by `ppl`, `kld` and `imatrix`: text, context, and where and how the model runs."""
-    options = [
-        click.option("--text", type=click.Path(path_type=Path), required=True, help="UTF-8 evaluation text."),
-        click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per chunk (llama.cpp's -c)."),
-        click.option("--chunks", type=int, default=None, help="Use at most N chunks (default: all)."),
-        click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N)."),
-        click.option("--threads", type=int, default=None, help="CPU threads (default: torch's)."),
-        click.option("--numerics", type=click.Choice(["auto", "exact", "ggml"]), default="auto", show_default=True,
-                     help="ggml: round activations as llama.cpp's CPU backend does (auto: for a GGUF); "
-                          "exact: float32 on the dequantized weights."),
-        click.option("--max-memory", type=SizeType(), default=0,
-                     help="Host memory for activations and one layer (e.g. 200G); activations beyond it go to --tmp-dir."),
-        click.option("--tmp-dir", type=click.Path(path_type=Path), default=None, help="Where spilled activations go."),
-        click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
-                     help="tokenizer.json to use instead of the model's own."),
-        click.option("--profile", "profile_out", type=click.Path(path_type=Path), default=None,
-                     help="Write per-layer time and memory as JSON here."),
-        click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
-        click.option("--no-progress", is_flag=True, help="No progress bar."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+
+# Shared by `ppl`, `kld` and `imatrix`: text, context, and where and how the model runs.
+eval_options = options(
+    click.option("--text", type=click.Path(path_type=Path), required=True, help="UTF-8 evaluation text."),
+    click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per chunk (llama.cpp's -c)."),
+    click.option("--chunks", type=int, default=None, help="Use at most N chunks (default: all)."),
+    click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N)."),
+    click.option("--threads", type=int, default=None, help="CPU threads (default: torch's)."),
+    click.option("--numerics", type=click.Choice(["auto", "exact", "ggml"]), default="auto", show_default=True,
+                 help="ggml: round activations as llama.cpp's CPU backend does (auto: for a GGUF); "
+                      "exact: float32 on the dequantized weights."),
+    click.option("--max-memory", type=SizeType(), default=0,
+                 help="Host memory for activations and one layer (e.g. 200G); activations beyond it go to --tmp-dir."),
+    click.option("--tmp-dir", type=click.Path(path_type=Path), default=None, help="Where spilled activations go."),
+    click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+                 help="tokenizer.json to use instead of the model's own."),
+    click.option("--profile", "profile_out", type=click.Path(path_type=Path), default=None,
+                 help="Write per-layer time and memory as JSON here."),
+    json_option,
+    no_progress_option,
+)
 
 
 def _engine_options(device, threads, numerics, max_memory, tmp_dir, no_progress):
+    """EngineOptions from eval_options' values (the ones about where and how the model runs)."""
     from rioquant.evaluate.engine import EngineOptions
 
     return EngineOptions(device=device, threads=threads, numerics=numerics, max_memory=max_memory, tmp_dir=tmp_dir,
@@ -283,8 +301,7 @@ def _engine_options(device, threads, numerics, max_memory, tmp_dir, no_progress)
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @eval_options
-def ppl(model, text, ctx, chunks, device, threads, numerics, max_memory, tmp_dir, tokenizer, profile_out, as_json,
-        no_progress) -> None:
+def ppl(model, text, ctx, chunks, tokenizer, profile_out, as_json, **engine) -> None:
     """Perplexity of MODEL (checkpoint directory or GGUF) on --text, by llama-perplexity's method.
 
     \b
@@ -292,15 +309,11 @@ def ppl(model, text, ctx, chunks, device, threads, numerics, max_memory, tmp_dir
       rioquant ppl rio-Q4_K_M.gguf --text wiki.test.raw --json
       rioquant ppl ./Rio-3.5-Open-397B --text wiki.test.raw --device cuda --max-memory 200G
     """
+    from rioquant import render
     from rioquant.evaluate.pipelines import perplexity
 
-    result = perplexity(model, text, ctx, chunks, _engine_options(device, threads, numerics, max_memory, tmp_dir, no_progress),
-                        tokenizer, profile_out)
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-    else:
-        click.echo(f"PPL = {result['ppl']:.4f} +/- {result['ppl_stderr']:.5f} "
-                   f"({result['tokens_scored']} tokens scored, {result['chunks']} chunks of {result['ctx']})")
+    result = perplexity(model, text, ctx, chunks, _engine_options(**engine), tokenizer, profile_out)
+    click.echo(json.dumps(result, indent=2) if as_json else render.perplexity(result))
 
 
 @cli.command()
@@ -310,8 +323,7 @@ def ppl(model, text, ctx, chunks, device, threads, numerics, max_memory, tmp_dir
 @click.option("--base-states", type=click.Path(path_type=Path), default=None,
               help="Keep the base run's stored states here (.npy) and reuse them on the next quant.")
 @eval_options
-def kld(base, quant, base_states, text, ctx, chunks, device, threads, numerics, max_memory, tmp_dir, tokenizer, profile_out,
-        as_json, no_progress) -> None:
+def kld(base, quant, base_states, text, ctx, chunks, tokenizer, profile_out, as_json, **engine) -> None:
     """KL divergence of --quant from --base, and llama-perplexity's other --kl-divergence statistics.
 
     \b
@@ -319,13 +331,11 @@ def kld(base, quant, base_states, text, ctx, chunks, device, threads, numerics, 
       rioquant kld --base ./Rio-3.5-Open-397B --quant rio-Q4_K_M.gguf --text wiki.test.raw --json
       rioquant kld --base rio-BF16.gguf --quant rio-Q3_K_M.gguf --text wiki.test.raw --base-states base.npy
     """
+    from rioquant import render
     from rioquant.evaluate.pipelines import kl_divergence
-    from rioquant.evaluate.stats import render_kld
 
-    result = kl_divergence(base, quant, text, ctx, chunks,
-                           _engine_options(device, threads, numerics, max_memory, tmp_dir, no_progress), tokenizer,
-                           base_states, profile_out)
-    click.echo(json.dumps(result, indent=2) if as_json else render_kld(result))
+    result = kl_divergence(base, quant, text, ctx, chunks, _engine_options(**engine), tokenizer, base_states, profile_out)
+    click.echo(json.dumps(result, indent=2) if as_json else render.kl_divergence(result))
 
 
 @cli.command("imatrix")
@@ -333,8 +343,7 @@ def kld(base, quant, base_states, text, ctx, chunks, device, threads, numerics, 
 @click.option("-o", "--outfile", "out", type=click.Path(path_type=Path), required=True, help="Output imatrix .gguf.")
 @click.option("--process-output", is_flag=True, help="Also collect output.weight (llama-imatrix --process-output).")
 @eval_options
-def imatrix_command(src, out, process_output, text, ctx, chunks, device, threads, numerics, max_memory, tmp_dir, tokenizer,
-                    profile_out, as_json, no_progress) -> None:
+def imatrix_command(src, out, process_output, text, ctx, chunks, tokenizer, profile_out, as_json, **engine) -> None:
     """Importance matrix of SRC over --text, in llama.cpp's GGUF imatrix format.
 
     \b
@@ -342,17 +351,12 @@ def imatrix_command(src, out, process_output, text, ctx, chunks, device, threads
       rioquant imatrix ./Rio-3.5-Open-397B --text calibration.txt -o imatrix.gguf --device cuda
       rioquant convert ./Rio-3.5-Open-397B -o rio-Q4_K_M.gguf --type Q4_K_M --imatrix imatrix.gguf
     """
+    from rioquant import render
     from rioquant.evaluate.pipelines import collect_imatrix
 
-    result = collect_imatrix(src, text, out, ctx, chunks,
-                             _engine_options(device, threads, numerics, max_memory, tmp_dir, no_progress), tokenizer,
-                             process_output, profile_out)
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-    else:
-        click.echo(f"{result['output']}: {result['entries']} entries from {result['chunks']} chunks of {result['ctx']}")
-        for name, experts in result["experts_without_data"].items():
-            click.echo(f"warning: {name}: no token routed to expert(s) {experts}")
+    result = collect_imatrix(src, text, out, ctx, chunks, _engine_options(**engine), tokenizer, process_output,
+                             profile_out)
+    click.echo(json.dumps(result, indent=2) if as_json else render.imatrix_collected(result))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,6 +25,7 @@ from rioquant.export.gguf_out import DiskFullError, OutputFS
 from rioquant.testing.checkpoints import KQUANT, TINY, build_checkpoint
 from rioquant.testing.gguf_scan import scan
 from rioquant.testing.oracles import llama_logits
+from tests.faults import fails_on_call
 
 PROMPT = [248045, 846, 198, 9707, 11, 1246, 525, 498, 30]
 
@@ -245,18 +246,10 @@ def test_not_enough_disk_space_is_checked_up_front(tiny, tmp_path):
 
 
 def test_disk_full_during_write_then_resume(tiny, tmp_path):
-    calls = 0
-
-    def failing_fsync(fd):
-        nonlocal calls
-        calls += 1
-        if calls == 6:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        os.fsync(fd)
-
     out = tmp_path / "m.gguf"
+    full = OutputFS(fsync=fails_on_call(6, OSError(errno.ENOSPC, "No space left on device"), os.fsync))
     with pytest.raises(DiskFullError, match="disk full while writing tensor .*--resume"):
-        convert(tiny, out, ConvertOptions(qtype="F16", progress=False), ConvertHooks(fs=OutputFS(fsync=failing_fsync)))
+        convert(tiny, out, ConvertOptions(qtype="F16", progress=False), ConvertHooks(fs=full))
     assert not out.exists()
     (resumed,) = convert(tiny, out, ConvertOptions(qtype="F16", resume=True, progress=False))
     (fresh,) = convert(tiny, tmp_path / "fresh.gguf", ConvertOptions(qtype="F16", progress=False))

@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 import torch
 
+from rioquant.cli import main
+from rioquant.convert import ConvertOptions, convert
 from rioquant.evaluate.engine import Engine, EngineOptions, whole_model_states
 from rioquant.evaluate.pipelines import chunk_logits, collect_imatrix, kl_divergence, perplexity
 from rioquant.evaluate.source import open_source
 from rioquant.evaluate.text import load_tokenizer, tokenize_text
-from rioquant.cli import main
-from rioquant.convert import ConvertOptions, convert
 from rioquant.export.qwen35moe import cols_tile_v
 from rioquant.quant.imatrix import read_imatrix
 from rioquant.testing.checkpoints import TINY, build_checkpoint

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
+from rioquant.errors import EvaluationError
 from rioquant.evaluate.dequant import TORCH_KERNELS, dequantize_torch
 from rioquant.evaluate.engine import resolve_device
 from rioquant.evaluate.forward import delta_rule_chunked, delta_rule_recurrent, l2_norm, rope_angles
-from rioquant.files.gguf_set import open_set
 from rioquant.evaluate.numerics import round_q8_0, round_q8_k
 from rioquant.evaluate.source import open_source
 from rioquant.evaluate.stats import kld_summary, percentile, perplexity_summary
 from rioquant.evaluate.text import token_chunks
-from rioquant.errors import EvaluationError
+from rioquant.files.gguf_set import open_set
 from rioquant.quant import dequantize, quantize
 from rioquant.testing.inputs import INPUTS
 from rioquant.testing.oracles import ggml_activation_rounding

@@ -25,14 +25,14 @@ from rioquant.cli import main
 from rioquant.convert import ConvertOptions, build_plan, convert, describe_plan
 from rioquant.errors import PlanError
 from rioquant.export.metadata import add_arch_metadata
-from rioquant.quant import budget
 from rioquant.files.gguf_file import nbytes
+from rioquant.quant import budget
 from rioquant.quant.recipes import LLAMA_MIXES, RECIPES
 from rioquant.testing.checkpoints import TINY, build_checkpoint
-from rioquant.testing.tokenizer import tokenizer_files
 from rioquant.testing.gguf_scan import scan
 from rioquant.testing.llama_quantize import llama_dry_run
 from rioquant.testing.oracles import run_reference_converter
+from rioquant.testing.tokenizer import tokenizer_files
 
 T = GGMLQuantizationType
 CONFIG_397B = Path(__file__).parent / "data" / "rio-3.5-open-397b" / "config.json"

@@ -18,12 +18,13 @@ from safetensors.torch import load_file, save_file
 
 from rioquant.cli import main
 from rioquant.convert import ConvertHooks, ConvertOptions, convert
-from rioquant.quant import metrics, quantize
+from rioquant.quant import quantize
 from rioquant.quant.metrics import OUTLIER_FACTOR, TensorErrorTracker
 from rioquant.testing.checkpoints import KQUANT, TINY, build_checkpoint
 from rioquant.testing.gguf_scan import scan
 from rioquant.testing.imatrix_files import gguf_importance, random_entries, write_gguf_imatrix
 from rioquant.testing.oracles import run_reference_converter
+from tests.faults import fails_on_call
 
 T = gguf.GGMLQuantizationType
 DEAD = ("model.layers.1.mlp.experts.2.down_proj.weight", "blk.1.ffn_down_exps.weight", 2)
@@ -83,10 +84,10 @@ def test_tracker_equals_numpy_on_gguf_dequantize(qtype):
 
 
 @pytest.mark.parametrize("qtype", ["F16", "BF16"])
-def test_float_types_are_measured_in_row_chunks(qtype, monkeypatch):
-    monkeypatch.setattr(metrics, "DENSE_CHUNK_WEIGHTS", 1000)  # 3 rows of 256 per piece, a ragged last one
+def test_float_types_are_measured_in_row_chunks(qtype):
     x = np.random.default_rng(2).standard_normal((50, 256)).astype(np.float32)
-    tracker = TensorErrorTracker("blk.0.attn_q.weight", qtype, x.shape, 0)
+    # 3 rows of 256 per piece, a ragged last one
+    tracker = TensorErrorTracker("blk.0.attn_q.weight", qtype, x.shape, 0, chunk_weights=1000)
     data = quantize(x, qtype)
     tracker.add(x, data)
     y = gguf.quants.dequantize(data, T[qtype]).reshape(x.shape)
@@ -173,17 +174,10 @@ def test_report_equals_direct_computation_from_written_file(converted):
 
 @pytest.mark.slow
 def test_resume_gives_the_same_report(converted, tmp_path):
-    calls = 0
-
-    def crash_midway(entry):
-        nonlocal calls
-        calls += 1
-        if calls == 25:
-            raise KeyboardInterrupt  # like ^C in the middle of the run
-
     out = tmp_path / "out" / "q4.gguf"
+    crash_midway = ConvertHooks(on_tensor=fails_on_call(25, KeyboardInterrupt()))  # like ^C in the middle of the run
     with pytest.raises(KeyboardInterrupt):
-        convert(converted["src"], out, converted["options"], ConvertHooks(on_tensor=crash_midway))
+        convert(converted["src"], out, converted["options"], crash_midway)
     files = convert(converted["src"], out, replace(converted["options"], resume=True))
     assert [f.name for f in files] == [f.name for f in converted["files"]]
     resumed = json.loads((out.parent / "q4.report.json").read_text())

@@ -104,26 +104,3 @@ def kld_summary(kld: np.ndarray, p_diff: np.ndarray, nll_q: np.ndarray, nll_base
         "rms_delta_p": rms, "rms_delta_p_stderr": 0.5 / rms * mse_unc if rms > 0 else 0.0,
         "same_top_p": same, "same_top_p_stderr": math.sqrt(same * (1 - same) / (n - 1)) if n > 1 else 0.0,
     }
-
-
-def render_kld(r: dict) -> str:
-    """The summary as `llama-perplexity --kl-divergence` prints it."""
-    lines = [
-        f"====== Perplexity statistics ({r['tokens_scored']} tokens, {r['chunks']} chunks of {r['ctx']}) ======",
-        f"Mean PPL(Q)                   : {r['ppl_q']:10.6f} ± {r['ppl_q_stderr']:10.6f}",
-        f"Mean PPL(base)                : {r['ppl_base']:10.6f} ± {r['ppl_base_stderr']:10.6f}",
-        f"Cor(ln(PPL(Q)), ln(PPL(base))): {100 * r['cor_ln_ppl']:6.2f}%",
-        f"Mean ln(PPL(Q)/PPL(base))     : {r['ln_ppl_ratio']:10.6f} ± {r['ln_ppl_ratio_stderr']:10.6f}",
-        f"Mean PPL(Q)/PPL(base)         : {r['ppl_ratio']:10.6f} ± {r['ppl_ratio_stderr']:10.6f}",
-        f"Mean PPL(Q)-PPL(base)         : {r['ppl_diff']:10.6f} ± {r['ppl_diff_stderr']:10.6f}",
-        "",
-        "====== KL divergence statistics ======",
-        f"Mean    KLD: {r['kld']:10.6f} ± {r['kld_stderr']:10.6f}",
-    ]
-    lines += [f"{label:<8}KLD: {value:10.6f}" for label, value in r["kld_percentiles"].items()]
-    lines += ["", "====== Token probability statistics ======",
-              f"Mean    Δp: {100 * r['delta_p']:6.3f} ± {100 * r['delta_p_stderr']:5.3f} %"]
-    lines += [f"{label:<8}Δp: {100 * value:6.3f}%" for label, value in r["delta_p_percentiles"].items()]
-    lines += [f"RMS Δp    : {100 * r['rms_delta_p']:6.3f} ± {100 * r['rms_delta_p_stderr']:5.3f} %",
-              f"Same top p: {100 * r['same_top_p']:6.3f} ± {100 * r['same_top_p_stderr']:5.3f} %"]
-    return "\n".join(lines)

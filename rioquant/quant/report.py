@@ -1,34 +1,30 @@
-"""The quantization-error report: `NAME.report.json` / `NAME.report.csv` beside the GGUF, its text
-summary and its figures.
+"""The quantization-error report: `NAME.report.json` / `NAME.report.csv` beside the GGUF.
 
 The JSON holds one record per measured tensor (every tensor not stored as F32), with one record per
 expert for the 3-D expert tensors; `rioquant.quant.metrics` defines the figures and flags. The CSV is
 the same data flattened, one row per tensor and one per expert slice (`expert` empty for a tensor).
+Its text summary is `rioquant.render.error_report`, its figures `rioquant.quant.figures`.
 """
 
 import csv
 import io
 import json
-import math
-import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from rioquant.errors import ReportError
+from rioquant.files.disk import write_atomic
+from rioquant.files.gguf_set import set_stem
 from rioquant.quant.metrics import OUTLIER_FACTOR
 
 REPORT_FORMAT = "rioquant-report/1"
 CSV_COLUMNS = ("tensor", "layer", "kind", "expert", "qtype", "bpw", "n_weights", "rel_rmse", "imatrix_se",
                "imatrix_rel_rmse", "max_abs_err", "cosine", "flags")
-_SPLIT_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")
 
 
 def report_paths(out: Path) -> tuple[Path, Path]:
     """`dir/NAME.gguf` (or a shard `dir/NAME-00001-of-00003.gguf`) → its report's JSON and CSV paths."""
-    stem = _SPLIT_SUFFIX.sub("", out.stem if out.suffix == ".gguf" else out.name)
+    stem = set_stem(out)
     return out.parent / f"{stem}.report.json", out.parent / f"{stem}.report.csv"
 
 
@@ -56,15 +52,6 @@ def build_report(
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def csv_text(report: dict) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -87,8 +74,8 @@ def csv_text(report: dict) -> str:
 def write_report(report: dict, out: Path) -> tuple[Path, Path]:
     """Write NAME.report.json and NAME.report.csv beside `out`, each under a temporary name first."""
     json_path, csv_path = report_paths(out)
-    _atomic_write(json_path, json.dumps(report, indent=1) + "\n")
-    _atomic_write(csv_path, csv_text(report))
+    write_atomic(json_path, json.dumps(report, indent=1) + "\n")
+    write_atomic(csv_path, csv_text(report))
     return json_path, csv_path
 
 
@@ -108,242 +95,8 @@ def load_report(path: Path) -> tuple[dict, Path]:
     return report, json_path
 
 
-# ---------------------------------------------------------------------------------------------
-# Text
-
-
 def primary_metric(report: dict) -> tuple[str, str]:
     """The figure to rank by: the imatrix-weighted relative error when an imatrix was used."""
     if report.get("imatrix"):
         return "imatrix_rel_rmse", "imatrix-weighted relative RMSE"
     return "rel_rmse", "relative RMSE"
-
-
-def _fmt(v, spec: str = ".4g") -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def _rank(items: list[tuple[dict, dict]], key: str) -> list[tuple[dict, dict]]:
-    def value(item):
-        v = item[1].get(key)
-        return -math.inf if v is None else v
-
-    return sorted(items, key=value, reverse=True)
-
-
-def render_text(report: dict, top: int = 15) -> str:
-    key, label = primary_metric(report)
-    imatrix = report.get("imatrix")
-    s = report["summary"]
-    lines = [
-        f"report for {', '.join(report['gguf'])} (type {report['type']}, from {report['source']})",
-        f"imatrix: {imatrix['file']} (dataset {imatrix['dataset'] or '-'}, {imatrix['entries_count']} entries, "
-        f"{imatrix['chunks_count']} chunks)" if imatrix else "imatrix: none",
-        f"{s['tensors']} tensors measured (F32 tensors are stored exactly), {s['expert_slices']} expert slices; "
-        f"experts flagged: {s['dead_experts']} dead, {s['outlier_experts']} outlier (> {report['outlier_factor']:g}× "
-        f"their layer's median), {s['no_imatrix_data_experts']} without imatrix data",
-    ]
-    if report.get("not_measured"):
-        lines.append(f"not measured (resumed from a run without tracking): {len(report['not_measured'])} tensors")
-    header = f"  {'tensor':<34} {'expert':>6} {'type':<5} {'bpw':>5} {'rel RMSE':>9} {'imat rel':>9} {'max|err|':>9} {'cosine':>8}  flags"
-
-    def row(t: dict, rec: dict, expert) -> str:
-        return (f"  {t['name']:<34} {'' if expert is None else expert:>6} {t['qtype']:<5} {t['bpw']:>5.2f} "
-                f"{_fmt(rec['rel_rmse']):>9} {_fmt(rec['imatrix_rel_rmse']):>9} {_fmt(rec['max_abs_err']):>9} "
-                f"{_fmt(rec['cosine'], '.6f'):>8}  {','.join(rec['flags'])}")
-
-    tensors = [(t, t) for t in report["tensors"]]
-    lines += ["", f"worst tensors by {label}:", header]
-    lines += [row(t, rec, None) for t, rec in _rank(tensors, key)[:top]]
-    experts = [(t, x) for t in report["tensors"] for x in t.get("experts", ())]
-    if experts:
-        lines += ["", f"worst experts by {label}:", header]
-        lines += [row(t, x, x["expert"]) for t, x in _rank(experts, key)[:top]]
-        for flag in ("dead", "outlier", "no_imatrix_data"):
-            flagged: dict[str, list[int]] = {}
-            for t, x in experts:
-                if flag in x["flags"]:
-                    flagged.setdefault(t["name"], []).append(x["expert"])
-            if flagged:
-                total = sum(map(len, flagged.values()))
-                lines += ["", f"{flag} experts: {total} in {len(flagged)} tensors" + (", most first:" if len(flagged) > top else ":")]
-                ranked = sorted(flagged.items(), key=lambda item: -len(item[1]))[:top] if len(flagged) > top else flagged.items()
-                lines += [f"  {name}: {_short_list(ids)}" for name, ids in ranked]
-                if len(flagged) > top:
-                    lines.append(f"  … {len(flagged) - top} more tensors (see the CSV)")
-    return "\n".join(lines)
-
-
-def _short_list(ids: list[int], limit: int = 24) -> str:
-    shown = ", ".join(map(str, ids[:limit]))
-    return shown + (f", … ({len(ids)} in all)" if len(ids) > limit else "")
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures
-
-
-def _layer_label(layer: int | None, n_main: int, name: str) -> str:
-    if layer is None:
-        return name.removesuffix(".weight")
-    return f"MTP {layer}" if layer >= n_main else str(layer)
-
-
-def draw_figures(report: dict, out_dir: Path, stem: str) -> list[Path]:
-    """PNG files: one layer × expert heatmap per expert tensor kind, and error / bits per layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    key, label = primary_metric(report)
-    tensors = report["tensors"]
-    if not tensors:
-        return []  # an all-F32 conversion: nothing was rounded
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = []
-    n_main = _main_layers(tensors)
-    for kind in sorted({t["kind"] for t in tensors if t.get("experts")}):
-        files.append(_heatmap(plt, [t for t in tensors if t["kind"] == kind], kind, key, label, n_main,
-                              out_dir / f"{stem}.{kind}.png", report))
-    files.append(_per_layer(plt, tensors, key, label, n_main, out_dir / f"{stem}.layers.png", report))
-    return files
-
-
-def _main_layers(tensors: list[dict]) -> int:
-    """Decoder blocks before the MTP layer: MTP blocks carry `nextn` tensors."""
-    mtp = {t["layer"] for t in tensors if t["layer"] is not None and "nextn" in t["name"]}
-    layers = {t["layer"] for t in tensors if t["layer"] is not None}
-    return min(mtp) if mtp else (max(layers) + 1 if layers else 0)
-
-
-def _heatmap(plt, tensors: list[dict], kind: str, key: str, label: str, n_main: int, path: Path, report: dict) -> Path:
-    """Layer × expert: colour = the expert's error over its tensor's median (types differ by layer, so
-    absolute errors would only show the type mix; the per-layer figure shows those)."""
-    from matplotlib.colors import LogNorm
-
-    tensors = sorted(tensors, key=lambda t: t["layer"])
-    n_experts = max(len(t["experts"]) for t in tensors)
-    ratios = np.full((len(tensors), n_experts), np.nan)  # (layers, experts)
-    unweighted = []  # rows without imatrix figures (the MTP layer, say): shown by rel_rmse instead
-    for i, t in enumerate(tensors):
-        row_key = key if any(x.get(key) is not None for x in t["experts"]) else "rel_rmse"
-        if row_key != key:
-            unweighted.append(i)
-        live = [x[row_key] for x in t["experts"] if x.get(row_key) is not None and "dead" not in x["flags"]]
-        median = float(np.median(live)) if live else 0.0
-        for x in t["experts"]:
-            v = x.get(row_key)
-            if v is not None and median > 0:
-                ratios[i, x["expert"]] = v / median
-    factor = report["outlier_factor"]
-    logs = np.abs(np.log(ratios[np.isfinite(ratios) & (ratios > 0)]))
-    span = float(np.exp(np.clip(np.percentile(logs, 99) if logs.size else 0.0, np.log(1.1), np.log(factor))))
-    width = min(22.0, max(8.0, 5.0 + (0.3 * n_experts if n_experts <= 32 else 0.028 * n_experts)))
-    height = min(24.0, 2.6 + 0.26 * len(tensors))
-    fig, ax = plt.subplots(figsize=(width, height), dpi=110, layout="constrained")
-    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#bdbdbd", under="#08306b", over="#67000d")
-    shown = np.where(ratios == 0, 1e-30, ratios)  # dead experts (0) take the "under" colour; NaN stays grey
-    image = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", interpolation="nearest", cmap=cmap,
-                      norm=LogNorm(vmin=1 / span, vmax=span))
-    bar = fig.colorbar(image, ax=ax, extend="both", pad=0.01)
-    bar.ax.minorticks_off()
-    ticks: list[float] = []
-    for t in sorted((0.5, 0.67, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0), key=lambda t: abs(np.log(t))):
-        if 1 / span <= t <= span and all(abs(np.log(t / u)) >= np.log(span) / 5 for u in ticks):
-            ticks.append(t)  # from 1× outwards, no two closer than a tenth of the bar
-    ticks.sort()
-    bar.set_ticks(ticks, labels=[f"{t:g}×" for t in ticks])
-    bar.set_label("÷ the layer's median")
-    marks = {"dead": ("x", "dead (all zero)"), "outlier": ("o", f"outlier (> {factor:g}× median)")}
-    handles = []
-    for flag, (marker, text) in marks.items():
-        pts = [(x["expert"], i) for i, t in enumerate(tensors) for x in t["experts"] if flag in x["flags"]]
-        if pts:
-            xs, ys = zip(*pts, strict=True)
-            paint = {"facecolors": "none", "edgecolors": "black"} if marker == "o" else {"color": "black"}
-            handles.append(ax.scatter(xs, ys, marker=marker, s=70 if n_experts <= 64 else 22, linewidths=1.4,
-                                      label=f"{text}: {len(pts)}", **paint))
-    if np.isnan(ratios).any():
-        from matplotlib.patches import Patch
-
-        handles.append(Patch(color="#bdbdbd", label="no figure (expert the imatrix never saw)"))
-    if unweighted and key != "rel_rmse":
-        from matplotlib.lines import Line2D
-
-        handles.append(Line2D([], [], linestyle="none", marker="$*$", color="black",
-                              label="* layer without imatrix data: relative RMSE"))
-    if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
-    ax.set_yticks(range(len(tensors)), [f"{'* ' if i in unweighted and key != 'rel_rmse' else ''}"
-                                        f"{_layer_label(t['layer'], n_main, t['name'])}  {t['qtype']}"
-                                        for i, t in enumerate(tensors)], fontsize=8 if len(tensors) <= 40 else 6)
-    step = max(1, n_experts // 32)
-    ax.set_xticks(range(0, n_experts, step))
-    ax.tick_params(axis="x", labelsize=8)
-    ax.set_xlabel("expert")
-    ax.set_ylabel("layer and type")
-    ax.set_title(f"{kind}: each expert's {label}\nrelative to the median of its layer", fontsize=11)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def _per_layer(plt, tensors: list[dict], key: str, label: str, n_main: int, path: Path, report: dict) -> Path:
-    """Tensor kind × layer: colour = error (log scale), text = the type chosen for that tensor. One panel
-    for the relative RMSE (every tensor has it) and, with an imatrix, one for the weighted error."""
-    from matplotlib.colors import LogNorm
-    from matplotlib.ticker import FuncFormatter
-
-    layers = sorted({t["layer"] for t in tensors if t["layer"] is not None})
-    has_top = any(t["layer"] is None for t in tensors)
-    columns = ([None] if has_top else []) + layers  # None: the top-level tensors (token_embd, output)
-    col_of = {layer: i for i, layer in enumerate(columns)}
-    kinds = list(dict.fromkeys(t["kind"] for t in tensors))  # plan order: llama.cpp's tensor order
-    row_of = {k: i for i, k in enumerate(kinds)}
-    types = np.full((len(kinds), len(columns)), "", dtype=object)
-    for t in tensors:
-        types[row_of[t["kind"]], col_of[t["layer"]]] = t["qtype"]
-    panels = [("rel_rmse", "relative RMSE")] + ([(key, label)] if key != "rel_rmse" else [])
-    wide = len(columns) <= 24
-    fig, axes = plt.subplots(len(panels), 1, squeeze=False, dpi=110, layout="constrained", sharex=True,
-                             figsize=(min(24.0, max(8.0, 4.0 + (0.62 if wide else 0.3) * len(columns))),
-                                      len(panels) * (0.9 + 0.36 * len(kinds)) + 0.8))
-    formatter = FuncFormatter(lambda v, _: f"{v:.3g}")
-    for ax, (metric, metric_label) in zip(axes[:, 0], panels, strict=True):
-        values = np.full((len(kinds), len(columns)), np.nan)  # (kinds, layers)
-        for t in tensors:
-            v = t.get(metric)
-            values[row_of[t["kind"]], col_of[t["layer"]]] = np.nan if v is None or v <= 0 else v
-        finite = values[np.isfinite(values)]
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (1e-3, 1.0)
-        hi = max(hi, lo * 1.01)
-        cmap = plt.get_cmap("magma_r").with_extremes(bad="white")  # white: no such tensor
-        image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", interpolation="nearest", cmap=cmap,
-                          norm=LogNorm(vmin=lo, vmax=hi))
-        no_figure = np.where((types != "") & ~np.isfinite(values), 1.0, np.nan)  # grey: a tensor without the figure
-        ax.imshow(np.ma.masked_invalid(no_figure), aspect="auto", interpolation="nearest",
-                  cmap=plt.get_cmap("Greys"), vmin=0, vmax=4)
-        bar = fig.colorbar(image, ax=ax, pad=0.01)
-        bar.ax.yaxis.set_major_formatter(formatter)
-        bar.ax.yaxis.set_minor_formatter(formatter)
-        bar.ax.tick_params(which="both", labelsize=7)
-        bar.set_label(f"{metric_label} (log)", fontsize=8)
-        for r in range(len(kinds)):
-            for c in range(len(columns)):
-                if types[r, c]:
-                    dark = np.isfinite(values[r, c]) and image.norm(values[r, c]) > 0.55
-                    ax.text(c, r, types[r, c], ha="center", va="center", fontsize=7 if wide else 4.8,
-                            color="white" if dark else "black")
-        ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
-        ax.set_title(metric_label + (" (grey: a tensor the imatrix has no data for)" if metric != "rel_rmse" else ""),
-                     fontsize=10)
-    ax = axes[-1, 0]
-    ax.set_xticks(range(len(columns)), ["top" if layer is None else _layer_label(layer, n_main, "") for layer in columns],
-                  fontsize=8, rotation=0 if wide else 90)
-    ax.set_xlabel("layer (top: token_embd / output)" if has_top else "layer")
-    bits = ", ".join(f"{q} {b:g}" for q, b in sorted({(t["qtype"], t["bpw"]) for t in tensors}, key=lambda qb: qb[1]))
-    fig.suptitle(f"Error per tensor and layer, with the type chosen\n(bits per weight: {bits})", fontsize=11)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
