@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from rioquant.files.gguf_file import tensor_kind
 from rioquant.quant.error_sums import DENSE_CHUNK_WEIGHTS, MAXE, N_SUMS, SX2, slice_sums
 from rioquant.quant.types import parse_qtype
 
@@ -125,13 +126,3 @@ def flag_outliers(experts: list[dict], factor: float = OUTLIER_FACTOR) -> None:
         err = x["rel_rmse"]
         if "dead" not in x["flags"] and (err is None or (median > 0 and err > factor * median)):
             x["flags"].append("outlier")
-
-
-def tensor_kind(name: str) -> str:
-    """`blk.3.ffn_down_exps.weight` → `ffn_down_exps`; `output.weight` → `output`."""
-    parts = name.split(".")
-    if parts[0] == "blk" and len(parts) > 2:
-        parts = parts[2:]
-    if parts[-1] in ("weight", "bias"):
-        parts = parts[:-1]
-    return ".".join(parts)
