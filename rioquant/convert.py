@@ -7,10 +7,9 @@ never by the model.
 
 import functools
 import hashlib
-import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import gguf
@@ -18,26 +17,26 @@ import numpy as np
 from tqdm import tqdm
 
 from rioquant.errors import CheckpointError, NonFiniteRowError, PlanError, QuantInputError
-from rioquant.export.checkpoint import read_float32, read_rows_float32, scan_tensors
+from rioquant.export.checkpoint import read_config, read_float32, read_rows_float32, scan_tensors
 from rioquant.export.gguf_out import (
     OutputFS,
     OutputTensor,
     ShardedGGUFOutput,
+    SplitOptions,
     expected_total_bytes,
     planned_file_sizes,
 )
 from rioquant.export.metadata import add_arch_metadata, general_metadata
 from rioquant.export.qwen35moe import (
+    KEEP_F32,
     ModelArgs,
-    TensorSpec,
     config_tensors,
-    load_piece,
     load_rows,
     load_tensor,
     model_args,
-    mtp_layer_count,
     tensor_specs,
 )
+from rioquant.export.tensor_map import TensorSpec, load_piece, mtp_layer_count
 from rioquant.export.vocab import Vocab, add_vocab, read_vocab
 from rioquant.quant import budget, quantize
 from rioquant.quant.imatrix import Imatrix, check_fit, read_imatrix, uses_importance
@@ -50,26 +49,41 @@ log = logging.getLogger(__name__)
 T = gguf.GGMLQuantizationType
 
 @dataclass(frozen=True)
-class ConvertOptions:
-    qtype: str = "Q8_0"  # a recipe name (rioquant.quant.recipes.RECIPES); ignored when `recipe` is given
-    with_mtp: bool = True
-    split_max_size: int = 0
-    split_max_tensors: int = 0
+class MetadataOptions:
+    """`general.*` the user sets: a merge's parents (--base-model), the model name, who quantized it."""
+
     base_models: tuple[str, ...] = ()
     name: str | None = None
     quantized_by: str | None = None
-    resume: bool = False
-    force: bool = False
-    threads: int | None = None
-    progress: bool = True
-    imatrix: Path | None = None  # llama.cpp imatrix (GGUF or legacy .dat)
-    report: bool = True  # measure every tensor's error into NAME.report.json / .csv
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What the output is: the tensors and their types, the file layout and the metadata. Every field
+    decides output bytes, so `--resume` fingerprints the whole of it (with the imatrix's sha256)."""
+
+    qtype: str = "Q8_0"  # a recipe name (rioquant.quant.recipes.RECIPES); ignored when `recipe` is given
+    recipe: Path | None = None  # a user recipe (TOML), instead of the built-in `qtype`
     tensor_types: tuple[str, ...] = ()  # llama-quantize's --tensor-type REGEX=TYPE, first match wins
     output_tensor_type: str | None = None
     token_embedding_type: str | None = None
-    recipe: Path | None = None  # a user recipe (TOML), instead of the built-in `qtype`
     target_size: int | None = None  # bytes of the whole output: raise the worst tensors until it is met
     target_bpw: float | None = None  # bits per weight of the tensor data, as llama.cpp reports it
+    imatrix: Path | None = None  # llama.cpp imatrix (GGUF or legacy .dat)
+    with_mtp: bool = True
+    split: SplitOptions = SplitOptions()
+    metadata: MetadataOptions = MetadataOptions()
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a conversion runs; nothing here changes a byte of the output."""
+
+    resume: bool = False  # continue an interrupted run of the same ConvertOptions
+    force: bool = False  # overwrite an existing output
+    threads: int | None = None
+    progress: bool = True
+    report: bool = True  # measure every tensor's error into NAME.report.json / .csv
 
 
 @dataclass
@@ -86,16 +100,6 @@ class ConversionPlan:
     @property
     def total_bytes(self) -> int:
         return sum(e.nbytes for e in self.entries)
-
-
-def read_config(src: Path) -> dict:
-    path = src / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found (is {src} a Hugging Face checkpoint?)") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
 
 
 def _has_weight_files(src: Path) -> bool:
@@ -127,12 +131,13 @@ def build_plan(src: Path, options: ConvertOptions, weights_optional: bool = Fals
         log.info("%s: no weights; planning from config.json alone", src)
         tensors = config_tensors(args, src / "config.json")
     specs = tensor_specs(tensors, args, options.with_mtp)
-    n_mtp = mtp_layer_count(specs, args)
+    n_mtp = mtp_layer_count(specs, args.num_hidden_layers)
     recipe = load_recipe(options.recipe) if options.recipe else get_recipe(options.qtype)
     facts = ModelFacts(
         n_expert=args.num_experts,
         n_gqa=args.num_attention_heads // args.num_key_value_heads if args.num_key_value_heads else 0,
         n_blocks=args.num_hidden_layers + n_mtp,
+        keep_f32=KEEP_F32,
     )
     entries = recipe_entries([(s.name, s.shape) for s in specs], recipe, facts, _overrides(options))
     plan = ConversionPlan(src, args, config, specs, entries, n_mtp, options, recipe)
@@ -146,7 +151,7 @@ def build_plan(src: Path, options: ConvertOptions, weights_optional: bool = Fals
 def planned_sizes(plan: ConversionPlan) -> list[int]:
     """The exact size of each output file (one, or each shard of a split), before anything is written."""
     tensors = [OutputTensor(e.name, e.shape, T[e.qtype], e.nbytes) for e in plan.entries]
-    return planned_file_sizes(tensors, _metadata_writer(plan), plan.options.split_max_size, plan.options.split_max_tensors)
+    return planned_file_sizes(tensors, _metadata_writer(plan), plan.options.split)
 
 
 def error_samples(plan: ConversionPlan, names: set[str]) -> Iterator[tuple[str, np.ndarray]]:
@@ -171,7 +176,7 @@ def _fit_budget(plan: ConversionPlan) -> list[PlanEntry]:
     types = {name: ts for name, ts in types.items() if len(ts) > 1}
     errors = budget.measure_errors(error_samples(plan, set(types)), types)
     if options.target_size is None:
-        limit = int(options.target_bpw * _parameter_counts(plan)[0] // 8)
+        limit = int(options.target_bpw * parameter_counts(plan)["total"] // 8)
         return budget.raise_to_budget(plan.entries, errors, limit, "target-bpw")
     alignment = gguf.GGUF_DEFAULT_ALIGNMENT  # every tensor's data is padded to it
     limit = options.target_size - (size - sum(-(-e.nbytes // alignment) * alignment for e in plan.entries))
@@ -190,13 +195,15 @@ def _read_vocab_cached(src: Path, vocab_size: int, mtime_ns: int) -> Vocab:
     return read_vocab(src, vocab_size)
 
 
-def _parameter_counts(plan: ConversionPlan) -> tuple[int, int, int]:
-    total = expert = 0
+def parameter_counts(plan: ConversionPlan) -> dict[str, int]:
+    """Weights of the output: total, text model, MTP (NextN) layers, and those in expert stacks."""
+    counts = {"total": 0, "text": 0, "mtp": 0, "experts": 0}
     for spec in plan.specs:
         n = int(np.prod(spec.shape, dtype=np.int64))
-        total += n
-        expert += n if spec.is_expert_stack else 0
-    return total, total - expert, expert
+        counts["total"] += n
+        counts["mtp" if spec.layer is not None and spec.layer >= plan.args.num_hidden_layers else "text"] += n
+        counts["experts"] += n if spec.is_expert_stack else 0
+    return counts
 
 
 def imatrix_metadata(imatrix: Imatrix, given_as: str) -> dict:
@@ -207,17 +214,18 @@ def imatrix_metadata(imatrix: Imatrix, given_as: str) -> dict:
 
 
 def _metadata_writer(plan: ConversionPlan, imatrix_meta: dict | None = None):
-    options = plan.options
+    meta = plan.options.metadata
     vocab = _read_vocab_cached(plan.src, plan.args.vocab_size, (plan.src / "tokenizer.json").stat().st_mtime_ns
                                if (plan.src / "tokenizer.json").exists() else 0)
-    total, shared, expert = _parameter_counts(plan)
-    general = general_metadata(plan.src, total, shared, expert, plan.args.num_experts, options.base_models, options.name)
+    n = parameter_counts(plan)
+    general = general_metadata(plan.src, n["total"], n["total"] - n["experts"], n["experts"], plan.args.num_experts,
+                               meta.base_models, meta.name)
 
     def add(writer: gguf.GGUFWriter) -> None:
         writer.add_type(gguf.GGUFType.MODEL)
         general.set_gguf_meta_model(writer)
-        if options.quantized_by:
-            writer.add_quantized_by(options.quantized_by)
+        if meta.quantized_by:
+            writer.add_quantized_by(meta.quantized_by)
         add_arch_metadata(writer, plan.args, plan.n_mtp_layers)
         writer.add_file_type(plan.recipe.file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -264,7 +272,7 @@ def _row_blocks(rows: np.ndarray, is_expert_slab: bool, block_bytes: int) -> Ite
 def _tensor_chunks(
     spec: TensorSpec, entry: PlanEntry, plan: ConversionPlan,
     imatrix: Imatrix | None = None, tracker: TensorErrorTracker | None = None,
-    row_block_bytes: int = ROW_BLOCK_BYTES,
+    row_block_bytes: int = ROW_BLOCK_BYTES, threads: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Quantized bytes of one tensor: row blocks of an ordinary tensor, one slab at a time for experts.
 
@@ -284,7 +292,7 @@ def _tensor_chunks(
         weights = imatrix.importance(entry.name, rows.shape[1], expert) if imatrix else None
         for start, block in _row_blocks(rows, spec.is_expert_stack, row_block_bytes):
             try:
-                data = quantize(block, qtype, imatrix=weights, threads=plan.options.threads)
+                data = quantize(block, qtype, imatrix=weights, threads=threads)
             except QuantInputError as err:
                 source = spec.pieces[0].source
                 if isinstance(err, NonFiniteRowError):
@@ -295,7 +303,9 @@ def _tensor_chunks(
             yield data
 
 
-def convert(src: Path, out: Path, options: ConvertOptions, hooks: ConvertHooks | None = None) -> list[Path]:
+def convert(
+    src: Path, out: Path, options: ConvertOptions, run: RunOptions = RunOptions(), hooks: ConvertHooks | None = None,
+) -> list[Path]:
     """Convert the checkpoint at `src` into `out` (or its split set); returns the files written."""
     hooks = hooks or ConvertHooks()
     plan = build_plan(src, options)
@@ -316,16 +326,13 @@ def convert(src: Path, out: Path, options: ConvertOptions, hooks: ConvertHooks |
     if needed > free:
         raise PlanError(f"{out.parent}: {needed / 1e9:.2f} GB needed for the output, {free / 1e9:.2f} GB free")
     fingerprint = plan_fingerprint(plan.entries, {
-        "src": str(src.resolve()), **options.__dict__, "resume": None, "force": None, "progress": None, "threads": None,
-        "report": None, "imatrix_sha256": _file_digest(options.imatrix) if options.imatrix else None,
+        "src": str(src.resolve()), "options": asdict(options),
+        "imatrix_sha256": _file_digest(options.imatrix) if options.imatrix else None,
     })
-    output = ShardedGGUFOutput(
-        out, tensors, add_metadata, fingerprint,
-        split_max_size=options.split_max_size, split_max_tensors=options.split_max_tensors,
-        resume=options.resume, force=options.force, fs=hooks.fs,
-    )
+    output = ShardedGGUFOutput(out, tensors, add_metadata, fingerprint, options.split, resume=run.resume,
+                               force=run.force, fs=hooks.fs)
     done_bytes = sum(e.nbytes for e in plan.entries if output.is_done(e.name))
-    bar = tqdm(total=plan.total_bytes, initial=done_bytes, unit="B", unit_scale=True, disable=not options.progress,
+    bar = tqdm(total=plan.total_bytes, initial=done_bytes, unit="B", unit_scale=True, disable=not run.progress,
                desc=f"{out.name}", dynamic_ncols=True, mininterval=1.0)
     try:
         for i, (spec, entry) in enumerate(zip(plan.specs, plan.entries, strict=True)):
@@ -333,9 +340,9 @@ def convert(src: Path, out: Path, options: ConvertOptions, hooks: ConvertHooks |
                 continue
             bar.set_postfix_str(f"tensor {i + 1}/{len(plan.entries)} {entry.name} {entry.qtype}")
             tracker = TensorErrorTracker(entry.name, entry.qtype, entry.shape, spec.layer) \
-                if options.report and entry.qtype != "F32" else None
+                if run.report and entry.qtype != "F32" else None
             hooks.on_tensor(entry)
-            output.write_tensor(entry.name, _tensor_chunks(spec, entry, plan, imatrix, tracker, hooks.row_block_bytes),
+            output.write_tensor(entry.name, _tensor_chunks(spec, entry, plan, imatrix, tracker, hooks.row_block_bytes, run.threads),
                                 note=tracker.result if tracker else None)
             bar.update(entry.nbytes)
         files = output.finish()
@@ -344,7 +351,7 @@ def convert(src: Path, out: Path, options: ConvertOptions, hooks: ConvertHooks |
         raise
     finally:
         bar.close()
-    if options.report:
+    if run.report:
         measured = [e for e in plan.entries if e.qtype != "F32"]
         report = build_report([output.notes[e.name] for e in measured if e.name in output.notes], files, src,
                               plan.recipe.name, imatrix_meta, [e.name for e in measured if e.name not in output.notes])
@@ -366,13 +373,7 @@ def _file_digest(path: Path) -> str:
 def describe_plan(plan: ConversionPlan) -> dict:
     """The plan as data (`rioquant plan --json`): every tensor's type, rule and bytes, and the exact file sizes."""
     sizes = planned_sizes(plan)
-    n_text = plan.args.num_hidden_layers
-    params = {"total": 0, "text": 0, "mtp": 0, "experts": 0}
-    for spec in plan.specs:
-        n = int(np.prod(spec.shape, dtype=np.int64))
-        params["total"] += n
-        params["mtp" if spec.layer is not None and spec.layer >= n_text else "text"] += n
-        params["experts"] += n if spec.is_expert_stack else 0
+    params = parameter_counts(plan)
     by_type: dict[str, dict[str, int]] = {}
     for e in plan.entries:
         row = by_type.setdefault(e.qtype, {"tensors": 0, "bytes": 0})

@@ -28,7 +28,11 @@ class CheckpointError(RioquantError):
 
 
 class PlanError(RioquantError):
-    """A conversion plan cannot be built or honoured (types, recipes, disk space, output exists)."""
+    """A conversion plan cannot be built or honoured (types, recipes, not enough free space, output exists)."""
+
+
+class OutputError(RioquantError):
+    """An output file cannot be written (the disk filled up); the partial output is kept for --resume."""
 
 
 class ImatrixError(RioquantError):

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rioquant.evaluate.forward import NO_OBSERVER, Observer, Rope, decoder_layer, is_linear_layer, rms_norm
-from rioquant.evaluate.numerics import EXACT, NUMERICS, ExactNumerics, GgmlNumerics
-from rioquant.evaluate.source import ExpertStack, LayerWeights, ModelSource
 from rioquant.errors import EvaluationError
+from rioquant.evaluate.forward import NO_OBSERVER, Observer, Rope, decoder_layer, rms_norm
+from rioquant.evaluate.numerics import EXACT, NUMERICS, GgmlNumerics, Numerics
+from rioquant.evaluate.source import ExpertStack, LayerWeights, ModelSource
+from rioquant.export.qwen35moe import is_linear_block
 from rioquant.quant.api import numba_threads
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def resolve_numerics(mode: str, source: ModelSource) -> str:
     return mode
 
 
-def numerics_for(source: ModelSource, mode: str, il: int | None) -> ExactNumerics:
+def numerics_for(source: ModelSource, mode: str, il: int | None) -> Numerics:
     return GgmlNumerics(source.weight_types(il)) if mode == "ggml" else EXACT
 
 
@@ -194,7 +195,7 @@ class Engine:
         self.rope = Rope(ctx, a, source.rope_sections, self.device)
         self.numerics = resolve_numerics(options.numerics, source)
 
-    def layer_numerics(self, il: int | None) -> ExactNumerics:
+    def layer_numerics(self, il: int | None) -> Numerics:
         """The roundings for layer il (None: the output head)."""
         return numerics_for(self.source, self.numerics, il)
 
@@ -249,7 +250,7 @@ class Engine:
                 acts.write(g, decoder_layer(x, weights, self.source.args, il, self.rope, observer, num))
         _sync(self.device)
         t2 = time.perf_counter()
-        kind = "linear" if is_linear_layer(self.source.args, il) else "full"
+        kind = "linear" if is_linear_block(self.source.args, il) else "full"
         self.profile.layers.append(LayerProfile(il, kind, weight_bytes(weights), t1 - t0, t2 - t1, _peak_bytes(self.device)))
         del weights
 

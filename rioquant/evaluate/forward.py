@@ -20,10 +20,10 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 
-from rioquant.evaluate.numerics import EXACT, ExactNumerics
-from rioquant.export.qwen35moe import ModelArgs
+from rioquant.evaluate.numerics import EXACT, Numerics
+from rioquant.export.qwen35moe import ModelArgs, is_linear_block
 
 DELTA_CHUNK = 64  # positions per chunk of the chunked delta rule, as llama.cpp's
 
@@ -105,13 +105,13 @@ class Rope:
 # gated full attention
 
 
-def _mm(num: ExactNumerics, kind: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _mm(num: Numerics, kind: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x · weightᵀ, x rounded as the numerics convert it for a weight of that kind."""
-    return F.linear(num.input(kind, x), weight)
+    return nnf.linear(num.input(kind, x), weight)
 
 
 def full_attention(h: torch.Tensor, w: dict, a: ModelArgs, rope: Rope, obs: Observer,
-                   num: ExactNumerics = EXACT) -> torch.Tensor:
+                   num: Numerics = EXACT) -> torch.Tensor:
     B, T, _ = h.shape
     nh, nkv, hd = a.num_attention_heads, a.num_key_value_heads, a.head_dim
     rows = h.reshape(-1, h.shape[-1])
@@ -165,8 +165,8 @@ def delta_rule_chunked(q, k, v, g, beta, chunk: int = DELTA_CHUNK):
     dv = v.shape[-1]
     pad = (-T) % chunk
     if pad:  # padded positions have β = 0 (no update) and g = 0 (no decay)
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
+        q, k, v = (nnf.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g, beta = (nnf.pad(x, (0, pad)) for x in (g, beta))
     n = (T + pad) // chunk
     q, k = q.reshape(B, H, n, chunk, dk), k.reshape(B, H, n, chunk, dk)
     v = v.reshape(B, H, n, chunk, dv)
@@ -195,7 +195,7 @@ def delta_rule_chunked(q, k, v, g, beta, chunk: int = DELTA_CHUNK):
     return out.reshape(B, H, n * chunk, dv)[:, :, :T]
 
 
-def gated_delta_net(h: torch.Tensor, w: dict, a: ModelArgs, obs: Observer, num: ExactNumerics = EXACT) -> torch.Tensor:
+def gated_delta_net(h: torch.Tensor, w: dict, a: ModelArgs, obs: Observer, num: Numerics = EXACT) -> torch.Tensor:
     B, T, _ = h.shape
     nk, nv, dk, dv = a.linear_num_key_heads, a.linear_num_value_heads, a.linear_key_head_dim, a.linear_value_head_dim
     rows = h.reshape(-1, h.shape[-1])
@@ -204,11 +204,11 @@ def gated_delta_net(h: torch.Tensor, w: dict, a: ModelArgs, obs: Observer, num: 
     qkv = _mm(num, "attn_qkv", h, w["attn_qkv"])  # (B, T, conv_dim)
     z = _mm(num, "attn_gate", h, w["attn_gate"]).view(B, T, nv, dv)
     beta = torch.sigmoid(_mm(num, "ssm_beta", h, w["ssm_beta"]))  # (B, T, nv)
-    g = F.softplus(_mm(num, "ssm_alpha", h, w["ssm_alpha"]) + w["ssm_dt"]) * w["ssm_a"]
+    g = nnf.softplus(_mm(num, "ssm_alpha", h, w["ssm_alpha"]) + w["ssm_dt"]) * w["ssm_a"]
     # causal depthwise conv over time: out[t] = Σ_j w[j]·x[t-K+1+j]
     kernel = w["ssm_conv1d"]  # (conv_dim, K)
-    x = F.pad(qkv.transpose(1, 2), (kernel.shape[1] - 1, 0))
-    qkv = F.silu(F.conv1d(x, kernel.unsqueeze(1), groups=kernel.shape[0])).transpose(1, 2)
+    x = nnf.pad(qkv.transpose(1, 2), (kernel.shape[1] - 1, 0))
+    qkv = nnf.silu(nnf.conv1d(x, kernel.unsqueeze(1), groups=kernel.shape[0])).transpose(1, 2)
     key_dim = nk * dk
     q = l2_norm(qkv[..., :key_dim].reshape(B, T, nk, dk), a.rms_norm_eps)
     k = l2_norm(qkv[..., key_dim : 2 * key_dim].reshape(B, T, nk, dk), a.rms_norm_eps)
@@ -217,7 +217,7 @@ def gated_delta_net(h: torch.Tensor, w: dict, a: ModelArgs, obs: Observer, num: 
     k = k.repeat(1, 1, nv // nk, 1)
     o = delta_rule_chunked(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                            g.transpose(1, 2), beta.transpose(1, 2)).transpose(1, 2)  # (B, T, nv, dv)
-    o = (rms_norm(o, w["ssm_norm"], a.rms_norm_eps) * F.silu(z)).reshape(B, T, nv * dv)
+    o = (rms_norm(o, w["ssm_norm"], a.rms_norm_eps) * nnf.silu(z)).reshape(B, T, nv * dv)
     obs.dense("ssm_out", o.reshape(-1, o.shape[-1]))
     return _mm(num, "ssm_out", o, w["ssm_out"])
 
@@ -226,7 +226,7 @@ def gated_delta_net(h: torch.Tensor, w: dict, a: ModelArgs, obs: Observer, num: 
 # mixture of experts
 
 
-def moe(x: torch.Tensor, w: dict, a: ModelArgs, obs: Observer, num: ExactNumerics = EXACT) -> torch.Tensor:
+def moe(x: torch.Tensor, w: dict, a: ModelArgs, obs: Observer, num: Numerics = EXACT) -> torch.Tensor:
     """x (N, H) → (N, H): routed experts plus the gated shared expert."""
     for kind in ("ffn_gate_inp", "ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp"):
         obs.dense(kind, x)
@@ -248,11 +248,11 @@ def moe(x: torch.Tensor, w: dict, a: ModelArgs, obs: Observer, num: ExactNumeric
         xe = x[rows]
         obs.expert("ffn_gate_exps", e, xe)
         obs.expert("ffn_up_exps", e, xe)
-        act = F.silu(_mm(num, "ffn_gate_exps", xe, gate_exps.expert(e))) * _mm(num, "ffn_up_exps", xe, up_exps.expert(e))
+        act = nnf.silu(_mm(num, "ffn_gate_exps", xe, gate_exps.expert(e))) * _mm(num, "ffn_up_exps", xe, up_exps.expert(e))
         obs.expert("ffn_down_exps", e, act)
         out.index_add_(0, rows, _mm(num, "ffn_down_exps", act, down_exps.expert(e)) * weights[start : start + count])
         start += count
-    act = F.silu(_mm(num, "ffn_gate_shexp", x, w["ffn_gate_shexp"])) * _mm(num, "ffn_up_shexp", x, w["ffn_up_shexp"])
+    act = nnf.silu(_mm(num, "ffn_gate_shexp", x, w["ffn_gate_shexp"])) * _mm(num, "ffn_up_shexp", x, w["ffn_up_shexp"])
     obs.dense("ffn_down_shexp", act)
     shared_gate = torch.sigmoid(_mm(num, "ffn_gate_inp_shexp", x, w["ffn_gate_inp_shexp"].reshape(-1, x.shape[-1])))
     return out + _mm(num, "ffn_down_shexp", act, w["ffn_down_shexp"]) * shared_gate  # shared gate: (N, 1)
@@ -261,15 +261,11 @@ def moe(x: torch.Tensor, w: dict, a: ModelArgs, obs: Observer, num: ExactNumeric
 # ---------------------------------------------------------------------------------------------
 
 
-def is_linear_layer(a: ModelArgs, il: int) -> bool:
-    return a.layer_types[il] == "linear_attention"
-
-
 def decoder_layer(x: torch.Tensor, w: dict, a: ModelArgs, il: int, rope: Rope, obs: Observer = NO_OBSERVER,
-                  num: ExactNumerics = EXACT) -> torch.Tensor:
+                  num: Numerics = EXACT) -> torch.Tensor:
     """One block on (B, T, H) chunks: attention (full or linear) and MoE, each with its residual."""
     h = rms_norm(x, w["attn_norm"], a.rms_norm_eps)
-    mix = gated_delta_net(h, w, a, obs, num) if is_linear_layer(a, il) else full_attention(h, w, a, rope, obs, num)
+    mix = gated_delta_net(h, w, a, obs, num) if is_linear_block(a, il) else full_attention(h, w, a, rope, obs, num)
     x = x + mix
     h = rms_norm(x, w["post_attention_norm"], a.rms_norm_eps)
     return x + moe(h.reshape(-1, h.shape[-1]), w, a, obs, num).view_as(x)

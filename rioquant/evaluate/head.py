@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 
-from rioquant.evaluate.numerics import ExactNumerics
+from rioquant.evaluate.numerics import Numerics
 
 VOCAB_SLICE = 8192
 KLD_LOG_P_FLOOR = -16.0  # llama.cpp sums p·(log p − log q) only where the base log p > −16
@@ -38,7 +38,7 @@ class Scores:
 class OutputHead:
     """output (n_vocab, H) float32 with the numerics that round its input."""
 
-    def __init__(self, weight: torch.Tensor, numerics: ExactNumerics, vocab_slice: int = VOCAB_SLICE) -> None:
+    def __init__(self, weight: torch.Tensor, numerics: Numerics, vocab_slice: int = VOCAB_SLICE) -> None:
         self.weight, self.numerics, self.vocab_slice = weight, numerics, vocab_slice
 
     def slices(self, h: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -55,7 +55,7 @@ class OutputHead:
         return reduce_slices(self.slices(h), targets)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.numerics.input("output", h), self.weight)
+        return nnf.linear(self.numerics.input("output", h), self.weight)
 
 
 def reduce_slices(slices: Iterator[tuple[int, torch.Tensor]], targets: torch.Tensor) -> Scores:

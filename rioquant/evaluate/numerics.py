@@ -14,9 +14,10 @@ per cent; on trained models by far less.
 """
 
 import math
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from gguf import GGMLQuantizationType
 
 # weight type name → the type ggml converts the other operand to ("F32": no conversion)
@@ -67,6 +68,20 @@ ROUNDERS = {
 BLOCK = {"Q8_0": 32, "Q8_1": 32, "Q8_K": 256}
 
 
+class Numerics(Protocol):
+    """How the forward pass rounds: the input of each weight's matmul, and attention."""
+
+    name: str
+
+    def input(self, kind: str, x: torch.Tensor) -> torch.Tensor:
+        """x as the matmul by the weight of `kind` sees it."""
+        ...
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Causal attention, (B, heads, T, d) with KV heads grouped: query head i reads KV head i // r."""
+        ...
+
+
 class ExactNumerics:
     """float32 throughout."""
 
@@ -77,10 +92,10 @@ class ExactNumerics:
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Causal attention, (B, heads, T, d) with KV heads grouped: query head i reads KV head i // r."""
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return nnf.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
-class GgmlNumerics(ExactNumerics):
+class GgmlNumerics:
     """ggml-cpu's roundings, given the stored type of each weight of the layer (by kind)."""
 
     name = "ggml"

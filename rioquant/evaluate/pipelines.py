@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rioquant.errors import EvaluationError
 from rioquant.evaluate.engine import (
     Activations,
     Engine,
@@ -34,7 +35,6 @@ from rioquant.evaluate.imatrix_collect import ImatrixCollector
 from rioquant.evaluate.source import HeadWeights, ModelSource, open_source
 from rioquant.evaluate.stats import kld_summary, perplexity_summary
 from rioquant.evaluate.text import tokenize_text
-from rioquant.errors import EvaluationError
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,6 @@ BF16) and one expert is dequantized when the forward pass reaches it, so a layer
 Layer tensors are keyed by kind: `blk.3.attn_q.weight` → `attn_q`, `blk.3.ssm_dt.bias` → `ssm_dt`.
 """
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,21 +18,21 @@ from gguf import GGMLQuantizationType
 
 from rioquant.errors import CheckpointError, EvaluationError
 from rioquant.evaluate.dequant import dequantize_rows, dequantize_to, dequantize_torch
-from rioquant.export.checkpoint import read_float32, scan_tensors
-from rioquant.export.qwen35moe import ModelArgs, TensorSpec, load_piece, load_tensor, model_args, tensor_specs
-from rioquant.files.gguf_file import TensorInfo, read_tensor_bytes
+from rioquant.export.checkpoint import read_config, read_float32, scan_tensors
+from rioquant.export.metadata import model_args_from_gguf
+from rioquant.export.qwen35moe import ARCH, KEEP_F32, ModelArgs, load_tensor, model_args, tensor_specs
+from rioquant.export.tensor_map import TensorSpec, load_piece
+from rioquant.files.gguf_file import TensorInfo, read_tensor_bytes, tensor_kind
 from rioquant.files.gguf_set import GGUFSet, open_set
+from rioquant.quant.plan import is_quantizable
 
-ARCH = "qwen35moe"
+F32 = GGMLQuantizationType.F32
 SOURCE_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-F32_MATRICES = ("ffn_gate_inp", "ffn_gate_inp_shexp", "ssm_conv1d")  # kept F32 by the converters
-_KIND = re.compile(r"^blk\.\d+\.(?P<kind>.+?)(\.weight|\.bias)?$")
 
 
-def tensor_kind(name: str) -> str:
-    """'blk.3.ffn_down_exps.weight' → 'ffn_down_exps'; 'blk.3.ssm_a' → 'ssm_a'."""
-    match = _KIND.match(name)
-    return match["kind"] if match else name
+def rope_sections(a: ModelArgs) -> tuple[int, int, int, int]:
+    """ggml's four MRoPE sections (text, height, width, extra) from the three a text model uses."""
+    return (*[*a.mrope_section, 0, 0, 0][:3], 0)
 
 
 class ExpertStack:
@@ -125,15 +123,8 @@ class HFSource(ModelSource):
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        config_path = path / "config.json"
-        try:
-            config = json.loads(config_path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{config_path}: not found (is {path} a Hugging Face checkpoint?)") from None
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{config_path}: invalid JSON ({err.msg} at line {err.lineno})") from None
-        self.args = model_args(config, str(config_path))
-        self.rope_sections = (*[*self.args.mrope_section, 0, 0, 0][:3], 0)
+        self.args = model_args(read_config(path), str(path / "config.json"))
+        self.rope_sections = rope_sections(self.args)
         specs = tensor_specs(scan_tensors(path), self.args, with_mtp=False)
         self.top = {s.name: s for s in specs if s.layer is None}
         self.layers: dict[int, list[TensorSpec]] = {}
@@ -166,9 +157,8 @@ class HFSource(ModelSource):
             return {"output": GGMLQuantizationType[spec.pieces[0].source.dtype]}
         types = {}
         for spec in self.layers[il]:
-            kind = tensor_kind(spec.name)
-            keep_f32 = len(spec.shape) == 1 or kind in F32_MATRICES
-            types[kind] = GGMLQuantizationType.F32 if keep_f32 else GGMLQuantizationType[spec.pieces[0].source.dtype]
+            keep_f32 = not is_quantizable(spec.name, spec.shape, KEEP_F32)
+            types[tensor_kind(spec.name)] = F32 if keep_f32 else GGMLQuantizationType[spec.pieces[0].source.dtype]
         return types
 
     def embedding_rows(self, token_ids: np.ndarray) -> np.ndarray:
@@ -185,55 +175,12 @@ class HFSource(ModelSource):
 # GGUF
 
 
-def _meta(model: GGUFSet, key: str, default: object = None) -> object:
-    value = model.get(f"{ARCH}.{key}", default)
-    if value is None:
-        raise CheckpointError(f"{model.path}: metadata {ARCH}.{key} missing")
-    return value
-
-
 def gguf_model_args(model: GGUFSet) -> ModelArgs:
-    """ModelArgs from a qwen35moe GGUF's metadata (the inverse of export.metadata.ARCH_KEYS)."""
-    n_nextn = int(_meta(model, "nextn_predict_layers", 0))
-    n_layers = int(_meta(model, "block_count")) - n_nextn
-    interval = int(_meta(model, "full_attention_interval", 4))
-    recurrent = model.get(f"{ARCH}.attention.recurrent_layers")
-    if recurrent is not None:
-        layer_types = tuple("linear_attention" if r else "full_attention" for r in list(recurrent)[:n_layers])
-    else:
-        layer_types = tuple("full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n_layers))
-    head_dim = int(_meta(model, "attention.key_length"))
-    n_v_heads = int(_meta(model, "ssm.time_step_rank"))
-    sections = [int(s) for s in _meta(model, "rope.dimension_sections")]
+    """ModelArgs from a GGUF's metadata rows (export.metadata.ARCH_KEYS) and its token embedding."""
     embd = model.tensors.get("token_embd.weight")
     if embd is None:
         raise CheckpointError(f"{model.path}: no token_embd.weight tensor")
-    return ModelArgs(
-        hidden_size=int(_meta(model, "embedding_length")),
-        num_hidden_layers=n_layers,
-        num_attention_heads=int(_meta(model, "attention.head_count")),
-        num_key_value_heads=int(_meta(model, "attention.head_count_kv")),
-        head_dim=head_dim,
-        linear_num_key_heads=int(_meta(model, "ssm.group_count")),
-        linear_num_value_heads=n_v_heads,
-        linear_key_head_dim=int(_meta(model, "ssm.state_size")),
-        linear_value_head_dim=int(_meta(model, "ssm.inner_size")) // n_v_heads,
-        linear_conv_kernel_dim=int(_meta(model, "ssm.conv_kernel")),
-        num_experts=int(_meta(model, "expert_count")),
-        num_experts_per_tok=int(_meta(model, "expert_used_count")),
-        moe_intermediate_size=int(_meta(model, "expert_feed_forward_length")),
-        shared_expert_intermediate_size=int(_meta(model, "expert_shared_feed_forward_length", 0)),
-        vocab_size=embd.shape[0],
-        rms_norm_eps=float(_meta(model, "attention.layer_norm_rms_epsilon")),
-        max_position_embeddings=int(_meta(model, "context_length")),
-        rope_theta=float(_meta(model, "rope.freq_base")),
-        partial_rotary_factor=int(_meta(model, "rope.dimension_count")) / head_dim,
-        mrope_section=tuple(sections[:3]),
-        full_attention_interval=interval,
-        layer_types=layer_types,
-        mtp_num_hidden_layers=n_nextn,
-        tie_word_embeddings="output.weight" not in model.tensors,
-    )
+    return model_args_from_gguf(model.meta, model.path, embd.shape[0], "output.weight" not in model.tensors)
 
 
 class GGUFSource(ModelSource):
@@ -246,8 +193,7 @@ class GGUFSource(ModelSource):
         if arch != ARCH:
             raise EvaluationError(f"{path}: architecture {arch!r}; rioquant evaluates {ARCH} models only")
         self.args = gguf_model_args(self.model)
-        sections = [int(s) for s in _meta(self.model, "rope.dimension_sections")]
-        self.rope_sections = tuple((sections + [0, 0, 0, 0])[:4])
+        self.rope_sections = rope_sections(self.args)
         self.n_vocab = self.args.vocab_size
 
     def _tensor(self, name: str) -> TensorInfo:

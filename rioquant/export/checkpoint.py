@@ -86,6 +86,17 @@ def read_header(path: Path) -> dict[str, SourceTensor]:
     return tensors
 
 
+def read_config(src: Path) -> dict:
+    """The checkpoint's config.json, parsed."""
+    path = src / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found (is {src} a Hugging Face checkpoint?)") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+
+
 def checkpoint_files(src: Path) -> dict[Path, set[str] | None]:
     """Shard files of a checkpoint, with the tensor names the index promises for each (None: no index)."""
     index_path = src / "model.safetensors.index.json"

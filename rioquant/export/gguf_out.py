@@ -20,7 +20,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from rioquant.errors import PlanError
+from rioquant.errors import OutputError, PlanError
+from rioquant.export.qwen35moe import ARCH
 
 JOURNAL = "journal.jsonl"
 
@@ -33,11 +34,19 @@ class OutputTensor:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class SplitOptions:
+    """How the output is split into shards (gguf-split's --split-max-size / --split-max-tensors; 0: no limit)."""
+
+    max_size: int = 0
+    max_tensors: int = 0
+
+
 def _pad(n: int, align: int) -> int:
     return (n + align - 1) // align * align
 
 
-class DiskFullError(PlanError):
+class DiskFullError(OutputError):
     """ENOSPC while writing; the partial output stays in the work directory for --resume."""
 
 
@@ -62,8 +71,7 @@ class ShardedGGUFOutput:
         tensors: Sequence[OutputTensor],
         add_metadata: Callable[[gguf.GGUFWriter], None],
         fingerprint: str,
-        split_max_size: int = 0,
-        split_max_tensors: int = 0,
+        split: SplitOptions = SplitOptions(),
         resume: bool = False,
         force: bool = False,
         fs: OutputFS = OutputFS(),
@@ -72,7 +80,7 @@ class ShardedGGUFOutput:
         self.fs = fs
         self.workdir = out_path.parent / f".{out_path.name}.partial"
         self.fingerprint = fingerprint
-        writer = layout_writer(self.workdir / out_path.name, tensors, add_metadata, split_max_size, split_max_tensors)
+        writer = layout_writer(self.workdir / out_path.name, tensors, add_metadata, split)
         self.alignment = writer.data_alignment
         self.shard_of: dict[str, int] = {n: i for i, shard in enumerate(writer.tensors) for n in shard}
         self.nbytes = {t.name: t.nbytes for t in tensors}
@@ -194,10 +202,10 @@ def expected_total_bytes(tensors: Sequence[OutputTensor], alignment: int = 32) -
 
 def layout_writer(
     path: Path, tensors: Sequence[OutputTensor], add_metadata: Callable[[gguf.GGUFWriter], None],
-    split_max_size: int = 0, split_max_tensors: int = 0,
+    split: SplitOptions = SplitOptions(),
 ) -> gguf.GGUFWriter:
     """A GGUFWriter holding the metadata and every tensor info, shards assigned; nothing written yet."""
-    writer = gguf.GGUFWriter(path, "qwen35moe", split_max_tensors=split_max_tensors, split_max_size=split_max_size)
+    writer = gguf.GGUFWriter(path, ARCH, split_max_tensors=split.max_tensors, split_max_size=split.max_size)
     add_metadata(writer)
     for t in tensors:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
@@ -206,14 +214,14 @@ def layout_writer(
 
 def planned_file_sizes(
     tensors: Sequence[OutputTensor], add_metadata: Callable[[gguf.GGUFWriter], None],
-    split_max_size: int = 0, split_max_tensors: int = 0,
+    split: SplitOptions = SplitOptions(),
 ) -> list[int]:
     """The exact size of every file the output will have: header, metadata, tensor infos, aligned data.
 
     gguf-py lays the header out itself, into memory instead of a file (the same writer state machine
     ShardedGGUFOutput drives), so the split keys and per-shard tensor infos are counted as written.
     """
-    writer = layout_writer(Path("plan.gguf"), tensors, add_metadata, split_max_size, split_max_tensors)
+    writer = layout_writer(Path("plan.gguf"), tensors, add_metadata, split)
     writer.fout = [io.BytesIO() for _ in writer.tensors]  # type: ignore[misc]
     writer.state = gguf.gguf_writer.WriterState.EMPTY
     writer.write_header_to_file()

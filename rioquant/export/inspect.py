@@ -3,7 +3,7 @@
 from collections import defaultdict
 from pathlib import Path
 
-from rioquant.files.gguf_file import read_header
+from rioquant.files.gguf_file import read_header, tensor_kind
 
 MAX_ARRAY_SHOWN = 8
 
@@ -16,14 +16,6 @@ def _shown(value: object) -> object:
     if isinstance(value, str) and len(value) > 200:
         return value[:200] + f"… ({len(value)} chars)"
     return value
-
-
-def tensor_kind(name: str) -> str:
-    """'blk.3.ffn_down_exps.weight' → 'ffn_down_exps'."""
-    parts = name.split(".")
-    if parts[0] == "blk":
-        parts = parts[2:]
-    return ".".join(p for p in parts if p not in ("weight", "bias")) or name
 
 
 def inspect_gguf(path: Path) -> dict:
@@ -48,25 +40,3 @@ def inspect_gguf(path: Path) -> dict:
         "by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1]["bytes"])),
         "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1]["bytes"])),
     }
-
-
-def _table(title: str, rows: dict[str, dict[str, int]], total: int) -> list[str]:
-    lines = [f"{title:<28} {'tensors':>8} {'MB':>12} {'share':>7} {'bpw':>6}"]
-    for key, v in rows.items():
-        bpw = 8 * v["bytes"] / max(v["params"], 1)
-        lines.append(f"{key:<28} {v['tensors']:>8} {v['bytes'] / 1e6:>12.2f} {100 * v['bytes'] / max(total, 1):>6.1f}% {bpw:>6.2f}")
-    return lines
-
-
-def render_text(report: dict) -> str:
-    lines = [f"{report['file']}: {report['tensors']} tensors, {report['bytes'] / 1e9:.3f} GB, "
-             f"{report['params'] / 1e9:.3f} B params, {report['bits_per_weight']:.2f} bits/weight", ""]
-    for key, value in report["metadata"].items():
-        lines.append(f"  {key} = {value}")
-    lines.append("")
-    lines += _table("type", report["by_type"], report["bytes"])
-    lines.append("")
-    lines += _table("tensor kind", report["by_kind"], report["bytes"])
-    return "\n".join(lines)
-
-

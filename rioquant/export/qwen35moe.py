@@ -1,25 +1,49 @@
-"""Qwen3.5-MoE (HF `qwen3_5_moe`) → llama.cpp `qwen35moe`: every name, shape and transform in one place.
+"""Qwen3.5-MoE (HF `qwen3_5_moe`) → llama.cpp `qwen35moe`: every fact about the architecture in one place.
 
-The tables below are the whole mapping; `tensor_specs` walks them to produce the GGUF tensor list
-(names, shapes, where each piece of data comes from, which transform applies) from the headers alone.
+Its names (ARCH, MODEL_TYPES), hyper-parameters (ModelArgs from config.json), block layout (linear or
+full attention), which tensors stay F32, the name patterns rioquant's mixes use, the transforms and the
+tensor table; its GGUF metadata rows are in export/metadata.py. The tables are the whole mapping;
+`tensor_specs` walks them to produce the GGUF tensor list (names, shapes, where each piece of data
+comes from, which transform applies) from the headers alone.
 Names come from gguf-py's TENSOR_NAMES so there is no second spelling of them here; NEXTN (MTP) names
 exist in gguf-py but are not listed for QWEN35MOE in gguf 0.19, which is why we map by MODEL_TENSOR
 and not through `get_tensor_name_map`.
 """
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from gguf import MODEL_TENSOR, TENSOR_NAMES
 
 from rioquant.errors import CheckpointError
 from rioquant.export.checkpoint import SourceTensor
+from rioquant.export.tensor_map import Piece, SourceNames, TensorRule, TensorSpec, gguf_name
 
 M = MODEL_TENSOR
+
+ARCH = "qwen35moe"  # llama.cpp's general.architecture
+MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")  # Hugging Face config.json model_type
+
+# Substrings of the names llama.cpp never quantizes for this architecture (tensor_allows_quantization;
+# the converter keeps them F32): norms, the routers and the linear-attention conv kernel.
+KEEP_F32 = ("_norm.weight", "ffn_gate_inp.weight", "ssm_conv1d")
+
+# Tensor-name patterns (regexes searched in GGUF names) that rioquant's mixes for this architecture
+# name (rioquant.quant.recipes XL mixes, docs/recipes.md).
+ATTENTION = r"\.attn_(q|k|v|output|qkv|gate)\.weight$"  # full attention and the linear-attention projections
+SSM_GATES = r"\.ssm_(alpha|beta)\.weight$"  # the 64-row decay/beta projections: tiny, kept with attention
+SSM_OUT = r"\.ssm_out\.weight$"  # the worst tensor to quantize in Unsloth's Qwen3.5 study, and small
+SHARED_EXPERT = r"_shexp\.weight$"  # used by every token
+MTP_PROJ = r"nextn\.eh_proj\.weight$"  # the MTP block's input projection
+DOWN_EXPS = r"ffn_down_exps\.weight$"
+
+
+def default_layer_types(n_layers: int, full_attention_interval: int) -> tuple[str, ...]:
+    """Qwen3.5's layout when config.json (or the GGUF) lists none: every interval-th block is full attention."""
+    return tuple("full_attention" if (i + 1) % full_attention_interval == 0 else "linear_attention"
+                 for i in range(n_layers))
 
 
 @dataclass(frozen=True)
@@ -64,7 +88,12 @@ class ModelArgs:
         return 2 * self.key_dim + self.value_dim
 
 
-MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
+# ModelArgs fields config.json holds as they are (integers, required)
+CONFIG_INTS = (
+    "hidden_size", "num_attention_heads", "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads",
+    "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim", "num_experts", "num_experts_per_tok",
+    "moe_intermediate_size", "shared_expert_intermediate_size", "vocab_size", "max_position_embeddings",
+)
 
 
 def model_args(config: dict, source: str) -> ModelArgs:
@@ -77,28 +106,12 @@ def model_args(config: dict, source: str) -> ModelArgs:
     try:
         n_layers = int(text["num_hidden_layers"])
         interval = int(text.get("full_attention_interval", 4))
-        layer_types = tuple(
-            text.get("layer_types")
-            or ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n_layers)]
-        )
+        layer_types = tuple(text.get("layer_types") or default_layer_types(n_layers, interval))
         return ModelArgs(
-            hidden_size=int(text["hidden_size"]),
+            **{name: int(text[name]) for name in CONFIG_INTS},
             num_hidden_layers=n_layers,
-            num_attention_heads=int(text["num_attention_heads"]),
-            num_key_value_heads=int(text["num_key_value_heads"]),
             head_dim=int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]),
-            linear_num_key_heads=int(text["linear_num_key_heads"]),
-            linear_num_value_heads=int(text["linear_num_value_heads"]),
-            linear_key_head_dim=int(text["linear_key_head_dim"]),
-            linear_value_head_dim=int(text["linear_value_head_dim"]),
-            linear_conv_kernel_dim=int(text["linear_conv_kernel_dim"]),
-            num_experts=int(text["num_experts"]),
-            num_experts_per_tok=int(text["num_experts_per_tok"]),
-            moe_intermediate_size=int(text["moe_intermediate_size"]),
-            shared_expert_intermediate_size=int(text["shared_expert_intermediate_size"]),
-            vocab_size=int(text["vocab_size"]),
             rms_norm_eps=float(text["rms_norm_eps"]),
-            max_position_embeddings=int(text["max_position_embeddings"]),
             rope_theta=float(rope.get("rope_theta", 10000.0)),
             partial_rotary_factor=float(rope.get("partial_rotary_factor", 0.25)),
             mrope_section=tuple(int(v) for v in rope.get("mrope_section", (11, 11, 10))),
@@ -153,8 +166,11 @@ def a_log_to_a(x: np.ndarray, a: ModelArgs) -> np.ndarray:
     """ggml's delta-net takes A = -exp(A_log) directly.
 
     torch's float32 exp, not numpy's: the two differ in the last ulp on some inputs, and llama.cpp's
-    converter (the reference our F32/F16 output must equal) computes it with torch.
+    converter (the reference our F32/F16 output must equal) computes it with torch (imported here, so
+    the recipes can read this module's facts without loading torch).
     """
+    import torch
+
     return -torch.exp(torch.from_numpy(heads_tile_v(x, a))).numpy()
 
 
@@ -168,18 +184,6 @@ TRANSFORMS: dict[str, Callable[[np.ndarray, ModelArgs], np.ndarray]] = {
 
 # ---------------------------------------------------------------------------------------------
 # Tables. Shapes are HF (torch) shapes as functions of ModelArgs; GGUF numpy shape = transform output.
-
-ShapeFn = Callable[[ModelArgs], tuple[int, ...]]
-
-
-@dataclass(frozen=True)
-class TensorRule:
-    hf: str  # name inside the layer (or at top level)
-    gguf: MODEL_TENSOR
-    suffix: str  # ".weight", ".bias" or ""
-    shape: ShapeFn
-    transform: str | None = None
-
 
 LAYER_RULES: tuple[TensorRule, ...] = (
     TensorRule("input_layernorm.weight", M.ATTN_NORM, ".weight", lambda a: (a.hidden_size,), "plus_one"),
@@ -231,75 +235,20 @@ EXPERT_RULES: tuple[tuple[MODEL_TENSOR, str, int | None], ...] = (
 )
 
 
-@dataclass(frozen=True)
-class Piece:
-    """A part of a GGUF tensor's data: `rows` of slab `index` (or the whole) of one source tensor."""
-
-    source: SourceTensor
-    index: int | None = None
-    rows: tuple[int, int] | None = None
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One GGUF tensor: its name, numpy-order shape, the pieces stacked on axis 0, and its transform."""
-
-    name: str
-    shape: tuple[int, ...]
-    pieces: tuple[Piece, ...]
-    transform: str | None
-    layer: int | None
-
-    @property
-    def is_expert_stack(self) -> bool:
-        return len(self.shape) == 3
-
-
-def gguf_name(rule: TensorRule, layer: int | None) -> str:
-    return TENSOR_NAMES[rule.gguf].format(bid=layer) + rule.suffix
-
-
 def _gguf_shape(rule: TensorRule, hf_shape: tuple[int, ...]) -> tuple[int, ...]:
     if rule.transform == "conv_squeeze_tile_v":
         return (hf_shape[0], hf_shape[2])
     return hf_shape
 
 
-class _Namespace:
-    """Source tensors with the language-model prefix removed; tracks which ones were consumed."""
-
-    def __init__(self, tensors: dict[str, SourceTensor]) -> None:
-        self.by_name: dict[str, SourceTensor] = {}
-        for name, tensor in tensors.items():
-            if name.startswith("model.visual.") or name.startswith("visual."):
-                continue  # the vision tower goes to the mmproj file, not the text GGUF
-            short = re.sub(r"^model\.(language_model\.)?", "", name)
-            self.by_name[short] = tensor
-        self.used: set[str] = set()
-
-    def take(self, name: str, rule_shape: tuple[int, ...]) -> SourceTensor:
-        tensor = self.by_name.get(name)
-        if tensor is None:
-            raise CheckpointError(f"checkpoint has no tensor {name} (expected from config.json)")
-        if tensor.shape != rule_shape:
-            raise CheckpointError(
-                f"{tensor.file.name}: tensor {tensor.name} has shape {list(tensor.shape)}, "
-                f"config.json implies {list(rule_shape)}"
-            )
-        self.used.add(name)
-        return tensor
-
-    def has(self, name: str) -> bool:
-        return name in self.by_name
-
-
-def _layer_is_linear(a: ModelArgs, layer: int) -> bool:
+def is_linear_block(a: ModelArgs, layer: int) -> bool:
+    """Whether block `layer` is Gated DeltaNet linear attention (the NextN block is full attention)."""
     return layer < a.num_hidden_layers and a.layer_types[layer] == "linear_attention"
 
 
-def _layer_specs(ns: _Namespace, a: ModelArgs, hf_prefix: str, layer: int) -> list[TensorSpec]:
+def _layer_specs(ns: SourceNames, a: ModelArgs, hf_prefix: str, layer: int) -> list[TensorSpec]:
     specs: list[TensorSpec] = []
-    linear = _layer_is_linear(a, layer)
+    linear = is_linear_block(a, layer)
     for rule in LAYER_RULES:
         if rule.hf.startswith("linear_attn." if not linear else "self_attn."):
             continue
@@ -309,12 +258,12 @@ def _layer_specs(ns: _Namespace, a: ModelArgs, hf_prefix: str, layer: int) -> li
     return specs
 
 
-def _expert_specs(ns: _Namespace, a: ModelArgs, hf_prefix: str, layer: int) -> list[TensorSpec]:
+def _expert_specs(ns: SourceNames, a: ModelArgs, hf_prefix: str, layer: int) -> list[TensorSpec]:
     """Expert stacks [E, rows, cols] from either on-disk layout, one piece per expert slab."""
     E, I, Hd = a.num_experts, a.moe_intermediate_size, a.hidden_size
     fused = ns.has(hf_prefix + "mlp.experts.gate_up_proj")
     specs = []
-    for tensor_kind, proj, half in EXPERT_RULES:
+    for expert_tensor, proj, half in EXPERT_RULES:
         rows, cols = (Hd, I) if proj == "down_proj" else (I, Hd)
         if fused:
             if half is None:
@@ -327,14 +276,14 @@ def _expert_specs(ns: _Namespace, a: ModelArgs, hf_prefix: str, layer: int) -> l
             pieces = tuple(
                 Piece(ns.take(f"{hf_prefix}mlp.experts.{e}.{proj}.weight", (rows, cols))) for e in range(E)
             )
-        name = TENSOR_NAMES[tensor_kind].format(bid=layer) + ".weight"
+        name = TENSOR_NAMES[expert_tensor].format(bid=layer) + ".weight"
         specs.append(TensorSpec(name, (E, rows, cols), pieces, None, layer))
     return specs
 
 
 def tensor_specs(tensors: dict[str, SourceTensor], a: ModelArgs, with_mtp: bool) -> list[TensorSpec]:
     """The GGUF tensor list in llama.cpp's order, from headers only; unknown source tensors are errors."""
-    ns = _Namespace(tensors)
+    ns = SourceNames(tensors)
     specs: list[TensorSpec] = []
     for rule in TOP_RULES:
         tensor = ns.take(rule.hf, rule.shape(a))
@@ -377,7 +326,7 @@ def config_tensors(a: ModelArgs, config_path: Path) -> dict[str, SourceTensor]:
     n_mtp = a.mtp_num_hidden_layers
     prefixes = [f"model.layers.{i}." for i in range(a.num_hidden_layers)] + [f"mtp.layers.{i}." for i in range(n_mtp)]
     for layer, prefix in enumerate(prefixes):
-        skip = "self_attn." if _layer_is_linear(a, layer) else "linear_attn."
+        skip = "self_attn." if is_linear_block(a, layer) else "linear_attn."
         tensors |= dict(source(prefix + r.hf, r.shape(a)) for r in LAYER_RULES if not r.hf.startswith(skip))
         tensors |= dict(source(prefix + name, shape) for name, shape in experts)
     if n_mtp:
@@ -385,23 +334,11 @@ def config_tensors(a: ModelArgs, config_path: Path) -> dict[str, SourceTensor]:
     return tensors
 
 
-def mtp_layer_count(specs: list[TensorSpec], a: ModelArgs) -> int:
-    """How many NextN layers the spec list carries (0 when MTP is dropped or absent)."""
-    layers = {s.layer for s in specs if s.layer is not None}
-    return max(0, len(layers) - a.num_hidden_layers)
-
-
 def load_tensor(spec: TensorSpec, a: ModelArgs, read: Callable[[SourceTensor, int | None], np.ndarray]) -> np.ndarray:
     """The whole transformed tensor as float32 (non-expert tensors only; experts go piece by piece)."""
     (piece,) = spec.pieces
     values = read(piece.source, piece.index)
     return TRANSFORMS[spec.transform](values, a) if spec.transform else values
-
-
-def load_piece(piece: Piece, read: Callable[[SourceTensor, int | None], np.ndarray]) -> np.ndarray:
-    """One expert slab as float32 (rows, cols)."""
-    values = read(piece.source, piece.index)
-    return values[piece.rows[0] : piece.rows[1]] if piece.rows else values
 
 
 # Transforms that only reorder rows: a sampled row keeps its values, so samples skip them.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rioquant import __version__
 from rioquant.errors import PublishError
+from rioquant.export.qwen35moe import ARCH
 from rioquant.files.disk import write_atomic
 from rioquant.files.gguf_file import GGUFHeader, read_header
 from rioquant.files.gguf_set import first_shard, set_stem
@@ -21,7 +22,6 @@ from rioquant.publish.gotemplate import QWEN35_GO_TEMPLATE, looks_like_qwen35
 
 log = logging.getLogger(__name__)
 
-ARCH = "qwen35moe"
 OLLAMA_RENDERER = "qwen3.5"  # Ollama's built-in renderer and parser names (model/renderers, model/parsers)
 OLLAMA_PARSER = "qwen3.5"
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rioquant.errors import PublishError
+from rioquant.export.qwen35moe import ARCH
 from rioquant.files.disk import write_atomic
 from rioquant.files.gguf_set import GGUFSet
 from rioquant.publish.card import GENERATED_MARK, describe, render_card
 from rioquant.publish.gotemplate import QWEN35_GO_TEMPLATE, looks_like_qwen35
-from rioquant.publish.modelfile import ARCH, ollama_params
+from rioquant.publish.modelfile import ollama_params
 from rioquant.publish.upload import hub_url, upload_release
 from rioquant.publish.verify import HASH_CACHE, find_sets, sha256_files
 
@@ -113,7 +114,7 @@ def plan_release(repo_id: str, folder: Path, options: PublishOptions) -> Release
     return Release(repo_id, folder, files, generated, skipped, message)
 
 
-def render_plan(release: Release, options: PublishOptions) -> str:
+def render_release(release: Release, options: PublishOptions) -> str:
     """The dry run: the repository, the commit, every file with size and sha256, the generated texts."""
     visibility = "private" if options.private else "default visibility"
     total = sum(size for size, _ in release.files.values())
@@ -142,7 +143,7 @@ def publish(repo_id: str, folder: Path, options: PublishOptions) -> str:
     """Plan the release, then print it (dry run) or write the generated files and upload everything."""
     release = plan_release(repo_id, folder, options)
     if options.dry_run:
-        return render_plan(release, options)
+        return render_release(release, options)
     for path, text in release.generated.items():
         write_atomic(folder / path, text)
     url = upload_release(repo_id, folder, release.paths, private=options.private, revision=options.revision,

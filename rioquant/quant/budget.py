@@ -27,7 +27,7 @@ from gguf import GGMLQuantizationType
 from rioquant.errors import PlanError
 from rioquant.files.gguf_file import nbytes
 from rioquant.quant.api import dequantize, quantize
-from rioquant.quant.plan import PlanEntry, fit_row_length
+from rioquant.quant.plan import Origin, PlanEntry, fit_row_length
 
 log = logging.getLogger(__name__)
 T = GGMLQuantizationType
@@ -57,7 +57,8 @@ def sample_rows(shape: tuple[int, ...]) -> list[tuple[int | None, list[int]]]:
 
 
 def can_raise(entry: PlanEntry) -> bool:
-    return entry.qtype in RAISABLE and not entry.rule.startswith("--")
+    """A raisable type the user did not pin with an option."""
+    return entry.qtype in RAISABLE and entry.origin is not Origin.OPTION
 
 
 def upgrade_types(entry: PlanEntry) -> list[str]:
@@ -125,7 +126,7 @@ def raise_to_budget(
         i = index[name]
         was = original[name]
         plan[i] = replace(
-            plan[i], qtype=qtype, nbytes=nbytes(T[qtype], plan[i].shape),
+            plan[i], qtype=qtype, nbytes=nbytes(T[qtype], plan[i].shape), origin=Origin.BUDGET,
             rule=f"{label}: raised from {was} (rel. RMSE {errors[name][was]:.4f} → {errors[name][qtype]:.4f})",
         )
         used += added

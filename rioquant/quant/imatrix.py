@@ -16,7 +16,6 @@ file, so memory stays bounded by one slice, not by the imatrix.
 """
 
 import logging
-import re
 import struct
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
@@ -26,6 +25,7 @@ import gguf
 import numpy as np
 
 from rioquant.errors import ImatrixError
+from rioquant.files.gguf_file import block_index
 
 log = logging.getLogger(__name__)
 T = gguf.GGMLQuantizationType
@@ -37,7 +37,6 @@ IGNORES_IMATRIX = frozenset({T.F32, T.F16, T.BF16, T.Q8_0})
 # matmul, so llama-imatrix never measures it) and quantizes it without importance.
 LENIENT_TENSORS = ("token_embd.weight",)
 
-_BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -192,11 +191,6 @@ def _read_legacy(path: Path) -> Imatrix:
     return Imatrix(path, True, datasets, max(chunk_count, 0), 0, entries)
 
 
-def _block_index(name: str) -> int | None:
-    match = _BLOCK.match(name)
-    return int(match.group(1)) if match else None
-
-
 def check_fit(
     imatrix: Imatrix,
     shapes: Mapping[str, tuple[int, ...]],
@@ -215,7 +209,7 @@ def check_fit(
     for name, entry in imatrix.entries.items():
         shape = shapes.get(name)
         if shape is None:
-            block = _block_index(name)
+            block = block_index(name)
             if block is not None and block >= n_layers:
                 continue  # the MTP layer, not written (--no-mtp)
             raise ImatrixError(f"{path}: entry {name} matches no tensor of this model (made for another model?)")
@@ -239,7 +233,7 @@ def check_fit(
             log.warning("%s: %s: no data for expert%s %s: neutral importance (1) used",
                         path.name, name, "s" if len(empty) > 1 else "", listed)
     missing = [n for n in uses_importance if n not in imatrix.entries]
-    required = [n for n in missing if (b := _block_index(n)) is not None and b < n_layers]
+    required = [n for n in missing if (b := block_index(n)) is not None and b < n_layers]
     if required:
         raise ImatrixError(
             f"{path}: no entry for {required[0]}" + (f" and {len(required) - 1} more tensors" if len(required) > 1 else "")

@@ -12,18 +12,16 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from enum import Enum
 
 from gguf import GGMLQuantizationType
 
 from rioquant.errors import PlanError
-from rioquant.files.gguf_file import nbytes
-from rioquant.quant.recipes import ModelFacts, Recipe
+from rioquant.files.gguf_file import block_index, nbytes
+from rioquant.quant.recipes import ModelFacts, Recipe, RecipeSource
 from rioquant.quant.types import block_geometry
 
 T = GGMLQuantizationType
-
-# Substrings of names llama.cpp never quantizes (kept in the converter's F32)
-NEVER_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "ssm_conv1d")
 
 # A row length that does not fit the target's block size falls back to a 32-block type, then F16
 ROW_FALLBACK: dict[GGMLQuantizationType, GGMLQuantizationType] = {
@@ -35,15 +33,28 @@ ROW_FALLBACK: dict[GGMLQuantizationType, GGMLQuantizationType] = {
 }
 
 
+class Origin(Enum):
+    """What chose an entry's type, in llama.cpp's order; `PlanEntry.rule` says it in words."""
+
+    KEPT_F32 = "kept F32"  # never quantized: 1-D, or one of the architecture's keep_f32 names
+    OPTION = "option"  # the user's --tensor-type, --output-tensor-type or --token-embedding-type
+    RECIPE_RULE = "recipe rule"  # the first matching rule of the recipe
+    RECIPE_DEFAULT = "recipe default"  # no rule matched
+    UNIFORM = "uniform"  # a uniform recipe's one type
+    BUDGET = "budget"  # raised by --target-size / --target-bpw
+
+
 @dataclass(frozen=True)
 class PlanEntry:
-    """One GGUF tensor in the plan. `shape` is numpy order (rows last)."""
+    """One GGUF tensor in the plan. `shape` is numpy order (rows last). `rule` is for people (it also
+    names a row-length fallback); `origin` is what code asks (may the budget raise this tensor?)."""
 
     name: str
     shape: tuple[int, ...]
     qtype: str
     rule: str
     nbytes: int
+    origin: Origin
 
 
 def ggml_n_dims(shape: Sequence[int]) -> int:
@@ -54,13 +65,10 @@ def ggml_n_dims(shape: Sequence[int]) -> int:
     return len(dims)
 
 
-def is_quantizable(name: str, shape: Sequence[int]) -> bool:
-    """llama.cpp's tensor_allows_quantization for qwen35moe: 2-D/3-D weights but norms, router, conv."""
-    return (
-        ggml_n_dims(shape) >= 2
-        and name.endswith("weight")
-        and not any(part in name for part in NEVER_QUANTIZED)
-    )
+def is_quantizable(name: str, shape: Sequence[int], keep_f32: Sequence[str]) -> bool:
+    """llama.cpp's tensor_allows_quantization: 2-D/3-D weights, except names holding one of the
+    architecture's `keep_f32` substrings (norms, router, conv for qwen35moe)."""
+    return ggml_n_dims(shape) >= 2 and name.endswith("weight") and not any(part in name for part in keep_f32)
 
 
 def fit_row_length(qtype: GGMLQuantizationType, n_per_row: int) -> tuple[GGMLQuantizationType, bool]:
@@ -83,9 +91,6 @@ def plan_fingerprint(entries: Sequence[PlanEntry], options: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # Recipes: the type of every tensor from a mix (rioquant.quant.recipes) and the user's overrides.
 
-_BLOCK = re.compile(r"^blk\.(\d+)\.")
-
-
 @dataclass(frozen=True)
 class Overrides:
     """llama-quantize's overrides: `--tensor-type` (first match wins), output and token-embedding types."""
@@ -95,17 +100,12 @@ class Overrides:
     token_embd_type: str | None = None
 
 
-def block_index(name: str) -> int | None:
-    match = _BLOCK.match(name)
-    return int(match.group(1)) if match else None
-
-
 def _exact(name: str, shape: tuple[int, ...], qtype: str, option: str, rule: str) -> PlanEntry:
     """A type the user named for one tensor: no fallback (llama.cpp applies none either), so it must fit."""
     block, _ = block_geometry(T[qtype])
     if shape[-1] % block:
         raise PlanError(f"{option} {qtype}: {name} has rows of {shape[-1]}, not a multiple of {qtype}'s block of {block}")
-    return PlanEntry(name, shape, qtype, rule, nbytes(T[qtype], shape))
+    return PlanEntry(name, shape, qtype, rule, nbytes(T[qtype], shape), Origin.OPTION)
 
 
 def recipe_entry(
@@ -113,8 +113,9 @@ def recipe_entry(
     tied_embeddings: bool = False,
 ) -> PlanEntry:
     """One tensor's type, in llama.cpp's order: never quantized, user overrides, recipe rules, row fallback."""
-    if not is_quantizable(name, shape):
-        return PlanEntry(name, shape, "F32", "never quantized (1-D, norm, router or conv)", nbytes(T.F32, shape))
+    if not is_quantizable(name, shape, facts.keep_f32):
+        return PlanEntry(name, shape, "F32", "never quantized (1-D, norm, router or conv)", nbytes(T.F32, shape),
+                         Origin.KEPT_F32)
     if name == "token_embd.weight" and overrides.token_embd_type:
         return _exact(name, shape, overrides.token_embd_type, "--token-embedding-type", "--token-embedding-type")
     if name == "output.weight" and overrides.output_type:
@@ -122,23 +123,23 @@ def recipe_entry(
     row = shape[-1]
     manual = next(((p, t) for p, t in overrides.tensor_types if re.search(p, name)), None)
     if manual is not None:
-        qtype, rule = manual[1], f"--tensor-type {manual[0]}={manual[1]}"
+        qtype, rule, origin = manual[1], f"--tensor-type {manual[0]}={manual[1]}", Origin.OPTION
     elif recipe.is_float:
-        qtype, rule = recipe.default, f"uniform {recipe.default}"
+        qtype, rule, origin = recipe.default, f"uniform {recipe.default}", Origin.UNIFORM
     else:
         # llama.cpp gives a tied token_embd (no output.weight) the output tensor's rules
         role = "output.weight" if tied_embeddings and name == "token_embd.weight" else name
         chosen = recipe.first_match(role, block_index(name), row, facts)
         if chosen is not None:
-            qtype, rule = chosen.qtype, f"{recipe.name}: {chosen.describe()}"
-        elif recipe.source == "uniform":
-            qtype, rule = recipe.default, f"uniform {recipe.default}"
+            qtype, rule, origin = chosen.qtype, f"{recipe.name}: {chosen.describe()}", Origin.RECIPE_RULE
+        elif recipe.source is RecipeSource.UNIFORM:
+            qtype, rule, origin = recipe.default, f"uniform {recipe.default}", Origin.UNIFORM
         else:
-            qtype, rule = recipe.default, f"{recipe.name}: default {recipe.default}"
+            qtype, rule, origin = recipe.default, f"{recipe.name}: default {recipe.default}", Origin.RECIPE_DEFAULT
     fitted, fell_back = fit_row_length(T[qtype], row)
     if fell_back:
         rule += f"; row of {row} does not fit {qtype} → {fitted.name}"
-    return PlanEntry(name, shape, fitted.name, rule, nbytes(fitted, shape))
+    return PlanEntry(name, shape, fitted.name, rule, nbytes(fitted, shape), origin)
 
 
 def recipe_entries(
@@ -147,24 +148,3 @@ def recipe_entries(
     """The plan entries of every tensor (name, numpy shape), in the given order."""
     tied = not any(name == "output.weight" for name, _ in tensors)
     return [recipe_entry(name, shape, recipe, facts, overrides, tied) for name, shape in tensors]
-
-
-def render_plan(summary: dict) -> str:
-    """`rioquant plan` as text: one line per tensor (type, bytes, rule), then totals by type and the file size."""
-    width = max(len(t["name"]) for t in summary["tensors"])
-    lines = [f"{'tensor':<{width}}  {'type':<5} {'bytes':>15}  rule"]
-    lines += [f"{t['name']:<{width}}  {t['type']:<5} {t['bytes']:>15,}  {t['rule']}" for t in summary["tensors"]]
-    lines.append("")
-    for qtype, row in sorted(summary["types"].items(), key=lambda kv: -kv[1]["bytes"]):
-        lines.append(f"{qtype:<5} {row['tensors']:>5} tensors {row['bytes']:>19,} bytes")
-    p = summary["parameters"]
-    lines += [
-        "",
-        f"recipe     {summary['recipe']} ({summary['recipe_source']}), general.file_type {summary['file_type']}",
-        f"parameters {p['total']:,} (text {p['text']:,} + MTP {p['mtp']:,}; experts {p['experts']:,})",
-        f"tensors    {summary['tensor_bytes']:,} bytes, {summary['bpw']:.3f} bits per weight",
-        f"file size  {summary['file_bytes']:,} bytes ({summary['file_bytes'] / 1e9:.2f} GB)"
-        + (f" in {len(summary['shard_bytes'])} shards: " + ", ".join(f"{s:,}" for s in summary["shard_bytes"])
-           if len(summary["shard_bytes"]) > 1 else ""),
-    ]
-    return "\n".join(lines)

@@ -30,11 +30,13 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
 from rioquant.errors import PlanError, QuantInputError
+from rioquant.export.qwen35moe import ATTENTION, DOWN_EXPS, MTP_PROJ, SHARED_EXPERT, SSM_GATES, SSM_OUT
 from rioquant.quant.types import parse_qtype
 
 T = GGMLQuantizationType
@@ -48,6 +50,7 @@ class ModelFacts:
     n_expert: int
     n_gqa: int  # n_head // n_head_kv
     n_blocks: int  # transformer blocks including MTP (NextN) blocks: llama.cpp's n_layer_all
+    keep_f32: tuple[str, ...] = ()  # the architecture's never-quantized name substrings (export.qwen35moe.KEEP_F32)
 
 
 _LAYER_CONDITION = re.compile(r"^i\s*(<|<=|>|>=)\s*(?:(\d+)|(?:(\d+)\s*\*\s*)?n\s*/\s*(\d+)|n)$")
@@ -112,6 +115,14 @@ class Rule:
         return f"/{self.pattern}/" + (f" ({', '.join(conditions)})" if conditions else "") + f" → {self.qtype}"
 
 
+class RecipeSource(StrEnum):
+    """Where a built-in recipe comes from (a user recipe's source is its TOML path)."""
+
+    LLAMA_CPP = "llama.cpp"  # llama-quantize's mixes, equal to llama_model_quantize
+    RIOQUANT = "rioquant"  # rioquant's dynamic mixes
+    UNIFORM = "uniform"  # one type for every quantizable tensor, no rules
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A named mix: the default type, llama.cpp's file type to record, and ordered rules."""
@@ -121,7 +132,7 @@ class Recipe:
     file_type: LlamaFileType
     rules: tuple[Rule, ...] = ()
     summary: str = ""
-    source: str = "llama.cpp"  # "llama.cpp", "rioquant" or the user's TOML path
+    source: "RecipeSource | str" = RecipeSource.LLAMA_CPP  # or the user's TOML path
 
     def first_match(self, name: str, block: int | None, row: int, facts: ModelFacts) -> Rule | None:
         return next((r for r in self.rules if r.matches(name, block, row, self.default, facts)), None)
@@ -197,12 +208,8 @@ LLAMA_MIXES: dict[str, Recipe] = {r.name: r for r in (
 # ---------------------------------------------------------------------------------------------
 # rioquant's dynamic mixes for qwen35moe (docs/recipes.md has the evidence and the 397B sizes).
 
-ATTENTION = r"\.attn_(q|k|v|output|qkv|gate)\.weight$"  # full attention and the linear-attention projections
-SSM_GATES = r"\.ssm_(alpha|beta)\.weight$"  # the 64-row decay/beta projections: tiny, kept with attention
-SSM_OUT = r"\.ssm_out\.weight$"  # the worst tensor to quantize in Unsloth's Qwen3.5 study, and small
-SHARED_EXPERT = r"_shexp\.weight$"  # used by every token
-MTP_PROJ = r"nextn\.eh_proj\.weight$"  # the MTP block's input projection
-DOWN_EXPS = r"ffn_down_exps\.weight$"
+# The tensor-name patterns (ATTENTION, SSM_GATES, SSM_OUT, SHARED_EXPERT, MTP_PROJ, DOWN_EXPS) are the
+# architecture's: rioquant.export.qwen35moe.
 
 
 def _xl(name: str, default: str, file_type: LlamaFileType, summary: str, *, attention: str, ssm_out: str,
@@ -224,7 +231,7 @@ def _xl(name: str, default: str, file_type: LlamaFileType, summary: str, *, atte
         Rule(DOWN_EXPS, down_more, f"ffn_down_exps in use_more_bits blocks → {down_more}", layers="use_more_bits"),
         Rule(DOWN_EXPS, default, f"ffn_down_exps → {default} elsewhere"),
     )
-    return Recipe(name, default, file_type, rules, summary, source="rioquant")
+    return Recipe(name, default, file_type, rules, summary, source=RecipeSource.RIOQUANT)
 
 
 XL_MIXES: dict[str, Recipe] = {r.name: r for r in (
@@ -244,12 +251,12 @@ XL_MIXES: dict[str, Recipe] = {r.name: r for r in (
 # output and 8-expert attention tensors; Q2_K differs a lot). F32/F16/BF16 also keep llama.cpp's F32
 # for never-quantized tensors.
 UNIFORM: dict[str, Recipe] = {r.name: r for r in (
-    Recipe("F32", "F32", F.ALL_F32, summary="every tensor F32", source="uniform"),
-    Recipe("F16", "F16", F.MOSTLY_F16, summary="F16; norms, router, conv F32", source="uniform"),
-    Recipe("BF16", "BF16", F.MOSTLY_BF16, summary="BF16; norms, router, conv F32", source="uniform"),
-    Recipe("Q5_K", "Q5_K", F.MOSTLY_Q5_K_S, summary="every quantizable tensor Q5_K", source="uniform"),
-    Recipe("Q4_K", "Q4_K", F.MOSTLY_Q4_K_S, summary="every quantizable tensor Q4_K", source="uniform"),
-    Recipe("Q3_K", "Q3_K", F.MOSTLY_Q3_K_S, summary="every quantizable tensor Q3_K", source="uniform"),
+    Recipe("F32", "F32", F.ALL_F32, summary="every tensor F32", source=RecipeSource.UNIFORM),
+    Recipe("F16", "F16", F.MOSTLY_F16, summary="F16; norms, router, conv F32", source=RecipeSource.UNIFORM),
+    Recipe("BF16", "BF16", F.MOSTLY_BF16, summary="BF16; norms, router, conv F32", source=RecipeSource.UNIFORM),
+    Recipe("Q5_K", "Q5_K", F.MOSTLY_Q5_K_S, summary="every quantizable tensor Q5_K", source=RecipeSource.UNIFORM),
+    Recipe("Q4_K", "Q4_K", F.MOSTLY_Q4_K_S, summary="every quantizable tensor Q4_K", source=RecipeSource.UNIFORM),
+    Recipe("Q3_K", "Q3_K", F.MOSTLY_Q3_K_S, summary="every quantizable tensor Q3_K", source=RecipeSource.UNIFORM),
 )}
 
 RECIPES: dict[str, Recipe] = {**UNIFORM, **LLAMA_MIXES, **XL_MIXES}
@@ -365,6 +372,6 @@ def default_file_type(default: str) -> LlamaFileType:
 
 
 __all__ = [
-    "LLAMA_MIXES", "ModelFacts", "RECIPES", "Recipe", "Rule", "UNIFORM", "XL_MIXES",
+    "LLAMA_MIXES", "ModelFacts", "RECIPES", "Recipe", "RecipeSource", "Rule", "UNIFORM", "XL_MIXES",
     "get_recipe", "layer_condition_holds", "load_recipe", "parse_tensor_type", "use_more_bits",
 ]
