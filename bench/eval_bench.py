@@ -27,7 +27,7 @@ CACHE = Path(__file__).resolve().parent.parent / ".cache" / "bench-eval"
 def bench_model(qtype: str) -> Path:
     """A Qwen3.5-MoE shaped like the real one at small scale: hidden 256, 8 layers (6 linear + 2 full),
     16 experts top-4, real 248K vocabulary; converted once and cached."""
-    from rioquant.convert import ConvertOptions, convert
+    from rioquant.convert import ConvertOptions, RunOptions, convert
     from rioquant.testing.checkpoints import KQUANT, build_checkpoint
 
     out = CACHE / f"bench-{qtype}.gguf"
@@ -35,7 +35,7 @@ def bench_model(qtype: str) -> Path:
         return out
     spec = replace(KQUANT, num_hidden_layers=8, num_experts=16, num_experts_per_tok=4)
     src = build_checkpoint(spec, CACHE / "hf")
-    convert(src, out, ConvertOptions(qtype=qtype, progress=False, force=True))
+    convert(src, out, ConvertOptions(qtype=qtype), RunOptions(progress=False, force=True))
     return out
 
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from bench.nano.corpus import load_corpus
 from bench.nano.train import ensure_nano
-from rioquant.convert import ConvertOptions, build_plan, convert, describe_plan
+from rioquant.convert import ConvertOptions, RunOptions, build_plan, convert, describe_plan
 from rioquant.evaluate.engine import EngineOptions
 from rioquant.evaluate.pipelines import collect_imatrix, kl_divergence
 from rioquant.files.gguf_file import read_header
@@ -107,8 +107,7 @@ def build_quants(work: Path, nano: Path, bf16: Path, imatrix: Path) -> list[Quan
                 _log(f"llama_model_quantize {mix}{' with imatrix' if with_imatrix else ''}")
                 llama_quantize(bf16, path, recipe.file_type, importance=importance if with_imatrix else None)
             ours = work / "rioquant-check.gguf"  # rioquant's file of the mix is llama.cpp's, byte for byte
-            convert(nano, ours, ConvertOptions(qtype=mix, imatrix=imatrix if with_imatrix else None, force=True,
-                                               progress=False, report=False))
+            convert(nano, ours, ConvertOptions(qtype=mix, imatrix=imatrix if with_imatrix else None), RunOptions(force=True, progress=False, report=False))
             assert_same_tensors(ours, path)
             ours.unlink()
             quants.append(Quant(mix, "llama.cpp", with_imatrix, path))
@@ -116,8 +115,7 @@ def build_quants(work: Path, nano: Path, bf16: Path, imatrix: Path) -> list[Quan
         for with_imatrix in (False, True):
             path = work / f"nano-{mix}{'-imat' if with_imatrix else ''}.gguf"
             _log(f"rioquant convert {mix}{' with imatrix' if with_imatrix else ''}")
-            convert(nano, path, ConvertOptions(qtype=mix, imatrix=imatrix if with_imatrix else None, force=True,
-                                               progress=False, report=False))
+            convert(nano, path, ConvertOptions(qtype=mix, imatrix=imatrix if with_imatrix else None), RunOptions(force=True, progress=False, report=False))
             quants.append(Quant(mix, "rioquant", with_imatrix, path))
     return quants
 
@@ -256,7 +254,7 @@ def run(out: Path, fresh: bool = False) -> dict:
     evaluation.write_text(corpus.evaluation, encoding="utf-8")
     bf16 = work / "nano-BF16.gguf"
     if not bf16.is_file():
-        convert(nano, bf16, ConvertOptions(qtype="BF16", force=True, progress=False, report=False))
+        convert(nano, bf16, ConvertOptions(qtype="BF16"), RunOptions(force=True, progress=False, report=False))
     imatrix = work / "imatrix.gguf"
     if not imatrix.is_file():
         _log("rioquant imatrix on the calibration split")

@@ -16,7 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from rioquant.convert import ConvertOptions, convert
+from rioquant.convert import ConvertOptions, RunOptions, convert
 from rioquant.quant.metrics import TensorErrorTracker
 from rioquant.testing.checkpoints import KQUANT, build_checkpoint
 
@@ -43,7 +43,7 @@ def timed_convert(src: Path, out: Path, qtype: str, report: bool, threads: int |
     """(conversion seconds, of which inside the tracker)."""
     clock.seconds = 0.0
     start = time.perf_counter()
-    convert(src, out, ConvertOptions(qtype=qtype, progress=False, force=True, report=report, threads=threads))
+    convert(src, out, ConvertOptions(qtype=qtype), RunOptions(progress=False, force=True, report=report, threads=threads))
     return time.perf_counter() - start, clock.seconds
 
 

@@ -13,8 +13,9 @@ import json
 
 from bench.fidelity import CACHE_DIR, CTX, Quant, _log, measure, size_397b
 from bench.nano.train import ensure_nano
-from rioquant.convert import ConvertOptions, convert
-from rioquant.quant.recipes import ATTENTION, DOWN_EXPS, SHARED_EXPERT, SSM_GATES, SSM_OUT, TOKEN_EMBD
+from rioquant.convert import ConvertOptions, RunOptions, convert
+from rioquant.export.qwen35moe import ATTENTION, DOWN_EXPS, SHARED_EXPERT, SSM_GATES, SSM_OUT
+from rioquant.quant.recipes import TOKEN_EMBD
 
 # --tensor-type overrides on top of Q4_K_XL, with the recipes' own patterns for each tensor class
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -80,8 +81,8 @@ def main() -> None:
         variants.append((name, base, {"recipe": recipe}))
     for name, base, fields in variants:
         path = work / f"ablation-{_slug(name)}.gguf"
-        options = ConvertOptions(qtype=base, imatrix=imatrix, force=True, progress=False, report=False, **fields)
-        convert(nano, path, options)
+        options = ConvertOptions(qtype=base, imatrix=imatrix, **fields)
+        convert(nano, path, options, RunOptions(force=True, progress=False, report=False))
         row = measure(Quant(base, "rioquant", True, path), bf16, text, work / "base-states.npy", cache)
         cache_path.write_text(json.dumps(cache, indent=1))
         gb = base_gb if "block" in name else size_397b(base, **fields)

@@ -93,9 +93,9 @@ no_progress_option = click.option("--no-progress", is_flag=True, help="No progre
 
 
 def _convert_options(qtype, tensor_types, output_tensor_type, token_embedding_type, recipe, target_size, target_bpw,
-                     no_mtp, split_max_size, split_max_tensors, base_models, name, quantized_by, **run):
-    """ConvertOptions from recipe_options' and output_options' values; `run` holds convert's own fields."""
-    from rioquant.convert import ConvertOptions
+                     no_mtp, split_max_size, split_max_tensors, base_models, name, quantized_by, imatrix=None):
+    """ConvertOptions from recipe_options' and output_options' values (and convert's --imatrix)."""
+    from rioquant.convert import ConvertOptions, MetadataOptions, SplitOptions
     from rioquant.errors import PlanError
 
     if recipe is not None and qtype is not None:
@@ -103,8 +103,8 @@ def _convert_options(qtype, tensor_types, output_tensor_type, token_embedding_ty
     return ConvertOptions(
         qtype=qtype or "Q8_0", recipe=recipe, tensor_types=tuple(tensor_types), output_tensor_type=output_tensor_type,
         token_embedding_type=token_embedding_type, target_size=target_size, target_bpw=target_bpw,
-        with_mtp=not no_mtp, split_max_size=split_max_size, split_max_tensors=split_max_tensors,
-        base_models=tuple(base_models), name=name, quantized_by=quantized_by, **run,
+        imatrix=imatrix, with_mtp=not no_mtp, split=SplitOptions(split_max_size, split_max_tensors),
+        metadata=MetadataOptions(tuple(base_models), name, quantized_by),
     )
 
 
@@ -130,11 +130,11 @@ def convert(src, out, resume, force, threads, no_progress, imatrix, no_report, *
       rioquant convert ./ckpt -o out.gguf --type BF16 --base-model Qwen/Qwen3.5-397B-A17B
       rioquant convert ./ckpt -o out-Q4_K.gguf --type Q4_K --imatrix imatrix.gguf
     """
+    from rioquant.convert import RunOptions
     from rioquant.convert import convert as run_convert
 
-    options = _convert_options(**values, resume=resume, force=force, threads=threads, progress=not no_progress,
-                               imatrix=imatrix, report=not no_report)
-    for path in run_convert(src, out, options):
+    run = RunOptions(resume=resume, force=force, threads=threads, progress=not no_progress, report=not no_report)
+    for path in run_convert(src, out, _convert_options(**values, imatrix=imatrix), run):
         click.echo(str(path))
 
 

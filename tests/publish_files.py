@@ -30,12 +30,12 @@ def qwen35_template() -> str:
 
 def tiny_release(base: Path) -> Path:
     """`base/publish-tiny/tiny-Q8_0.gguf` (+ tiny-Q8_0.report.json), converted once per session."""
-    from rioquant.convert import ConvertOptions, convert
+    from rioquant.convert import ConvertOptions, MetadataOptions, RunOptions, convert
 
     out = base / "publish-tiny" / "tiny-Q8_0.gguf"
     if not out.is_file():
         ckpt = build_checkpoint(TINY, base / "publish-tiny-ckpt")
-        convert(ckpt, out, ConvertOptions(qtype="Q8_0", progress=False, base_models=(BASE_MODEL,)))
+        convert(ckpt, out, ConvertOptions(qtype="Q8_0", metadata=MetadataOptions(base_models=(BASE_MODEL,))), RunOptions(progress=False))
     return out
 
 

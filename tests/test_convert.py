@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
 
-from rioquant.convert import ConvertOptions, convert
+from rioquant.convert import ConvertOptions, RunOptions, convert
 from rioquant.testing.checkpoints import KQUANT, TINY, build_checkpoint
 from rioquant.testing.gguf_scan import scan
 from rioquant.testing.oracles import GgmlOracle, llama_logits, run_reference_converter, transformers_logits
@@ -68,7 +68,7 @@ def test_float_output_equals_reference_converter(checkpoints, tmp_path, case):
     src = checkpoints[case]
     for outtype in ("f16", "bf16") if case == "per_expert-mtp-bf16" else ("f16",):
         ref = run_reference_converter(src, tmp_path / f"ref-{outtype}.gguf", outtype)
-        (ours,) = convert(src, tmp_path / f"ours-{outtype}.gguf", ConvertOptions(qtype=outtype.upper(), progress=False))
+        (ours,) = convert(src, tmp_path / f"ours-{outtype}.gguf", ConvertOptions(qtype=outtype.upper()), RunOptions(progress=False))
         assert_same_gguf(ours, ref, f16_source=CASES[case].dtype == "float16")
 
 
@@ -76,7 +76,7 @@ def test_float_output_equals_reference_converter(checkpoints, tmp_path, case):
 def test_no_mtp_equals_reference_converter(checkpoints, tmp_path):
     src = checkpoints["per_expert-mtp-bf16"]
     ref = run_reference_converter(src, tmp_path / "ref.gguf", "f16", mtp=False)
-    (ours,) = convert(src, tmp_path / "ours.gguf", ConvertOptions(qtype="F16", with_mtp=False, progress=False))
+    (ours,) = convert(src, tmp_path / "ours.gguf", ConvertOptions(qtype="F16", with_mtp=False), RunOptions(progress=False))
     assert_same_gguf(ours, ref)
     assert not any("nextn" in name for name in scan(ours).tensors)
 
@@ -92,7 +92,7 @@ def kquant(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.mark.slow
 def test_f32_output_matches_transformers(kquant, tmp_path):
     src, _ = kquant
-    (out,) = convert(src, tmp_path / "f32.gguf", ConvertOptions(qtype="F32", progress=False))
+    (out,) = convert(src, tmp_path / "f32.gguf", ConvertOptions(qtype="F32"), RunOptions(progress=False))
     ours, ref = llama_logits(out, PROMPT), transformers_logits(src, PROMPT)
     np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
     assert np.abs(ours - ref).max() < 3e-3 * max(1.0, float(np.abs(ref).max()) / 10)
@@ -108,7 +108,7 @@ MIN_MEDIAN_CORRELATION = {"Q8_0": 0.99, "Q4_K": 0.9}
 @pytest.mark.parametrize("qtype", list(MIN_MEDIAN_CORRELATION))
 def test_quantized_output_loads_in_llama_cpp_and_stays_close(kquant, tmp_path, qtype):
     src, _ = kquant
-    (out,) = convert(src, tmp_path / f"{qtype}.gguf", ConvertOptions(qtype=qtype, progress=False))
+    (out,) = convert(src, tmp_path / f"{qtype}.gguf", ConvertOptions(qtype=qtype), RunOptions(progress=False))
     ours, ref = llama_logits(out, PROMPT), transformers_logits(src, PROMPT)
     correlation = [np.corrcoef(a, b)[0, 1] for a, b in zip(ours, ref, strict=True)]
     assert np.median(correlation) >= MIN_MEDIAN_CORRELATION[qtype], correlation
@@ -119,7 +119,7 @@ def test_quantized_output_loads_in_llama_cpp_and_stays_close(kquant, tmp_path, q
 def test_quantized_tensors_equal_ggml_on_reference_f32(kquant, tmp_path, qtype):
     """Mapping, transforms and quantization together: each tensor = ggml(quantize, llama.cpp's F32)."""
     src, ref_f32 = kquant
-    (out,) = convert(src, tmp_path / f"{qtype}.gguf", ConvertOptions(qtype=qtype, progress=False))
+    (out,) = convert(src, tmp_path / f"{qtype}.gguf", ConvertOptions(qtype=qtype), RunOptions(progress=False))
     oracle = GgmlOracle()
     ref = scan(ref_f32).tensors
     written = scan(out).tensors

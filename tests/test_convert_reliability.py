@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rioquant.cli import main
-from rioquant.convert import ConvertHooks, ConvertOptions, convert
+from rioquant.convert import ConvertHooks, ConvertOptions, RunOptions, SplitOptions, convert
 from rioquant.errors import CheckpointError, PlanError
 from rioquant.export.gguf_out import DiskFullError, OutputFS
 from rioquant.testing.checkpoints import KQUANT, TINY, build_checkpoint
@@ -59,8 +59,8 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_split_set_loads_from_first_shard_in_llama_cpp(tiny, tmp_path):
-    (single,) = convert(tiny, tmp_path / "one" / "m.gguf", ConvertOptions(qtype="F16", progress=False))
-    shards = convert(tiny, tmp_path / "split" / "m.gguf", ConvertOptions(qtype="F16", split_max_tensors=40, progress=False))
+    (single,) = convert(tiny, tmp_path / "one" / "m.gguf", ConvertOptions(qtype="F16"), RunOptions(progress=False))
+    shards = convert(tiny, tmp_path / "split" / "m.gguf", ConvertOptions(qtype="F16", split=SplitOptions(max_tensors=40)), RunOptions(progress=False))
     n = len(shards)
     assert n == 3
     assert [p.name for p in shards] == [f"m-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
@@ -110,7 +110,7 @@ def _journal_lines(out: Path) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after_lines", [1, 6])
 def test_resume_after_kill_9_is_byte_identical(kquant, tmp_path, kill_after_lines):
-    (reference,) = convert(kquant, tmp_path / "ref" / "m.gguf", ConvertOptions(qtype="Q2_K", progress=False))
+    (reference,) = convert(kquant, tmp_path / "ref" / "m.gguf", ConvertOptions(qtype="Q2_K"), RunOptions(progress=False))
     out = tmp_path / "run" / "m.gguf"
     out.parent.mkdir()
     proc = _start_conversion(kquant, out)
@@ -121,7 +121,7 @@ def test_resume_after_kill_9_is_byte_identical(kquant, tmp_path, kill_after_line
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists(), "a killed conversion left a file under the final name"
-    (resumed,) = convert(kquant, out, ConvertOptions(qtype="Q2_K", resume=True, progress=False))
+    (resumed,) = convert(kquant, out, ConvertOptions(qtype="Q2_K"), RunOptions(resume=True, progress=False))
     assert sha256(resumed) == sha256(reference)
     assert not (out.parent / f".{out.name}.partial").exists()
 
@@ -240,7 +240,7 @@ def test_not_enough_disk_space_is_checked_up_front(tiny, tmp_path):
     out = tmp_path / "m.gguf"
     full = ConvertHooks(fs=OutputFS(free_bytes=lambda path: 1_000_000))
     with pytest.raises(PlanError, match="GB needed") as err:
-        convert(tiny, out, ConvertOptions(qtype="F16", progress=False), full)
+        convert(tiny, out, ConvertOptions(qtype="F16"), RunOptions(progress=False), full)
     assert str(tmp_path) in str(err.value)
     assert not out.exists() and not (tmp_path / ".m.gguf.partial").exists()
 
@@ -249,15 +249,15 @@ def test_disk_full_during_write_then_resume(tiny, tmp_path):
     out = tmp_path / "m.gguf"
     full = OutputFS(fsync=fails_on_call(6, OSError(errno.ENOSPC, "No space left on device"), os.fsync))
     with pytest.raises(DiskFullError, match="disk full while writing tensor .*--resume"):
-        convert(tiny, out, ConvertOptions(qtype="F16", progress=False), ConvertHooks(fs=full))
+        convert(tiny, out, ConvertOptions(qtype="F16"), RunOptions(progress=False), ConvertHooks(fs=full))
     assert not out.exists()
-    (resumed,) = convert(tiny, out, ConvertOptions(qtype="F16", resume=True, progress=False))
-    (fresh,) = convert(tiny, tmp_path / "fresh.gguf", ConvertOptions(qtype="F16", progress=False))
+    (resumed,) = convert(tiny, out, ConvertOptions(qtype="F16"), RunOptions(resume=True, progress=False))
+    (fresh,) = convert(tiny, tmp_path / "fresh.gguf", ConvertOptions(qtype="F16"), RunOptions(progress=False))
     assert resumed.read_bytes() == fresh.read_bytes()
 
 
 def test_inspect_reports_sizes(tiny, tmp_path, capsys):
-    (out,) = convert(tiny, tmp_path / "m.gguf", ConvertOptions(qtype="Q8_0", progress=False))
+    (out,) = convert(tiny, tmp_path / "m.gguf", ConvertOptions(qtype="Q8_0"), RunOptions(progress=False))
     code, stdout, err = run_cli_output(["inspect", out, "--json"], capsys)
     assert code == 0, err
     report = json.loads(stdout)
@@ -274,12 +274,12 @@ def test_matrices_are_quantized_in_row_pieces_with_the_same_bytes(tiny, tmp_path
     """Large matrices are quantized (and measured) in row pieces so memory stays near one float32 copy of
     the largest tensor; pieces of 16 rows must give the file that whole matrices give, and a NaN is named
     by its row in the whole matrix."""
-    (whole,) = convert(tiny, tmp_path / "whole.gguf", ConvertOptions(qtype="Q8_0", progress=False, report=False))
+    (whole,) = convert(tiny, tmp_path / "whole.gguf", ConvertOptions(qtype="Q8_0"), RunOptions(progress=False, report=False))
     sixteen_rows = ConvertHooks(row_block_bytes=4 * 64 * 16)
-    (pieces,) = convert(tiny, tmp_path / "pieces.gguf", ConvertOptions(qtype="Q8_0", progress=False), sixteen_rows)
+    (pieces,) = convert(tiny, tmp_path / "pieces.gguf", ConvertOptions(qtype="Q8_0"), RunOptions(progress=False), sixteen_rows)
     assert pieces.read_bytes() == whole.read_bytes()
 
     src = _copy(tiny, tmp_path / "src")
     _nan_in_tensor(src, row=40)
     with pytest.raises(CheckpointError, match=r"out_proj\.weight: row 40 holds NaN or Inf"):
-        convert(src, tmp_path / "nan.gguf", ConvertOptions(qtype="Q8_0", progress=False, report=False), sixteen_rows)
+        convert(src, tmp_path / "nan.gguf", ConvertOptions(qtype="Q8_0"), RunOptions(progress=False, report=False), sixteen_rows)

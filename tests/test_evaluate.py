@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from rioquant.cli import main
-from rioquant.convert import ConvertOptions, convert
+from rioquant.convert import ConvertOptions, RunOptions, convert
 from rioquant.evaluate.engine import Engine, EngineOptions, whole_model_states
 from rioquant.evaluate.pipelines import chunk_logits, collect_imatrix, kl_divergence, perplexity
 from rioquant.evaluate.source import open_source
@@ -54,8 +54,8 @@ def evaluation_text(n_chars: int) -> str:
 def m(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("check")
     hf = build_checkpoint(SPEC, root / "hf")
-    (f32,) = convert(hf, root / "tiny-F32.gguf", ConvertOptions(qtype="F32", progress=False))
-    (q8,) = convert(hf, root / "tiny-Q8_0.gguf", ConvertOptions(qtype="Q8_0", progress=False))
+    (f32,) = convert(hf, root / "tiny-F32.gguf", ConvertOptions(qtype="F32"), RunOptions(progress=False))
+    (q8,) = convert(hf, root / "tiny-Q8_0.gguf", ConvertOptions(qtype="Q8_0"), RunOptions(progress=False))
     text = root / "topics.txt"
     text.write_text(evaluation_text(40_000))
     chunks = tokenize_text(open_source(hf), text, CTX, 4)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFWriter
 
-from rioquant.convert import ConvertOptions, convert
+from rioquant.convert import ConvertOptions, RunOptions, convert
 from rioquant.errors import ImatrixError
 from rioquant.quant.imatrix import check_fit, read_imatrix
 from rioquant.testing.checkpoints import KQUANT, build_checkpoint
@@ -218,7 +218,7 @@ def test_imatrix_quantized_tensors_equal_ggml(kquant, tmp_path, fmt, qtype):
         path = write_dat_imatrix(tmp_path / "imatrix.dat", entries, "wiki.train.raw", chunk_count=12)
         importance = {n: v.reshape(-1, shapes[n][-1]) for n, v in dat_importance(path).items()}
 
-    (out,) = convert(src, tmp_path / f"{qtype}.gguf", ConvertOptions(qtype=qtype, imatrix=path, progress=False))
+    (out,) = convert(src, tmp_path / f"{qtype}.gguf", ConvertOptions(qtype=qtype, imatrix=path), RunOptions(progress=False))
     oracle = GgmlOracle()
     written = scan(out)
     checked_with_importance = 0

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 
 from bench.nano.corpus import load_corpus
 from bench.nano.train import NanoShape, TrainSettings, train
-from rioquant.convert import ConvertOptions, convert
+from rioquant.convert import ConvertOptions, RunOptions, convert
 from rioquant.files.gguf_file import read_header
 from rioquant.testing.oracles import plain_cpu_buffers
 
@@ -49,7 +49,7 @@ def test_retrained_vocabulary_converts_and_tokenizes_like_llama_cpp(nano, tmp_pa
     Qwen3.5's, so the file says `qwen35`, and llama.cpp's tokenizer then splits text exactly as transformers."""
     from llama_cpp import Llama
 
-    (out,) = convert(nano, tmp_path / "nano-f32.gguf", ConvertOptions(qtype="F32", progress=False, report=False))
+    (out,) = convert(nano, tmp_path / "nano-f32.gguf", ConvertOptions(qtype="F32"), RunOptions(progress=False, report=False))
     assert read_header(out).metadata["tokenizer.ggml.pre"] == "qwen35"
     text = load_corpus().evaluation[:20_000] + " Olá, 你好 🚀 3.14159 '\n\n\t x"
     with plain_cpu_buffers():
@@ -72,7 +72,7 @@ def test_other_pre_tokenizers_are_still_refused(nano, tmp_path):
     tokenizer["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     (copy / "tokenizer.json").write_text(json.dumps(tokenizer))
     with pytest.raises(CheckpointError, match="pre-tokenizer hash .* is not Qwen3.5's"):
-        convert(copy, tmp_path / "x.gguf", ConvertOptions(qtype="F32", progress=False, report=False))
+        convert(copy, tmp_path / "x.gguf", ConvertOptions(qtype="F32"), RunOptions(progress=False, report=False))
 
 
 def test_frontier_interpolates_log_kld_in_bpw_and_extends_past_its_ends():

@@ -22,7 +22,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from rioquant.cli import main
-from rioquant.convert import ConvertOptions, build_plan, convert, describe_plan
+from rioquant.convert import ConvertOptions, RunOptions, SplitOptions, build_plan, convert, describe_plan
 from rioquant.errors import PlanError
 from rioquant.export.metadata import add_arch_metadata
 from rioquant.files.gguf_file import nbytes
@@ -145,11 +145,11 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("split", [{}, {"split_max_size": 6_000_000}, {"split_max_tensors": 40}])
+@pytest.mark.parametrize("split", [{}, {"split": SplitOptions(max_size=6_000_000)}, {"split": SplitOptions(max_tensors=40)}])
 def test_predicted_size_is_written_size(tiny, tmp_path, split):
-    options = ConvertOptions(qtype="Q5_K_M", progress=False, report=False, **split)
+    options = ConvertOptions(qtype="Q5_K_M", **split)
     predicted = describe_plan(build_plan(tiny, options))["shard_bytes"]
-    files = convert(tiny, tmp_path / "m.gguf", options)
+    files = convert(tiny, tmp_path / "m.gguf", options, RunOptions(progress=False, report=False))
     assert [f.stat().st_size for f in files] == predicted
     assert (len(files) > 1) == bool(split)
 
@@ -224,7 +224,7 @@ def _no_upgrade_fits(entries, errors, budget_left: int, alignment: int) -> bool:
 def test_target_size_raises_the_worst_tensors_within_budget(tiny, tmp_path):
     base = describe_plan(build_plan(tiny, ConvertOptions(qtype="Q3_K_M")))
     target = base["file_bytes"] + 2_000_000
-    options = ConvertOptions(qtype="Q3_K_M", target_size=target, progress=False, report=False)
+    options = ConvertOptions(qtype="Q3_K_M", target_size=target)
     plan = build_plan(tiny, options)
     summary = describe_plan(plan)
     raised = [e for e in plan.entries if e.rule.startswith("target-size: raised from")]
@@ -235,7 +235,7 @@ def test_target_size_raises_the_worst_tensors_within_budget(tiny, tmp_path):
                                              if budget.can_raise(e)})
     assert _no_upgrade_fits(plan.entries, errors, target - summary["file_bytes"], 32)
     assert build_plan(tiny, options).entries == plan.entries  # deterministic
-    (out,) = convert(tiny, tmp_path / "budget.gguf", options)
+    (out,) = convert(tiny, tmp_path / "budget.gguf", options, RunOptions(progress=False, report=False))
     assert out.stat().st_size == summary["file_bytes"]
 
     bpw = ConvertOptions(qtype="Q3_K_M", target_bpw=base["bpw"] + 0.5)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
-from rioquant.convert import ConvertOptions, build_plan, convert, describe_plan
+from rioquant.convert import ConvertOptions, RunOptions, build_plan, convert, describe_plan
 from rioquant.errors import PlanError
 from rioquant.quant.recipes import (
     LLAMA_MIXES,
@@ -211,8 +211,8 @@ def test_mix_bytes_equal_llama_quantize(models, tmp_path, variant, mix):
     exactly the size `rioquant plan` predicts."""
     src, bf16 = models[variant]
     ref = scan(llama_quantize(bf16, tmp_path / "llama.gguf", LLAMA_MIXES[mix].file_type))
-    options = ConvertOptions(qtype=mix, progress=False, report=False)
-    (out,) = convert(src, tmp_path / "ours.gguf", options)
+    options = ConvertOptions(qtype=mix)
+    (out,) = convert(src, tmp_path / "ours.gguf", options, RunOptions(progress=False, report=False))
     ours = scan(out)
     assert ours.tensors.keys() == ref.tensors.keys()
     for name, r in ref.tensors.items():
@@ -238,7 +238,7 @@ def test_mix_bytes_with_imatrix_equal_llama_quantize(models, tmp_path, mix):
     path = write_gguf_imatrix(tmp_path / "imatrix.gguf", entries, ["calibration.txt"], chunk_count=4)
     importance = {n: gguf_importance(e) for n, e in entries.items()}
     ref = scan(llama_quantize(bf16, tmp_path / "llama.gguf", LLAMA_MIXES[mix].file_type, importance=importance))
-    (out,) = convert(src, tmp_path / "ours.gguf", ConvertOptions(qtype=mix, imatrix=path, progress=False, report=False))
+    (out,) = convert(src, tmp_path / "ours.gguf", ConvertOptions(qtype=mix, imatrix=path), RunOptions(progress=False, report=False))
     ours = scan(out)
     assert ours.tensors.keys() == ref.tensors.keys()
     differ = [n for n, r in ref.tensors.items() if (ours.tensors[n].qtype, ours.tensors[n].data) != (r.qtype, r.data)]
@@ -250,7 +250,7 @@ def test_mix_bytes_with_imatrix_equal_llama_quantize(models, tmp_path, mix):
 def test_xl_mixes_load_in_llama_cpp(models, tmp_path, mix):
     """Our own mixes: llama.cpp loads the file and computes finite logits."""
     src, _ = models["tiny-fallbacks-mtp"]
-    (out,) = convert(src, tmp_path / f"{mix}.gguf", ConvertOptions(qtype=mix, progress=False, report=False))
+    (out,) = convert(src, tmp_path / f"{mix}.gguf", ConvertOptions(qtype=mix), RunOptions(progress=False, report=False))
     types = {t.qtype.name for t in scan(out).tensors.values()}
     assert "Q8_0" in types  # ssm_out (and output: its row of 64 does not fit Q6_K's block)
     logits = llama_logits(out, [248045, 846, 198, 9707])

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rioquant.cli import main
-from rioquant.convert import ConvertHooks, ConvertOptions, convert
+from rioquant.convert import ConvertHooks, ConvertOptions, RunOptions, SplitOptions, convert
 from rioquant.quant import quantize
 from rioquant.quant.metrics import OUTLIER_FACTOR, TensorErrorTracker
 from rioquant.testing.checkpoints import KQUANT, TINY, build_checkpoint
@@ -113,8 +113,8 @@ def converted(tmp_path_factory) -> dict:
               and len(t.shape) >= 2 and "ssm_conv1d" not in n}
     entries = random_entries(shapes, seed=5, zero_counts={UNROUTED[0]: [UNROUTED[1]]})
     imatrix = write_gguf_imatrix(root / "imatrix.gguf", entries, ["calib.txt"], chunk_count=9)
-    options = ConvertOptions(qtype="Q4_K", imatrix=imatrix, split_max_tensors=60, progress=False)
-    files = convert(src, root / "out" / "q4.gguf", options)
+    options = ConvertOptions(qtype="Q4_K", imatrix=imatrix, split=SplitOptions(max_tensors=60))
+    files = convert(src, root / "out" / "q4.gguf", options, RunOptions(progress=False))
     return {"src": src, "ref": ref, "entries": entries, "options": options, "files": files, "root": root}
 
 
@@ -177,8 +177,8 @@ def test_resume_gives_the_same_report(converted, tmp_path):
     out = tmp_path / "out" / "q4.gguf"
     crash_midway = ConvertHooks(on_tensor=fails_on_call(25, KeyboardInterrupt()))  # like ^C in the middle of the run
     with pytest.raises(KeyboardInterrupt):
-        convert(converted["src"], out, converted["options"], crash_midway)
-    files = convert(converted["src"], out, replace(converted["options"], resume=True))
+        convert(converted["src"], out, converted["options"], RunOptions(progress=False), crash_midway)
+    files = convert(converted["src"], out, converted["options"], RunOptions(resume=True, progress=False))
     assert [f.name for f in files] == [f.name for f in converted["files"]]
     resumed = json.loads((out.parent / "q4.report.json").read_text())
     first = json.loads((converted["files"][0].parent / "q4.report.json").read_text())
