@@ -105,39 +105,45 @@ def _report(memory: MemoryBreakdown, settings: RunSettings) -> dict:
     return {"settings": asdict(settings), **asdict(memory), "total": memory.total}
 
 
+def _mixes(tensors: list[tuple[str, tuple[int, ...]]], facts: ModelFacts, header_bytes: int, n_layer: int,
+           alignment: int = 32) -> list[MixSize]:
+    """Every mix of the table for these tensors (GGUF names, numpy shapes, file order), in one file."""
+    n_params = sum(_elements(shape) for _, shape in tensors)
+    loaded = is_trunk_tensor(n_layer)
+    sizes = []
+    for name, recipe in RECIPES.items():
+        entries = recipe_entries(tensors, recipe, facts)
+        weights = loaded_weight_bytes([[(e.name, e.nbytes) for e in entries]], loaded, alignment)
+        sizes.append(MixSize(name, header_bytes + sum(_pad(e.nbytes, alignment) for e in entries), weights,
+                             8 * sum(e.nbytes for e in entries) / n_params))
+    return sizes
+
+
 def _checkpoint_mixes(src: Path) -> tuple[LlamaShape, list[MixSize]]:
-    """Every mix of a checkpoint (or config-only directory), as `convert` would write it (one file)."""
-    sizes, header = [], None
-    for name in RECIPES:
-        plan = build_plan(src, ConvertOptions(qtype=name), weights_optional=True)
-        if header is None:  # the header differs between mixes only in general.file_type's value
-            header = sum(planned_sizes(plan)) - _data_bytes(e.nbytes for e in plan.entries)
-        n_params = sum(_elements(e.shape) for e in plan.entries)
-        sizes.append(MixSize(name, header + _data_bytes(e.nbytes for e in plan.entries), plan_weights(plan),
-                             8 * plan.total_bytes / n_params))
-    return shape_from_args(plan.args), sizes
+    """Every mix of a checkpoint (or config-only directory), as `convert` would write it (one file).
+
+    The plan is built once; its header (metadata, vocabulary, tensor infos) is the same size for
+    every mix, which differ only in general.file_type's value and the tensor types."""
+    plan = build_plan(src, ConvertOptions(qtype=next(iter(RECIPES))), weights_optional=True)
+    header = sum(planned_sizes(plan)) - sum(_pad(e.nbytes) for e in plan.entries)
+    args = plan.args
+    facts = ModelFacts(n_expert=args.num_experts, n_gqa=args.num_attention_heads // max(1, args.num_key_value_heads),
+                       n_blocks=args.num_hidden_layers + plan.n_mtp_layers)
+    tensors = [(e.name, e.shape) for e in plan.entries]
+    return shape_from_args(args), _mixes(tensors, facts, header, args.num_hidden_layers)
 
 
 def _gguf_mixes(gguf: GGUFSet, shape: LlamaShape) -> list[MixSize]:
     """Every mix of the GGUF's tensors, laid out in one file after the source's own header."""
-    tensors = [(t.name, t.shape) for h in gguf.headers for t in h.tensors]
-    n_params = sum(_elements(s) for _, s in tensors)
-    get = gguf.get
-    arch = get("general.architecture")
+    arch = gguf.get("general.architecture")
     facts = ModelFacts(
-        n_expert=int(get(f"{arch}.expert_count", 0)),
-        n_gqa=int(get(f"{arch}.attention.head_count", 0)) // max(1, shape.n_head_kv),
-        n_blocks=int(get(f"{arch}.block_count", shape.n_layer)),
+        n_expert=int(gguf.get(f"{arch}.expert_count", 0)),
+        n_gqa=int(gguf.get(f"{arch}.attention.head_count", 0)) // max(1, shape.n_head_kv),
+        n_blocks=int(gguf.get(f"{arch}.block_count", shape.n_layer)),
     )
-    sizes = []
-    for name, recipe in RECIPES.items():
-        entries = recipe_entries(tensors, recipe, facts)
-        data = _data_bytes(e.nbytes for e in entries)
-        weights = loaded_weight_bytes([[(e.name, e.nbytes) for e in entries]], is_trunk_tensor(shape.n_layer),
-                                      gguf.first.alignment)
-        sizes.append(MixSize(name, _pad(gguf.first.data_offset) + data, weights,
-                             8 * sum(e.nbytes for e in entries) / n_params))
-    return sizes
+    tensors = [(t.name, t.shape) for h in gguf.headers for t in h.tensors]
+    alignment = gguf.first.alignment
+    return _mixes(tensors, facts, _pad(gguf.first.data_offset, alignment), shape.n_layer, alignment)
 
 
 def _gguf_itself(gguf: GGUFSet, shape: LlamaShape) -> MixSize:
@@ -148,10 +154,6 @@ def _gguf_itself(gguf: GGUFSet, shape: LlamaShape) -> MixSize:
 
 def _pad(n: int, to: int = 32) -> int:
     return -(-n // to) * to
-
-
-def _data_bytes(sizes) -> int:
-    return sum(_pad(n) for n in sizes)
 
 
 def _elements(shape) -> int:
@@ -185,22 +187,30 @@ def _entry(size: MixSize, shape: LlamaShape, settings: RunSettings, memory: int)
     }
 
 
-def fit(src: Path, memory: int, settings: RunSettings) -> dict:
-    """The mixes that run in `memory` bytes at the settings' context, best first, each with the largest
-    context it allows; `too_big` lists the others, smallest first."""
+def model_mixes(src: Path) -> tuple[LlamaShape, list[MixSize], MixSize | None]:
+    """The model's shape, every mix's sizes, and (for a GGUF) the file itself."""
     src = Path(src)
-    source_file = None
     if src.is_file():
         gguf = open_set(src)
         shape = shape_from_gguf(gguf)
-        sizes = _gguf_mixes(gguf, shape)
-        source_file = _entry(_gguf_itself(gguf, shape), shape, settings, memory)
-    else:
-        shape, sizes = _checkpoint_mixes(src)
+        return shape, _gguf_mixes(gguf, shape), _gguf_itself(gguf, shape)
+    return (*_checkpoint_mixes(src), None)
+
+
+def rank(shape: LlamaShape, sizes: list[MixSize], memory: int, settings: RunSettings,
+         source_file: MixSize | None = None) -> dict:
+    """The mixes that run in `memory` bytes at the settings' context, best first, each with the largest
+    context it allows; `too_big` lists the others, smallest need first."""
     entries = [_entry(s, shape, settings, memory) for s in quality_order(sizes)]
     return {
-        "source": str(src), "memory": memory, "settings": asdict(settings),
+        "memory": memory, "settings": asdict(settings),
         "fits": [e for e in entries if e["headroom_bytes"] >= 0],
         "too_big": sorted((e for e in entries if e["headroom_bytes"] < 0), key=lambda e: e["memory_bytes"]),
-        "source_file": source_file,
+        "source_file": source_file and _entry(source_file, shape, settings, memory),
     }
+
+
+def fit(src: Path, memory: int, settings: RunSettings) -> dict:
+    """`rioquant fit` as data (`--json`): SRC's mixes ranked for `memory` bytes at the settings."""
+    shape, sizes, source_file = model_mixes(src)
+    return {"source": str(src), **rank(shape, sizes, memory, settings, source_file)}

@@ -1,7 +1,9 @@
 """The memory llama.cpp needs to run a qwen35moe GGUF: weights, KV cache, recurrent state, buffers.
 
 Each term is llama.cpp's own arithmetic (the pinned 0.3.36 sources), so the first three equal, byte
-for byte, what llama.cpp allocates (tests/test_fit.py checks them against `llama_get_memory_breakdown`):
+for byte, what llama.cpp allocates on the CPU backend (tests/test_fit.py checks them against
+`llama_get_memory_breakdown`; CUDA pads each weight to 128 bytes and quantized rows to 512 elements,
+well under a MB on the 397B):
 
 - Weights: llama.cpp maps each file of the model and hands the backend the range from the first
   loaded tensor's data to the end of the last one (`get_mapping_range`). The MTP (NextN) block is in
@@ -20,7 +22,8 @@ for byte, what llama.cpp allocates (tests/test_fit.py checks them against `llama
   tokens all asking for logits. For Qwen3.5 shapes the peak is the LM head: the logits
   [n_vocab, T] F32 alive with about five hidden-state-sized F32 tensors [n_embd, T] (the last
   block's residual and output, the final norm, the rows selected for output). Fitted on the tiny
-  test models and checked on the 397B's shapes (llama.cpp's `no_alloc` reservation): within 4 %
+  test models (within 0.2 %) and checked on the 397B's shapes (llama.cpp's `no_alloc` reservation, ctx
+  256 to 262144): within 3.1 %
   (tests/test_fit.py holds it within 10 %). Flash attention is assumed, as llama.cpp's `auto`
   resolves on CPU, CUDA and Metal: without it the attention scores [n_kv, T, n_head] would dominate.
 """
