@@ -19,11 +19,14 @@ SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
 
 def parse_size(text: str) -> int:
-    """'50G' → 50_000_000_000 (decimal units, as llama.cpp's gguf-split and --split-max-size use)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text.upper())
+    """'50G' and '50GB' → 50_000_000_000 (decimal units, as llama.cpp's gguf-split and --split-max-size
+    use); '64GiB' → 64 × 2³⁰ (binary units only when spelled with i)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT]?)B?|([KMGT])IB)\s*", text.upper())
     if not match:
-        raise click.BadParameter(f"{text!r}: expected a size like 50G, 500M or 2000000000")
-    return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
+        raise click.BadParameter(f"{text!r}: expected a size like 50G, 96GB, 64GiB, 500M or 2000000000")
+    number, decimal, binary = match.groups()
+    scale = 1024 ** (" KMGT".index(binary)) if binary else SIZE_UNITS[decimal or ""]
+    return int(float(number) * scale)
 
 
 class SizeType(click.ParamType):
@@ -89,6 +92,22 @@ output_options = options(
 )
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+# How llama.cpp will run the model, shared by `fit` and `plan` (rioquant.quant.memory.RunSettings).
+run_options = options(
+    click.option("--ctx", type=int, default=4096, show_default=True,
+                 help="Context in tokens, all sequences together (llama.cpp's -c)."),
+    click.option("--cache-type", type=click.Choice(["f16", "q8_0"]), default="f16", show_default=True,
+                 help="KV cache type (llama.cpp's -ctk/-ctv)."),
+    click.option("--parallel", type=int, default=1, show_default=True, help="Sequences decoded at once (-np)."),
+    click.option("--kv-unified", is_flag=True, help="One KV cache shared by all sequences (llama.cpp's -kvu)."),
+)
+
+
+def _run_settings(ctx, cache_type, parallel, kv_unified):
+    from rioquant.quant.memory import RunSettings
+
+    return RunSettings(ctx=ctx, cache_type=cache_type, parallel=parallel, kv_unified=kv_unified)
 no_progress_option = click.option("--no-progress", is_flag=True, help="No progress bar.")
 
 
@@ -142,21 +161,53 @@ def convert(src, out, resume, force, threads, no_progress, imatrix, no_report, *
 @click.argument("src", type=click.Path(path_type=Path))
 @recipe_options
 @output_options
+@run_options
 @json_option
-def plan(src, as_json, **values) -> None:
+def plan(src, as_json, ctx, cache_type, parallel, kv_unified, **values) -> None:
     """Print what `convert` would write, writing nothing: each tensor's type, the rule that chose it, its
-    bytes, and the exact file size. SRC may hold only config.json and the tokenizer files (no weights).
+    bytes, and the exact file size; then the memory llama.cpp needs to run it at --ctx (as `fit`).
+    SRC may hold only config.json and the tokenizer files (no weights).
 
     \b
     Examples:
       rioquant plan ./Rio-3.5-Open-397B --type Q4_K_M
+      rioquant plan ./Rio-3.5-Open-397B --type Q4_K_XL --ctx 131072 --cache-type q8_0
       rioquant plan ./Rio-3.5-Open-397B --type Q4_K_XL --split-max-size 50G --json > plan.json
     """
     from rioquant import render
     from rioquant.convert import build_plan, describe_plan
+    from rioquant.fit import plan_memory
 
-    summary = describe_plan(build_plan(src, _convert_options(**values), weights_optional=True))
+    built = build_plan(src, _convert_options(**values), weights_optional=True)
+    summary = describe_plan(built)
+    summary["memory"] = plan_memory(built, _run_settings(ctx, cache_type, parallel, kv_unified))
     click.echo(json.dumps(summary, indent=2) if as_json else render.plan_table(summary))
+
+
+@cli.command("fit")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("memory", type=SizeType())
+@run_options
+@json_option
+def fit_command(src, memory, as_json, **run) -> None:
+    """Which mix runs in MEMORY, at what context: for every mix, the memory llama.cpp needs (weights it
+    loads, KV cache, Gated DeltaNet state, compute and output buffers); the mixes that fit, best first,
+    with their headroom and the largest context each allows.
+
+    SRC is a checkpoint, a directory with only config.json and the tokenizer, or a GGUF. MEMORY is in
+    decimal units (128G = 128GB = 128 × 10⁹ bytes) or binary ones spelled with i (64GiB = 64 × 2³⁰).
+
+    \b
+    Examples:
+      rioquant fit ./Rio-3.5-Open-397B 128G
+      rioquant fit ./Rio-3.5-Open-397B 192GB --ctx 131072 --cache-type q8_0
+      rioquant fit rio-Q4_K_XL.gguf 256GiB --parallel 4 --json
+    """
+    from rioquant import render
+    from rioquant.fit import fit
+
+    result = fit(src, memory, _run_settings(**run))
+    click.echo(json.dumps(result, indent=2) if as_json else render.fit_table(result))
 
 
 @cli.command()

@@ -27,6 +27,57 @@ def plan_table(summary: dict) -> str:
         + (f" in {len(summary['shard_bytes'])} shards: " + ", ".join(f"{s:,}" for s in summary["shard_bytes"])
            if len(summary["shard_bytes"]) > 1 else ""),
     ]
+    if "memory" in summary:
+        lines += ["", *memory_breakdown(summary["memory"])]
+    return "\n".join(lines)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.2f} GB"
+
+
+def _settings(s: dict) -> str:
+    return (f"-c {s['ctx']}, {s['cache_type']} KV cache, {s['parallel']} sequence{'s' if s['parallel'] > 1 else ''}"
+            + (", unified KV" if s["kv_unified"] else ""))
+
+
+def memory_breakdown(m: dict) -> list[str]:
+    """The memory llama.cpp needs for one mix (rioquant.quant.memory), one line per buffer."""
+    rows = [
+        ("weights", m["weights"], "tensors llama.cpp loads (the MTP block stays on disk)"),
+        ("KV cache", m["kv_cache"], f"full-attention blocks, {m['kv_cells']:,} cells per sequence"),
+        ("recurrent state", m["recurrent"], "Gated DeltaNet conv + delta state, F32"),
+        ("compute buffer", m["compute"], "estimate: the LM head's peak for one batch"),
+        ("output buffer", m["output"], "logits of one token per sequence"),
+        ("total", m["total"], ""),
+    ]
+    lines = [f"memory llama.cpp needs at {_settings(m['settings'])}:"]
+    lines += [f"  {label:<16} {n:>19,} bytes {_gb(n):>13}  {note}".rstrip() for label, n, note in rows]
+    return lines
+
+
+def fit_table(result: dict) -> str:
+    """`rioquant fit`: the mixes that fit, best first, with headroom and the largest context; then the rest."""
+    header = f"  {'mix':<10} {'file':>11} {'needs':>11} {'headroom':>11} {'max -c':>8}"
+
+    def row(e: dict) -> str:
+        return (f"  {e['mix']:<10} {_gb(e['file_bytes']):>11} {_gb(e['memory_bytes']):>11} "
+                f"{_gb(e['headroom_bytes']):>11} {e['max_ctx']:>8}")
+
+    lines = [f"{result['source']} in {_gb(result['memory'])} ({result['memory']:,} bytes) at {_settings(result['settings'])}"]
+    if result["fits"]:
+        best = result["fits"][0]
+        lines += [f"best: {best['mix']}, {_gb(best['file_bytes'])} file, {_gb(best['memory_bytes'])} in use, "
+                  f"context up to {best['max_ctx']:,}", "", "fits, best first:", header]
+        lines += [row(e) for e in result["fits"]]
+    else:
+        lines.append("no mix fits at this context")
+    if result["too_big"]:
+        lines += ["", "too big, smallest first:", header] + [row(e) for e in result["too_big"]]
+    if result.get("source_file"):
+        lines += ["", "the GGUF itself:", header, row(result["source_file"])]
+    lines += ["", "max -c: the largest context that fits (0: none); GB = 10^9 bytes; "
+                  "`rioquant plan SRC --type MIX --ctx N` breaks one mix down."]
     return "\n".join(lines)
 
 
