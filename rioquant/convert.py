@@ -133,12 +133,7 @@ def build_plan(src: Path, options: ConvertOptions, weights_optional: bool = Fals
     specs = tensor_specs(tensors, args, options.with_mtp)
     n_mtp = mtp_layer_count(specs, args.num_hidden_layers)
     recipe = load_recipe(options.recipe) if options.recipe else get_recipe(options.qtype)
-    facts = ModelFacts(
-        n_expert=args.num_experts,
-        n_gqa=args.num_attention_heads // args.num_key_value_heads if args.num_key_value_heads else 0,
-        n_blocks=args.num_hidden_layers + n_mtp,
-        keep_f32=KEEP_F32,
-    )
+    facts = model_facts(args, n_mtp)
     entries = recipe_entries([(s.name, s.shape) for s in specs], recipe, facts, _overrides(options))
     plan = ConversionPlan(src, args, config, specs, entries, n_mtp, options, recipe)
     if options.target_size is not None or options.target_bpw is not None:
@@ -146,6 +141,16 @@ def build_plan(src: Path, options: ConvertOptions, weights_optional: bool = Fals
             raise PlanError(f"--target-size/--target-bpw: {src} has no weights to measure errors on")
         plan.entries = _fit_budget(plan)
     return plan
+
+
+def model_facts(args: ModelArgs, n_mtp: int) -> ModelFacts:
+    """What the recipes' rules look at besides a tensor's name, from the architecture's arguments."""
+    return ModelFacts(
+        n_expert=args.num_experts,
+        n_gqa=args.num_attention_heads // args.num_key_value_heads if args.num_key_value_heads else 0,
+        n_blocks=args.num_hidden_layers + n_mtp,
+        keep_f32=KEEP_F32,
+    )
 
 
 def planned_sizes(plan: ConversionPlan) -> list[int]:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType
 
-from rioquant.convert import ConversionPlan, ConvertOptions, build_plan, planned_sizes
+from rioquant.convert import ConversionPlan, ConvertOptions, build_plan, model_facts, planned_sizes
 from rioquant.errors import PlanError
 from rioquant.export.gguf_out import OutputTensor, layout_writer
-from rioquant.export.qwen35moe import ModelArgs
+from rioquant.export.qwen35moe import KEEP_F32, ModelArgs
 from rioquant.files.gguf_set import GGUFSet, open_set
 from rioquant.quant.memory import (
     LlamaShape,
@@ -89,8 +89,7 @@ def shape_from_gguf(gguf: GGUFSet) -> LlamaShape:
 def plan_weights(plan: ConversionPlan) -> int:
     """The bytes llama.cpp loads from the plan's file (or split set), MTP block left out."""
     tensors = [OutputTensor(e.name, e.shape, T[e.qtype], e.nbytes) for e in plan.entries]
-    writer = layout_writer(Path("plan.gguf"), tensors, lambda _: None, plan.options.split_max_size,
-                           plan.options.split_max_tensors)
+    writer = layout_writer(Path("plan.gguf"), tensors, lambda _: None, plan.options.split)
     files = [[(name, info.nbytes) for name, info in shard.items()] for shard in writer.tensors]
     return loaded_weight_bytes(files, is_trunk_tensor(plan.args.num_hidden_layers), writer.data_alignment)
 
@@ -127,8 +126,7 @@ def _checkpoint_mixes(src: Path) -> tuple[LlamaShape, list[MixSize]]:
     plan = build_plan(src, ConvertOptions(qtype=next(iter(RECIPES))), weights_optional=True)
     header = sum(planned_sizes(plan)) - sum(_pad(e.nbytes) for e in plan.entries)
     args = plan.args
-    facts = ModelFacts(n_expert=args.num_experts, n_gqa=args.num_attention_heads // max(1, args.num_key_value_heads),
-                       n_blocks=args.num_hidden_layers + plan.n_mtp_layers)
+    facts = model_facts(args, plan.n_mtp_layers)
     tensors = [(e.name, e.shape) for e in plan.entries]
     return shape_from_args(args), _mixes(tensors, facts, header, args.num_hidden_layers)
 
@@ -140,6 +138,7 @@ def _gguf_mixes(gguf: GGUFSet, shape: LlamaShape) -> list[MixSize]:
         n_expert=int(gguf.get(f"{arch}.expert_count", 0)),
         n_gqa=int(gguf.get(f"{arch}.attention.head_count", 0)) // max(1, shape.n_head_kv),
         n_blocks=int(gguf.get(f"{arch}.block_count", shape.n_layer)),
+        keep_f32=KEEP_F32,
     )
     tensors = [(t.name, t.shape) for h in gguf.headers for t in h.tensors]
     alignment = gguf.first.alignment

@@ -21,7 +21,7 @@ import gguf
 import pytest
 
 from rioquant.cli import main, parse_size
-from rioquant.convert import ConvertOptions, build_plan, convert
+from rioquant.convert import ConvertOptions, RunOptions, build_plan, convert
 from rioquant.fit import fit, plan_memory, quality_order
 from rioquant.quant.memory import RunSettings
 from rioquant.testing.checkpoints import TINY, build_checkpoint
@@ -49,7 +49,7 @@ def measured(tmp_path_factory):
     ckpt = build_checkpoint(replace(TINY, head_dim=32, mtp=True), root / "tiny")  # q8_0 cache: heads of 32k
     runs = {}
     for mix in MIXES:
-        (path,) = convert(ckpt, root / f"tiny-{mix}.gguf", ConvertOptions(qtype=mix, progress=False, report=False))
+        (path,) = convert(ckpt, root / f"tiny-{mix}.gguf", ConvertOptions(qtype=mix), RunOptions(progress=False, report=False))
         runs[mix] = (ckpt, path, llama_buffers(path, SETTINGS))
     return runs
 
