@@ -1,0 +1,232 @@
+"""The models of a lineage comparison: opened, checked against each other, and read piece by piece.
+
+A source is a Hugging Face checkpoint directory (read by `export.checkpoint` through the converter's
+own name table, `export.qwen35moe.tensor_specs`) or a float/Q8_0 GGUF (read by `evaluate.gguf_reader`
+and dequantized by `quant.dequantize`). Tensors are matched by their GGUF name. When every source is a
+checkpoint the stored values are compared as they are; when a GGUF takes part, checkpoint tensors go
+through the converter's transforms (+1 on norms, V heads tiled, A = −exp(A_log)) so that both sides
+hold the same quantity.
+
+A piece is a run of rows of one tensor (or of one expert slab): the unit of reading. Every source's
+piece is one positioned read, through a view of the reader's own tensor record moved to the piece's
+first byte; a transformed tensor is read whole, once.
+"""
+
+import json
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from rioquant.errors import CheckpointError, LineageError
+from rioquant.evaluate.gguf_reader import GGUFTensor, open_gguf, read_tensor_bytes
+from rioquant.evaluate.source import gguf_model_args
+from rioquant.export.checkpoint import read_float32, scan_tensors
+from rioquant.export.qwen35moe import ModelArgs, TensorSpec, load_tensor, model_args, tensor_specs
+from rioquant.quant import dequantize
+
+ARCH = "qwen35moe"
+PIECE_ELEMENTS = 1 << 22  # 4 M elements: 16 MB of float32 per source and piece
+GGUF_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
+              GGMLQuantizationType.Q8_0}
+# ModelArgs fields that do not decide any tensor's name or shape (a GGUF does not even record some)
+NOT_SHAPE = {"rms_norm_eps", "max_position_embeddings", "rope_theta", "partial_rotary_factor",
+             "mrope_section", "num_experts_per_tok", "tie_word_embeddings", "mtp_num_hidden_layers"}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One tensor of one source: its GGUF name and shape, how it is stored, and the reader's record."""
+
+    name: str
+    shape: tuple[int, ...]  # GGUF numpy order; an expert stack is (experts, rows, cols)
+    storage: str  # BF16, F16, F32 or Q8_0
+    record: "TensorSpec | GGUFTensor"
+    transform: str | None  # applied on reading (checkpoint tensors compared with a GGUF)
+
+    @property
+    def experts(self) -> int:
+        return self.shape[0] if len(self.shape) == 3 else 0
+
+    @property
+    def slab_shape(self) -> tuple[int, ...]:
+        return self.shape[1:] if self.experts else self.shape
+
+
+class Source:
+    """A model opened for lineage: `given` is how the user named it, `tensors` maps GGUF names."""
+
+    def __init__(self, given: str, path: Path, kind: str, args: ModelArgs, tensors: dict[str, Tensor]) -> None:
+        self.given, self.path, self.kind, self.args, self.tensors = given, path, kind, args, tensors
+
+    def read(self, name: str, expert: int | None, rows: tuple[int, int]) -> tuple[np.ndarray, int]:
+        """Rows [r0, r1) of tensor `name` (of its expert slab) as flat float32, and the bytes read."""
+        tensor = self.tensors[name]
+        record = tensor.record
+        if isinstance(record, GGUFTensor):
+            return _read_gguf(record, tensor, expert, rows)
+        return _read_checkpoint(record, tensor, self.args, expert, rows)
+
+
+def _read_gguf(record: GGUFTensor, tensor: Tensor, expert: int | None, rows: tuple[int, int]) -> tuple[np.ndarray, int]:
+    row_shape = tensor.slab_shape[1:]
+    block, type_bytes = GGML_QUANT_SIZES[record.qtype]
+    row_bytes = int(np.prod(row_shape, dtype=np.int64)) // block * type_bytes
+    slab_bytes = tensor.slab_shape[0] * row_bytes
+    start = record.data_start + (expert or 0) * slab_bytes + rows[0] * row_bytes
+    view = replace(record, shape=(rows[1] - rows[0], *row_shape), data_start=start)
+    raw = read_tensor_bytes(view)
+    return dequantize(raw, record.qtype, view.shape).reshape(-1), raw.nbytes
+
+
+def _read_checkpoint(spec: TensorSpec, tensor: Tensor, args: ModelArgs, expert: int | None,
+                     rows: tuple[int, int]) -> tuple[np.ndarray, int]:
+    piece = spec.pieces[expert or 0]
+    src = piece.source
+    if tensor.transform:  # read whole (the planner makes such a tensor a single piece)
+        values = load_tensor(spec, args, read_float32)
+        return values.reshape(-1)[rows[0] * _row_elements(tensor) : rows[1] * _row_elements(tensor)], src.nbytes
+    slab_shape = src.shape[1:] if piece.index is not None else src.shape
+    row_elements = int(np.prod(slab_shape[1:], dtype=np.int64))
+    first_row = (piece.rows[0] if piece.rows else 0) + rows[0]
+    slab_start = (piece.index or 0) * int(np.prod(slab_shape, dtype=np.int64))
+    view = replace(src, shape=(rows[1] - rows[0], *slab_shape[1:]),
+                   data_start=src.data_start + (slab_start + first_row * row_elements) * src.itemsize)
+    return read_float32(view).reshape(-1), view.nbytes
+
+
+def _row_elements(tensor: Tensor) -> int:
+    return int(np.prod(tensor.slab_shape[1:], dtype=np.int64))
+
+
+def _open_checkpoint(given: str, path: Path, transforms: bool) -> Source:
+    config_path = path / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise LineageError(f"{config_path}: not found (is {path} a Hugging Face checkpoint?)") from None
+    except json.JSONDecodeError as err:
+        raise LineageError(f"{config_path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    args = model_args(config, str(config_path))
+    tensors = {}
+    for spec in tensor_specs(scan_tensors(path), args, with_mtp=True):
+        storage = spec.pieces[0].source.dtype
+        tensors[spec.name] = Tensor(spec.name, spec.shape, storage, spec, spec.transform if transforms else None)
+    return Source(given, path, "checkpoint", args, tensors)
+
+
+def _open_gguf(given: str, path: Path) -> Source:
+    model = open_gguf(path)
+    arch = model.get("general.architecture")
+    if arch != ARCH:
+        raise LineageError(f"{path}: architecture {arch!r}; lineage compares {ARCH} models")
+    tensors = {}
+    for name, record in model.tensors.items():
+        if record.qtype not in GGUF_TYPES:
+            raise LineageError(f"{path}: tensor {name} is {record.qtype.name}; lineage reads F32, F16, BF16 "
+                               "and Q8_0 GGUFs (quantize less, or compare the checkpoints)")
+        tensors[name] = Tensor(name, record.shape, record.qtype.name, record, None)
+    return Source(given, path, "gguf", gguf_model_args(model), tensors)
+
+
+def open_sources(child: str, parents: list[str]) -> tuple[Source, list[Source]]:
+    """Open every model and check that they can be compared: same architecture, same tensors and shapes."""
+    if len(parents) < 2:
+        raise LineageError(f"{len(parents)} --parent given: a blend needs at least two parents")
+    given = [child, *parents]
+    paths = [Path(g) for g in given]
+    for path in paths:
+        if not path.exists():
+            raise LineageError(f"{path}: no such checkpoint directory or GGUF file")
+    transforms = any(p.is_file() for p in paths)
+    sources = []
+    for g, p in zip(given, paths, strict=True):
+        try:
+            sources.append(_open_checkpoint(g, p, transforms) if p.is_dir() else _open_gguf(g, p))
+        except CheckpointError as err:  # name the model: "checkpoint has no tensor …" does not
+            raise LineageError(str(err) if str(p) in str(err) else f"{p}: {err}") from None
+    first = sources[0]
+    for other in sources[1:]:
+        _check_same(first, other)
+    return first, sources[1:]
+
+
+def _check_same(first: Source, other: Source) -> None:
+    for f in fields(ModelArgs):
+        a, b = getattr(first.args, f.name), getattr(other.args, f.name)
+        if f.name not in NOT_SHAPE and a != b:
+            raise LineageError(f"{other.path}: {f.name} is {b}, {first.path} has {a}: not the same architecture")
+    for name, tensor in first.tensors.items():
+        theirs = other.tensors.get(name)
+        if theirs is None:
+            raise LineageError(f"{other.path}: no tensor {name} (present in {first.path})")
+        if theirs.shape != tensor.shape:
+            raise LineageError(f"{other.path}: tensor {name} has shape {list(theirs.shape)}, "
+                               f"{first.path} has {list(tensor.shape)}")
+    extra = sorted(set(other.tensors) - set(first.tensors))
+    if extra:
+        raise LineageError(f"{first.path}: no tensor {extra[0]} (present in {other.path})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan and stream
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What a verdict is given for: a tensor, or one expert slab of an expert stack."""
+
+    name: str
+    expert: int | None
+    pieces: tuple[tuple[int, int], ...]  # row ranges
+    elements: int
+
+
+def plan_units(sources: list[Source]) -> list[Unit]:
+    """Every tensor (every expert slab) of the first source, in its order, cut into row pieces."""
+    units = []
+    for name, tensor in sources[0].tensors.items():
+        rows = tensor.slab_shape[0]
+        per_row = _row_elements(tensor)
+        whole = any(s.tensors[name].transform for s in sources)
+        step = rows if whole else max(1, PIECE_ELEMENTS // max(per_row, 1))
+        pieces = tuple((r, min(r + step, rows)) for r in range(0, rows, step))
+        for expert in (range(tensor.experts) if tensor.experts else [None]):
+            units.append(Unit(name, expert, pieces, rows * per_row))
+    return units
+
+
+@dataclass
+class Piece:
+    unit: Unit
+    index: int  # which of unit.pieces
+    values: list[np.ndarray]  # child first, then the parents, flat float32
+    nbytes: int  # bytes read from disk for it, all sources
+
+
+def stream(units: list[Unit], sources: list[Source], ahead: int = 2) -> Iterator[Piece]:
+    """Pieces in order, read by one thread per source up to `ahead` pieces before they are used.
+
+    Reading releases the GIL (positioned reads, numpy conversions), and so do the kernels, so the
+    disk works while the statistics of the previous piece are computed; memory holds at most
+    ahead + 1 pieces of every source."""
+    jobs = [(u, i) for u in units for i in range(len(u.pieces))]
+    with ThreadPoolExecutor(max_workers=len(sources)) as pool:
+        pending: list[tuple[Unit, int, list[Future]]] = []
+
+        def submit(job: tuple[Unit, int]) -> None:
+            unit, i = job
+            futures = [pool.submit(s.read, unit.name, unit.expert, unit.pieces[i]) for s in sources]
+            pending.append((unit, i, futures))
+
+        for job in jobs[:ahead]:
+            submit(job)
+        for j in range(len(jobs)):
+            if j + ahead < len(jobs):
+                submit(jobs[j + ahead])
+            unit, i, futures = pending.pop(0)
+            results = [f.result() for f in futures]
+            yield Piece(unit, i, [r[0] for r in results], sum(r[1] for r in results))
