@@ -247,6 +247,42 @@ def publish(repo_id, folder, dry_run, private, revision, commit_message, base_mo
                              base_models=tuple(base_models), force=force, progress=not no_progress)
     click.echo(run_publish(repo_id, folder, options), nl=False)
 
+@cli.command()
+@click.argument("child")
+@click.option("--parent", "parents", multiple=True, required=True, metavar="MODEL",
+              help="A supposed parent: checkpoint directory or F32/F16/BF16/Q8_0 GGUF (repeat; the last is the reference).")
+@click.option("--parent-repo", "parent_repos", multiple=True, metavar="ORG/REPO",
+              help="Hub id of each --parent, in order, for `publish --lineage` (default: the --parent if it reads ORG/NAME).")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None,
+              help="Write the JSON report here, and its PNGs beside it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the summary.")
+@click.option("--top", type=int, default=10, show_default=True, help="How many outliers the summary lists.")
+@click.option("--no-plots", is_flag=True, help="With -o: no PNGs.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def lineage(child, parents, parent_repos, out, as_json, top, no_plots, no_progress) -> None:
+    """Show what CHILD is made of: an exact blend of the --parent models, a blend plus an update, or no blend.
+
+    \b
+    Examples:
+      rioquant lineage ./Rio-3.5-Open --parent ./Nex-N2-Pro --parent ./Qwen3.5-397B-A17B -o rio.lineage.json
+      rioquant lineage ./merged --parent org/a --parent org/b --json
+      rioquant lineage child-BF16.gguf --parent a-Q8_0.gguf --parent ./b
+    """
+    from rioquant.errors import LineageError
+    from rioquant.lineage.pipeline import LineageOptions, analyse
+    from rioquant.lineage.report import draw_figures, render_text, write_json
+
+    if len(parent_repos) > len(parents):
+        raise LineageError(f"{len(parent_repos)} --parent-repo for {len(parents)} --parent: give at most one per parent")
+    report = analyse(child, list(parents), LineageOptions(tuple(parent_repos), progress=not no_progress))
+    click.echo(json.dumps(report, indent=1, ensure_ascii=False) if as_json else render_text(report, top), nl=as_json)
+    if out is not None:
+        write_json(report, out)
+        if not no_plots:
+            for path in draw_figures(report, out.parent, out.name.removesuffix(".json")):
+                click.echo(f"figure: {path}", err=as_json)
+
+
 def eval_options(command):
     """Options shared by `ppl`, `kld` and `imatrix`: text, context, and where and how the model runs."""
     options = [

@@ -22,7 +22,7 @@ from rioquant.lineage.verdict import judge, merge_exact, overall
 
 log = logging.getLogger(__name__)
 REPORT_FORMAT = "rioquant-lineage/1"
-KNOWN_RECIPES = 2  # recipes found earlier that every later unit tests as well
+KNOWN_RECIPES = 2  # the most frequent and the most recent recipes found so far: every later unit tests them
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_CACHE = re.compile(r"models--([^/]+?)--([^/]+)")
 
@@ -64,7 +64,8 @@ def analyse(child: str, parents: list[str], options: LineageOptions = LineageOpt
     totals: dict[str, Moments] = {}
     gathering: dict[str, _Tensor] = {}
     read = 0
-    known: dict[str, tuple[int, Candidate]] = {}  # recipes that reproduced a unit exactly, with counts
+    known: dict[str, tuple[int, int, Candidate]] = {}  # recipe → (units it reproduced, last unit, recipe)
+    judged = 0
     total_bytes = sum(_unit_bytes(s, u) for s in sources for u in units)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="lineage", file=sys.stderr,
                disable=not (options.progress and sys.stderr.isatty()))
@@ -73,7 +74,7 @@ def analyse(child: str, parents: list[str], options: LineageOptions = LineageOpt
         state = gathering.setdefault(unit.name, _Tensor())
         if unit.expert not in state.units:
             storage = [s.tensors[unit.name].storage for s in sources]
-            tried = tuple(c for _, c in sorted(known.values(), key=lambda nc: -nc[0])[:KNOWN_RECIPES])
+            tried = _known_recipes(known)
             state.units[unit.expert] = UnitReducer(len(parents), unit.elements, letters, storage, tried)
         reducer = state.units[unit.expert]
         reducer.add(piece.values[0], tuple(piece.values[1:]))
@@ -82,20 +83,20 @@ def analyse(child: str, parents: list[str], options: LineageOptions = LineageOpt
         if piece.index < len(unit.pieces) - 1:
             continue
         record = judge(reducer.moments, reducer.exact(), letters, _seed(unit))
+        judged += 1
         for candidate in reducer.candidates or []:
             if candidate.label in record.get("reproduced_by", ()):
-                count = known.get(candidate.label, (0, candidate))[0]
-                known[candidate.label] = (count + 1, candidate)
+                count = known.get(candidate.label, (0, 0, candidate))[0]
+                known[candidate.label] = (count + 1, judged, candidate)
         experts = sources[0].tensors[unit.name].experts
         if unit.expert is not None:
             state.experts.append({"expert": unit.expert, **record})
-            reducer.moments = reducer.moments.total()  # the stack resamples whole experts
             if unit.expert < experts - 1:
                 continue
-            stack = Moments.join([r.moments for r in state.units.values()])
+            stack = Moments.concat([r.moments for r in state.units.values()])
             record = judge(stack, merge_exact([r.exact() for r in state.units.values()]), letters, _seed(unit))
             record["experts"] = state.experts
-            totals[unit.name] = stack
+            totals[unit.name] = stack.total()
         else:
             totals[unit.name] = reducer.moments.total()
         tensors.append({"name": unit.name, **_where(unit.name), **record})
@@ -119,6 +120,14 @@ def analyse(child: str, parents: list[str], options: LineageOptions = LineageOpt
         "seconds": round(seconds, 3),
         "tensors": tensors,
     }
+
+
+def _known_recipes(known: dict[str, tuple[int, int, Candidate]]) -> tuple[Candidate, ...]:
+    """The recipes a new unit tests besides its own: the model's usual one(s) and the latest (a merge
+    whose weights change with the layer reproduces the previous layer's neighbour most often)."""
+    frequent = sorted(known.values(), key=lambda e: -e[0])[:KNOWN_RECIPES]
+    recent = sorted(known.values(), key=lambda e: -e[1])[:KNOWN_RECIPES]
+    return tuple({e[2].label: e[2] for e in (*frequent, *recent)}.values())
 
 
 def _unit_bytes(source: Source, unit: Unit) -> int:

@@ -74,6 +74,15 @@ class Moments:
         return out
 
     @staticmethod
+    def concat(parts: list["Moments"]) -> "Moments":
+        """All the parts' blocks (an expert stack: every expert's blocks, resampled together)."""
+        out = Moments(parts[0].k)
+        for part in parts:
+            gram, cross, yy = part.blocks()
+            out.add(gram, cross, yy, part.null_cross, part.floor_child, part.floor_parents, part.n)
+        return out
+
+    @staticmethod
     def join(parts: list["Moments"]) -> "Moments":
         """Moments whose blocks are the given parts' totals (experts of a stack, tensors of a model)."""
         out = Moments(parts[0].k)
