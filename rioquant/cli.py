@@ -223,7 +223,10 @@ def modelfile(gguf, out, legacy_template, preset, num_ctx, license_file) -> None
               help="The model these quants are of, for the card's base_model (repeat to add parents).")
 @click.option("--force", is_flag=True, help="Overwrite a README.md in DIR that rioquant did not write.")
 @click.option("--no-progress", is_flag=True, help="No progress bar while hashing.")
-def publish(repo_id, folder, dry_run, private, revision, commit_message, base_models, force, no_progress) -> None:
+@click.option("--lineage", "lineage_report", type=click.Path(path_type=Path), default=None, metavar="REPORT.json",
+              help="A `rioquant lineage -o` report: its verdict on the card, a blend's parents as base_model (merge).")
+def publish(repo_id, folder, dry_run, private, revision, commit_message, base_models, force, no_progress,
+            lineage_report) -> None:
     """Verify the GGUF quants in DIR, write their model card, and upload them to REPO_ID.
 
     DIR (default: ./NAME for REPO_ID ORG/NAME, as `hf upload`) holds one or more quants, a file or a
@@ -234,6 +237,7 @@ def publish(repo_id, folder, dry_run, private, revision, commit_message, base_mo
     Examples:
       rioquant publish me/Rio-3.5-Open-397B-GGUF ./release --dry-run
       rioquant publish me/Rio-3.5-Open-397B-GGUF ./release --private --base-model rio/Rio-3.5-Open-397B
+      rioquant publish me/Rio-3.5-Open-397B-GGUF ./release --lineage rio.lineage.json
     """
     from rioquant.errors import PublishError
     from rioquant.publish.release import PublishOptions
@@ -244,7 +248,8 @@ def publish(repo_id, folder, dry_run, private, revision, commit_message, base_mo
         if not folder.is_dir():
             raise PublishError(f"{folder}: no DIR given and ./{folder} does not exist; name the folder to upload")
     options = PublishOptions(dry_run=dry_run, private=private, revision=revision, commit_message=commit_message,
-                             base_models=tuple(base_models), force=force, progress=not no_progress)
+                             base_models=tuple(base_models), force=force, progress=not no_progress,
+                             lineage=lineage_report)
     click.echo(run_publish(repo_id, folder, options), nl=False)
 
 @cli.command()

@@ -325,3 +325,42 @@ def test_three_parent_blend_is_recovered():
     for letter, w in zip("ABC", (0.5, 0.3, 0.2), strict=True):
         assert record["interval"][letter][0] <= w <= record["interval"][letter][1]
     assert math.isfinite(record["null"]["z"]) and record["null"]["z"] > 5
+
+
+# -- publish --lineage -------------------------------------------------------------------------------
+
+
+def test_publish_puts_the_verdict_and_the_parents_on_the_card(reports, tmp_path, capsys):
+    import yaml
+
+    from rioquant.lineage.report import write_json
+    from rioquant.publish.release import PublishOptions, plan_release
+    from tests.publish_files import write_gguf
+
+    folder = tmp_path / "release"
+    write_gguf(folder / "merged-Q8_0.gguf")
+    blend = json.loads(json.dumps(reports("blend_f32")))
+    for parent, repo in zip(blend["parents"], ("org/parent-a", "org/parent-b"), strict=True):
+        parent["repo"] = repo
+    report = tmp_path / "merged.lineage.json"
+    write_json(blend, report)
+    card = plan_release("me/Merged-GGUF", folder, PublishOptions(dry_run=True, progress=False, lineage=report)
+                        ).generated["README.md"]
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == ["org/parent-a", "org/parent-b"]
+    assert front["base_model_relation"] == "merge"
+    n = blend["recipe"]["evidence_tensors"]
+    assert "**exact blend**" in card and f"W = bf16(0.6·A + 0.4·B) in float32 exactly in {n} of {n} tensors" in card
+
+    unnamed = tmp_path / "unnamed.lineage.json"
+    write_json(reports("blend_f32"), unnamed)  # parents given as local paths: no Hub id
+    err = _fails(capsys, ["publish", "me/Merged-GGUF", str(folder), "--dry-run", "--no-progress", "--lineage", str(unnamed)])
+    assert "unnamed.lineage.json: parent" in err and "--parent-repo" in err
+
+    independent = tmp_path / "independent.lineage.json"
+    write_json(reports("independent"), independent)
+    card = plan_release("me/Merged-GGUF", folder, PublishOptions(dry_run=True, progress=False, base_models=("me/x",),
+                                                                 lineage=independent)).generated["README.md"]
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == ["me/x"] and front["base_model_relation"] == "quantized"
+    assert "**no blend**" in card

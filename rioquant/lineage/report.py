@@ -154,3 +154,29 @@ def draw_figures(report: dict, out_dir: Path, stem: str) -> list[Path]:
         paths.append(path)
     return paths
 
+
+def card_lineage(report: dict, path: Path) -> tuple[list[str], list[str]]:
+    """What `publish --lineage REPORT.json` puts on the card: the parents' Hub ids for `base_model` (with
+    `base_model_relation: merge`; none when the verdict is no blend) and a Markdown section."""
+    parents = report["parents"]
+    named = {p["letter"]: f"[{p['repo']}](https://huggingface.co/{p['repo']})" if p.get("repo") else f"`{p['given']}`"
+             for p in parents}
+    legend = ", ".join(f"{letter} = {link}" for letter, link in named.items())
+    recipe = report.get("recipe") or {}
+    fitted = report.get("fit") or {}
+    lines = ["## Lineage", "", f"Measured on the weights with `rioquant lineage` ({legend}): "
+             f"**{report['verdict']}**."]
+    if report["verdict"] == NO_EVIDENCE or report["verdict"] not in (EXACT, UPDATE):
+        return [], lines + [""]
+    missing = [p["given"] for p in parents if not p.get("repo")]
+    if missing:
+        raise LineageError(f"{path}: parent {missing[0]} has no Hub id for base_model; "
+                           "re-run `rioquant lineage` with --parent-repo ORG/NAME for each parent")
+    if recipe.get("label"):
+        lines.append(f"W = {recipe['label']} exactly in {recipe['exact_tensors']:,} of "
+                     f"{recipe['evidence_tensors']:,} tensors.")
+    lines.append(f"Fitted weights (95 % block-bootstrap interval): {_weights(fitted.get('weights'), fitted.get('interval'))}.")
+    if report["verdict"] == UPDATE and report.get("update") is not None:
+        lines.append(f"Beyond the blend, an update of {100 * report['update']:.1f} % of the task vector.")
+    return [p["repo"] for p in parents], lines + [""]
+
