@@ -171,13 +171,35 @@ def _moments(w, parents, lo, hi, cols, gram, cross, ulp_scale, sums) -> None:
 
 
 @njit(nogil=True, cache=True, fastmath=MOMENT_MATH)
+def _null_dots(y, ring, b, out) -> None:
+    """out[j-1] = y · ring[(b − j) mod len(ring)] for j = 1 … len(out), in one pass over y. The blocks of a
+    piece have equal lengths but the last, which is shorter, so every ring row covers y."""
+    m = y.shape[0]
+    slots = ring.shape[0]
+    n = out.shape[0]
+    if n == 4:
+        r1, r2, r3, r4 = ring[(b - 1) % slots], ring[(b - 2) % slots], ring[(b - 3) % slots], ring[(b - 4) % slots]
+        s1 = s2 = s3 = s4 = 0.0
+        for t in range(m):
+            yt = np.float64(y[t])
+            s1 += yt * np.float64(r1[t])
+            s2 += yt * np.float64(r2[t])
+            s3 += yt * np.float64(r3[t])
+            s4 += yt * np.float64(r4[t])
+        out[0], out[1], out[2], out[3] = s1, s2, s3, s4
+        return
+    for j in range(1, n + 1):
+        out[j - 1] = _dot(y, ring[(b - j) % slots, :m])
+
+
+@njit(nogil=True, cache=True, fastmath=MOMENT_MATH)
 def reduce_piece(w, parents, bounds, ulp_scale, n_shifts, gram, cross, yy, null_cross,
                  weights, modes, denominators, round_bf16, best, sample_step, block_offset, matched, tested):
     """Reduce one piece, block by block (elements bounds[b]:bounds[b+1]); returns the best candidate.
 
     Per block b: gram[b] = XᵀX (k, k), cross[b] = Xᵀy (k,), yy[b] = yᵀy. Over the piece:
-    null_cross[j-1, i] += y_b · (P_i − R)_{b−j}, the child's task vector against the parents' task
-    vectors of the block j places earlier (block-permuted regressors: the null); the returned floor
+    null_cross[j-1, i] += y_b · (P_i − R)_{b−j} for b ≥ n_shifts, the child's task vector against the
+    parents' task vectors of the block j places earlier (block-permuted regressors: the null); the returned floor
     is the child's expected squared rounding error (ulp_scale 2^-mantissa bits; 0: not a float). Candidate
     merges (rows of `weights`, with `modes` and `denominators`) are counted into matched/tested:
     `best` on every block, the others on blocks whose index (plus block_offset) is a multiple of
@@ -189,8 +211,9 @@ def reduce_piece(w, parents, bounds, ulp_scale, n_shifts, gram, cross, yy, null_
     for b in range(n_blocks):
         longest = max(longest, bounds[b + 1] - bounds[b])
     cols = np.empty((k + 1, longest), dtype=np.float32)  # X's columns, then y
-    ring = np.zeros((n_shifts + 1, max(k - 1, 1), longest), dtype=np.float32)  # recent blocks' P_i − R
+    ring = np.zeros((max(k - 1, 1), n_shifts + 1, longest), dtype=np.float32)  # recent blocks' P_i − R
     acc = np.empty(longest, dtype=np.float32)
+    null_sums = np.zeros(max(n_shifts, 1))
     sums = np.empty(7)
     floor = 0.0
     for b in range(n_blocks):
@@ -201,12 +224,11 @@ def reduce_piece(w, parents, bounds, ulp_scale, n_shifts, gram, cross, yy, null_
         floor += sums[6] / 12.0
         slot = b % (n_shifts + 1)
         for i in range(k - 1):
-            ring[slot, i, :m] = cols[i, :m]
-        for j in range(1, min(n_shifts, b) + 1):
-            earlier = (b - j) % (n_shifts + 1)
-            mm = min(m, bounds[b - j + 1] - bounds[b - j])
-            for i in range(k - 1):
-                null_cross[j - 1, i] += _dot(cols[k, :mm], ring[earlier, i, :mm])
+            ring[i, slot, :m] = cols[i, :m]
+            if b >= n_shifts:  # the null needs n_shifts earlier blocks of this piece
+                _null_dots(cols[k, :m], ring[i], b, null_sums)
+                for j in range(n_shifts):
+                    null_cross[j, i] += null_sums[j]
         for c in range(weights.shape[0]):
             if best < 0 or c == best or (b + block_offset) % sample_step == 0:
                 matched[c] += _exact_block(w, parents, lo, hi, weights[c], modes[c], denominators[c], round_bf16, acc)

@@ -207,14 +207,14 @@ class Piece:
     nbytes: int  # bytes read from disk for it, all sources
 
 
-def stream(units: list[Unit], sources: list[Source], ahead: int = 2) -> Iterator[Piece]:
+def stream(units: list[Unit], sources: list[Source], ahead: int = 6) -> Iterator[Piece]:
     """Pieces in order, read by one thread per source up to `ahead` pieces before they are used.
 
     Reading releases the GIL (positioned reads, numpy conversions), and so do the kernels, so the
     disk works while the statistics of the previous piece are computed; memory holds at most
     ahead + 1 pieces of every source."""
     jobs = [(u, i) for u in units for i in range(len(u.pieces))]
-    with ThreadPoolExecutor(max_workers=len(sources)) as pool:
+    with ThreadPoolExecutor(max_workers=2 * len(sources)) as pool:
         pending: list[tuple[Unit, int, list[Future]]] = []
 
         def submit(job: tuple[Unit, int]) -> None:

@@ -18,11 +18,11 @@ from rioquant.lineage.kernels import MODE_BFLOAT16, MODE_FLOAT32, reduce_piece
 
 N_BOOT = 200  # bootstrap replicates
 MAX_BOOT_BLOCKS = 1024  # more blocks than this are merged in runs before resampling
-N_SHIFTS = 6  # null replicates: the regressors of the block 1…6 blocks earlier
+N_SHIFTS = 4  # null replicates: the regressors of the block 1…4 blocks earlier (one fused pass)
 BLOCKS_PER_UNIT = 256  # blocks of a unit (fewer when they would exceed MAX_BLOCK)
 MAX_BLOCK = 16384  # elements: a block's columns, its null ring and scratch stay in a 2 MB L2 cache
 EXACT_SAMPLE_STEP = 8  # candidates other than the best are counted on every 8th block of a large unit
-EXACT_FULL_BELOW = 1 << 20  # units smaller than this test every candidate on every element
+EXACT_FULL_BELOW = 1 << 16  # units smaller than this test every candidate on every element
 PROBE = 1 << 16  # elements of a unit's first piece fitted to choose its candidate recipes
 GRIDS = (Fraction(1, 20), Fraction(1, 100))  # "simple" weights: multiples of 0.05 and 0.01 …
 MAX_DENOMINATOR = 12  # … and fractions p/q with q ≤ 12 (1/3, 3/8, 5/12, …)
@@ -150,9 +150,8 @@ def bootstrap_interval(gram: np.ndarray, cross: np.ndarray, seed: int) -> tuple[
     if nb < 2:
         return np.full(k, np.nan), np.full(k, np.nan)
     rng = np.random.default_rng(seed)
-    counts = np.zeros((N_BOOT, nb))
-    draws = rng.integers(0, nb, size=(N_BOOT, nb))
-    np.add.at(counts, (np.arange(N_BOOT)[:, None], draws), 1.0)
+    draws = rng.integers(0, nb, size=(N_BOOT, nb)) + np.arange(N_BOOT)[:, None] * nb
+    counts = np.bincount(draws.ravel(), minlength=N_BOOT * nb).reshape(N_BOOT, nb).astype(np.float64)
     g = np.einsum("bn,npq->bpq", counts, gram)
     c = counts @ cross
     beta = _solve(g, c)

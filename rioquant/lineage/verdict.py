@@ -61,7 +61,7 @@ def judge(moments: Moments, exact: dict[str, list[int]], letters: list[str], see
     share = explained(result.beta, cross, yy)
     null = null_scores(gram, cross, yy, moments.null_cross)
     spread = max(float(null.std(ddof=1)), 1e-12)
-    z = (share - float(null.mean())) / spread
+    z = (share - float(null.mean())) / spread if np.any(moments.null_cross) else math.nan  # nan: too few blocks
     residual = math.sqrt(result.rss / yy) if yy > 0 else 0.0
     floor_ratio = math.sqrt(result.rss / floor) if floor > 0 else (0.0 if result.rss == 0 else math.inf)
     label, rate, reproduced = best_exact(exact, moments.n)
@@ -94,7 +94,7 @@ def classify(result: Fit, residual: float, floor_ratio: float, z: float, exact_r
     reproduces a blend's bits by chance, however few the elements."""
     if result.yy == 0 or (exact_rate is not None and exact_rate >= EXACT_RATE):
         return EXACT  # (yy = 0: W = R exactly, a copy of the reference parent)
-    null_fails = elements >= MIN_NULL_ELEMENTS and z < MIN_Z
+    null_fails = elements >= MIN_NULL_ELEMENTS and not z >= MIN_Z  # (a missing null, nan, fails too)
     if residual > MAX_RESIDUAL or abs(float(result.weights.sum()) - 1.0) > MAX_SUM_ERROR or null_fails:
         return NO_BLEND
     return EXACT if floor_ratio <= FLOOR_RATIO else UPDATE
