@@ -89,8 +89,8 @@ def render_text(report: dict, top: int = 10) -> str:
         lines.append(f"update: {100 * report['update']:.1f} % of the child's task vector (RMS over the updated tensors)")
     null = report.get("null") or {}
     if null.get("z") is not None:
-        lines.append(f"null: the blend explains {null['explained']:.4f} of the child's task vector; block-shifted "
-                     f"parents explain {null['mean']:.4f} ± {null['sd']:.2g} (z = {null['z']:,.0f})")
+        lines.append(f"null: the parents' task vectors explain {null['task_share']:.4f} of the child's; "
+                     f"block-shifted, {null['mean']:.4f} ± {null['sd']:.2g} (z = {null['z']:,.0f})")
     lines.append("tensors: " + ", ".join(f"{counts.get(v, 0)} {v}" for v in (*VERDICTS, NO_EVIDENCE)))
     for reason in ("parents equal", "too few elements"):
         names = [t["name"] for t in report["tensors"] if t.get("reason") == reason]

@@ -166,13 +166,20 @@ def explained(beta: np.ndarray, cross: np.ndarray, yy: float) -> float:
     return float(beta @ cross) / yy if yy > 0 else 1.0
 
 
-def null_scores(gram: np.ndarray, cross: np.ndarray, yy: float, null_cross: np.ndarray) -> np.ndarray:
-    """Explained fraction of the child's task vector by the shifted parents' task vectors, per shift."""
-    c = np.concatenate([null_cross, np.broadcast_to(cross[-1], (null_cross.shape[0], 1))], axis=1)
-    beta = _solve(np.broadcast_to(gram, (c.shape[0], *gram.shape)), c)
+def task_share(gram: np.ndarray, cross: np.ndarray, yy: float) -> tuple[float, np.ndarray]:
+    """The fraction of the child's task vector y that the parents' task vectors explain (R left out: the
+    reference parent itself can explain much of y = W − R when the models are unrelated, aligned or
+    not), observed and, per shift, with the task vectors block-shifted (the null).
+
+    The shifted columns keep their mutual Gram matrix (up to the edge blocks), so one matrix serves all.
+    `cross` here is (1 + shifts, k − 1): the observed Xᵀy first, then each shift's."""
+    k1 = gram.shape[0] - 1
+    g = gram[:k1, :k1]
+    beta = _solve(np.broadcast_to(g, (cross.shape[0], k1, k1)), cross)
     if beta is None or yy <= 0:
-        return np.zeros(c.shape[0])
-    return np.einsum("sk,sk->s", beta, c) / yy
+        return 0.0, np.zeros(cross.shape[0] - 1)
+    shares = np.einsum("sk,sk->s", beta, cross) / yy
+    return float(shares[0]), shares[1:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,9 +228,7 @@ def candidates(weights: np.ndarray, letters: list[str], child_bf16: bool) -> lis
     Labels read as recipes: "bf16(0.6·A + 0.4·B) in float32" — the merge computed in float32 and
     stored as bfloat16."""
     wrap = "bf16" if child_bf16 else "f32"
-    fitted = formula([f"{w:.6g}" for w in weights], letters)
-    out = [Candidate(f"{wrap}({fitted}) in float32 (fitted)", weights.astype(np.float32), MODE_FLOAT32,
-                     np.float32(1.0))]
+    out = []
     for simple in _simple(weights):
         if sum(simple) <= 0:
             continue  # no blend sums to nothing, and a normalising merge would divide by it
@@ -233,6 +238,9 @@ def candidates(weights: np.ndarray, letters: list[str], child_bf16: bool) -> lis
         if child_bf16:
             wb = _bf16(w32)
             out.append(Candidate(f"{wrap}({text}) in bfloat16", wb, MODE_BFLOAT16, _bf16(_f32_sum(wb))[()]))
+    fitted = formula([f"{w:.6g}" for w in weights], letters)  # last: the first block's ties go to simple recipes
+    out.append(Candidate(f"{wrap}({fitted}) in float32 (fitted)", weights.astype(np.float32), MODE_FLOAT32,
+                         np.float32(1.0)))
     return out
 
 
@@ -274,7 +282,8 @@ class UnitReducer:
             probe_fit = fit(gram.sum(0), cross.sum(0), float(yy.sum()))
             if probe_fit.evidence:
                 found = candidates(probe_fit.weights, self.letters, self.child_storage == "BF16")
-                self.candidates = list({c.label: c for c in (*found, *self.known)}.values())
+                ordered = (*found[:-1], *self.known, found[-1])  # the fitted one stays last
+                self.candidates = list({c.label: c for c in ordered}.values())
         self.matched = np.zeros(len(self.candidates), dtype=np.int64)
         self.tested = np.zeros(len(self.candidates), dtype=np.int64)
 

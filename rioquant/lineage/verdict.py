@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from rioquant.lineage.stats import Fit, Moments, bootstrap_interval, explained, fit, null_scores
+from rioquant.lineage.stats import Fit, Moments, bootstrap_interval, explained, fit, task_share
 
 EXACT_RATE = 0.99
 FLOOR_RATIO = 1.5  # RMS residual over RMS rounding floor; a bfloat16-arithmetic merge sits near 1.2
@@ -59,9 +59,9 @@ def judge(moments: Moments, exact: dict[str, list[int]], letters: list[str], see
     low, high = bootstrap_interval(gram_blocks, cross_blocks, seed)
     floor = moments.floor_child + float(np.sum(result.weights**2 * moments.floor_parents))
     share = explained(result.beta, cross, yy)
-    null = null_scores(gram, cross, yy, moments.null_cross)
+    task, null = task_share(gram, np.vstack([cross[None, :-1], moments.null_cross]), yy)
     spread = max(float(null.std(ddof=1)), 1e-12)
-    z = (share - float(null.mean())) / spread if np.any(moments.null_cross) else math.nan  # nan: too few blocks
+    z = (task - float(null.mean())) / spread if np.any(moments.null_cross) else math.nan  # nan: too few blocks
     residual = math.sqrt(result.rss / yy) if yy > 0 else 0.0
     floor_ratio = math.sqrt(result.rss / floor) if floor > 0 else (0.0 if result.rss == 0 else math.inf)
     label, rate, reproduced = best_exact(exact, moments.n)
@@ -78,7 +78,7 @@ def judge(moments: Moments, exact: dict[str, list[int]], letters: list[str], see
         "residual": _num(residual),  # ‖W − blend‖ / ‖W − R‖
         "floor_ratio": _num(floor_ratio),  # RMS residual / RMS expected rounding error of the blend
         "explained": _num(share),
-        "null": {"mean": _num(float(null.mean())), "sd": _num(spread), "z": _num(z)},
+        "null": {"task_share": _num(task), "mean": _num(float(null.mean())), "sd": _num(spread), "z": _num(z)},
         "exact": {lab: _num(m / s) for lab, (m, s) in exact.items() if s},
         "exact_tested": {lab: s for lab, (m, s) in exact.items()},
         "best_recipe": label,
@@ -128,7 +128,7 @@ def overall(tensors: list[dict], moments: dict[str, Moments], letters: list[str]
         fitted = judge(Moments.join([moments[t["name"]] for t in chosen]), {}, letters, seed=0)
         summary["fit"] = {k: fitted.get(k) for k in ("weights", "interval", "weight_sum", "residual", "explained")}
         everything = judge(Moments.join([moments[t["name"]] for t in evidence]), {}, letters, seed=1)
-        summary["null"] = {"explained": everything.get("explained"), **everything.get("null", {})}
+        summary["null"] = everything.get("null", {})
     recipes: dict[str, int] = {}
     for t in evidence:
         for label in t.get("reproduced_by", []):
