@@ -263,8 +263,9 @@ def publish(repo_id, folder, dry_run, private, revision, commit_message, base_mo
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the summary.")
 @click.option("--top", type=int, default=10, show_default=True, help="How many outliers the summary lists.")
 @click.option("--no-plots", is_flag=True, help="With -o: no PNGs.")
+@click.option("--threads", type=int, default=None, help="Pieces read and reduced at once (default: all cores).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def lineage(child, parents, parent_repos, out, as_json, top, no_plots, no_progress) -> None:
+def lineage(child, parents, parent_repos, out, as_json, top, no_plots, threads, no_progress) -> None:
     """Show what CHILD is made of: an exact blend of the --parent models, a blend plus an update, or no blend.
 
     \b
@@ -279,7 +280,7 @@ def lineage(child, parents, parent_repos, out, as_json, top, no_plots, no_progre
 
     if len(parent_repos) > len(parents):
         raise LineageError(f"{len(parent_repos)} --parent-repo for {len(parents)} --parent: give at most one per parent")
-    report = analyse(child, list(parents), LineageOptions(tuple(parent_repos), progress=not no_progress))
+    report = analyse(child, list(parents), LineageOptions(tuple(parent_repos), progress=not no_progress, threads=threads))
     click.echo(json.dumps(report, indent=1, ensure_ascii=False) if as_json else render_text(report, top), nl=as_json)
     if out is not None:
         write_json(report, out)

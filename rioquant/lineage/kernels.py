@@ -9,6 +9,9 @@ Notation, for one piece with parents P_0 … P_{k-1} and child W:
     y = W − R                         the child's task vector
     X = [P_0 − R, …, P_{k-2} − R, R]  the parents' task vectors, and R itself (a weight sum ≠ 1)
 
+Element arrays are float32, or uint16 holding bfloat16 bits (every source stored as bfloat16: the
+bytes as read, half the memory traffic); `_f32` widens an element either way.
+
 The moment sums run in any order (`reassoc` lets LLVM vectorise them; they are float64 and feed
 statistics, not bytes). The exact-reproduction count is the opposite: it recomputes a merge as a merge
 tool does, so it lives in its own function, compiled without any fast-math flag, with float32
@@ -16,7 +19,8 @@ arithmetic in the tool's order (LLVM keeps each instruction's flags when it inli
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from rioquant.kernels.common import f32_as_i32, i32_as_f32
 
@@ -24,6 +28,20 @@ F32 = np.float32
 MOMENT_MATH = {"reassoc", "nsz"}
 MODE_FLOAT32 = 0  # Σ w_i·P_i in float32, rounded once to the child's dtype (mergekit ≥ 0.1, torch on float32)
 MODE_BFLOAT16 = 1  # every product rounded to bfloat16, summed in float32, rounded (torch on bfloat16 tensors)
+
+
+def _f32(x):
+    """An element as float32: float arrays as they are, uint16 arrays as bfloat16 bit patterns (read
+    straight from the file: no float32 copy of a bfloat16 model is ever made)."""
+
+
+@overload(_f32, inline="always")
+def _f32_overload(x):
+    if isinstance(x, types.Float):
+        return lambda x: np.float32(x)
+    if isinstance(x, types.Integer) and x.bitwidth == 16 and not x.signed:
+        return lambda x: i32_as_f32(np.int32(np.int64(x) << 16))
+    return None
 
 
 @njit(nogil=True, cache=True, fastmath=MOMENT_MATH)
@@ -53,11 +71,11 @@ def _exact_two(w, a, b, wa, wb, mode) -> int:
     count = 0
     if mode == MODE_BFLOAT16:
         for t in range(w.shape[0]):
-            v = _to_bf16(F32(_to_bf16(F32(wa * a[t])) + _to_bf16(F32(wb * b[t]))))
-            count += _equal(v, w[t])
+            v = _to_bf16(F32(_to_bf16(F32(wa * _f32(a[t]))) + _to_bf16(F32(wb * _f32(b[t])))))
+            count += _equal(v, _f32(w[t]))
     else:
         for t in range(w.shape[0]):
-            count += _equal(_to_bf16(F32(F32(wa * a[t]) + F32(wb * b[t]))), w[t])
+            count += _equal(_to_bf16(F32(F32(wa * _f32(a[t])) + F32(wb * _f32(b[t])))), _f32(w[t]))
     return count
 
 
@@ -75,16 +93,16 @@ def _exact_block(w, parents, lo, hi, weights, mode, denominator, round_bf16, acc
         wi = weights[i]
         if i == 0 and mode == MODE_BFLOAT16:
             for t in range(m):
-                acc[t] = _to_bf16(F32(wi * p[lo + t]))
+                acc[t] = _to_bf16(F32(wi * _f32(p[lo + t])))
         elif i == 0:
             for t in range(m):
-                acc[t] = F32(wi * p[lo + t])
+                acc[t] = F32(wi * _f32(p[lo + t]))
         elif mode == MODE_BFLOAT16:
             for t in range(m):
-                acc[t] = F32(acc[t] + _to_bf16(F32(wi * p[lo + t])))
+                acc[t] = F32(acc[t] + _to_bf16(F32(wi * _f32(p[lo + t]))))
         else:
             for t in range(m):
-                acc[t] = F32(acc[t] + F32(wi * p[lo + t]))
+                acc[t] = F32(acc[t] + F32(wi * _f32(p[lo + t])))
     if mode == MODE_BFLOAT16:
         for t in range(m):
             acc[t] = _to_bf16(acc[t])
@@ -96,7 +114,7 @@ def _exact_block(w, parents, lo, hi, weights, mode, denominator, round_bf16, acc
             acc[t] = _to_bf16(acc[t])
     count = 0
     for t in range(m):
-        count += _equal(acc[t], w[lo + t])
+        count += _equal(acc[t], _f32(w[lo + t]))
     return count
 
 
@@ -112,7 +130,7 @@ def _floor(w, ulp_scale) -> float:
     """Σ ulp² over w; the expected squared error of rounding to w's format is that over 12."""
     total = 0.0
     for t in range(w.shape[0]):
-        u = _ulp(w[t], ulp_scale)
+        u = _ulp(_f32(w[t]), ulp_scale)
         total += u * u
     return total
 
@@ -123,11 +141,11 @@ def _moments_two(w, a, r, x, y, ulp_scale, out) -> None:
     out = (xx, xr, rr, xy, ry, yy, Σ ulp(w)²)."""
     xx = xr = rr = xy = ry = yy = uu = 0.0
     for t in range(w.shape[0]):
-        u = _ulp(w[t], ulp_scale)
+        u = _ulp(_f32(w[t]), ulp_scale)
         uu += u * u
-        rt = r[t]
-        xt = a[t] - rt
-        yt = w[t] - rt
+        rt = _f32(r[t])
+        xt = _f32(a[t]) - rt
+        yt = _f32(w[t]) - rt
         x[t] = xt
         y[t] = yt
         x64, r64, y64 = np.float64(xt), np.float64(rt), np.float64(yt)
@@ -153,13 +171,13 @@ def _moments(w, parents, lo, hi, cols, gram, cross, ulp_scale, sums) -> None:
         cross[0], cross[1] = sums[3], sums[4]
         return
     for t in range(m):
-        r = ref[lo + t]
-        cols[k, t] = w[lo + t] - r
+        r = _f32(ref[lo + t])
+        cols[k, t] = _f32(w[lo + t]) - r
         cols[k - 1, t] = r
     for i in range(k - 1):
         p = parents[i]
         for t in range(m):
-            cols[i, t] = p[lo + t] - ref[lo + t]
+            cols[i, t] = _f32(p[lo + t]) - _f32(ref[lo + t])
     for i in range(k):
         for j in range(i, k):
             g = _dot(cols[i, :m], cols[j, :m])

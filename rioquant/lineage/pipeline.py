@@ -7,6 +7,7 @@ expert's is.
 """
 
 import logging
+import os
 import re
 import sys
 import time
@@ -31,6 +32,7 @@ HUB_CACHE = re.compile(r"models--([^/]+?)--([^/]+)")
 class LineageOptions:
     parent_repos: tuple[str, ...] = ()  # Hub ids of the parents, in --parent order (for the model card)
     progress: bool = True
+    threads: int | None = None  # pieces read and reduced at once (default: the cores this process may use)
 
 
 def hub_id(given: str) -> str | None:
@@ -49,7 +51,7 @@ class _Tensor:
     """What is gathered for one tensor while its units stream past."""
 
     def __init__(self) -> None:
-        self.units: dict[int | None, UnitReducer] = {}
+        self.pieces: dict[int | None, list[UnitReducer]] = {}
         self.experts: list[dict] = []
 
 
@@ -69,22 +71,30 @@ def analyse(child: str, parents: list[str], options: LineageOptions = LineageOpt
     total_bytes = sum(_unit_bytes(s, u) for s in sources for u in units)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="lineage", file=sys.stderr,
                disable=not (options.progress and sys.stderr.isatty()))
-    for piece in stream(units, sources):
-        unit = piece.unit
+    def prepare(unit: Unit, index: int):
+        """The work for one piece, with the recipes known when it is handed out (taken here, in order)."""
+        storage = [s.tensors[unit.name].storage for s in sources]
+        reducer = UnitReducer(len(parents), unit.elements, letters, storage, _known_recipes(known))
+
+        def work(values: list) -> UnitReducer:
+            reducer.add(values[0], tuple(values[1:]))
+            return reducer
+        return work
+
+    threads = options.threads or len(os.sched_getaffinity(0))
+    for unit, index, reducer, nbytes in stream(units, sources, prepare, threads):
         state = gathering.setdefault(unit.name, _Tensor())
-        if unit.expert not in state.units:
-            storage = [s.tensors[unit.name].storage for s in sources]
-            tried = _known_recipes(known)
-            state.units[unit.expert] = UnitReducer(len(parents), unit.elements, letters, storage, tried)
-        reducer = state.units[unit.expert]
-        reducer.add(piece.values[0], tuple(piece.values[1:]))
-        read += piece.nbytes
-        bar.update(piece.nbytes)
-        if piece.index < len(unit.pieces) - 1:
+        done = state.pieces.setdefault(unit.expert, [])
+        done.append(reducer)
+        read += nbytes
+        bar.update(nbytes)
+        if index < len(unit.pieces) - 1:
             continue
-        record = judge(reducer.moments, reducer.exact(), letters, _seed(unit))
+        moments = Moments.concat([r.moments for r in done])
+        exact = merge_exact([r.exact() for r in done])
+        record = judge(moments, exact, letters, _seed(unit))
         judged += 1
-        for candidate in reducer.candidates or []:
+        for candidate in {c.label: c for r in done for c in r.candidates or []}.values():
             if candidate.label in record.get("reproduced_by", ()):
                 count = known.get(candidate.label, (0, 0, candidate))[0]
                 known[candidate.label] = (count + 1, judged, candidate)
@@ -93,12 +103,13 @@ def analyse(child: str, parents: list[str], options: LineageOptions = LineageOpt
             state.experts.append({"expert": unit.expert, **record})
             if unit.expert < experts - 1:
                 continue
-            stack = Moments.concat([r.moments for r in state.units.values()])
-            record = judge(stack, merge_exact([r.exact() for r in state.units.values()]), letters, _seed(unit))
+            slabs = list(state.pieces.values())
+            stack = Moments.concat([r.moments for pieces in slabs for r in pieces])
+            record = judge(stack, merge_exact([r.exact() for pieces in slabs for r in pieces]), letters, _seed(unit))
             record["experts"] = state.experts
             totals[unit.name] = stack.total()
         else:
-            totals[unit.name] = reducer.moments.total()
+            totals[unit.name] = moments.total()
         tensors.append({"name": unit.name, **_where(unit.name), **record})
         del gathering[unit.name]
     bar.close()

@@ -13,10 +13,12 @@ first byte; a transformed tensor is read whole, once.
 """
 
 import json
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -28,6 +30,7 @@ from rioquant.export.checkpoint import read_float32, scan_tensors
 from rioquant.export.qwen35moe import ModelArgs, TensorSpec, load_tensor, model_args, tensor_specs
 from rioquant.quant import dequantize
 
+T = TypeVar("T")
 ARCH = "qwen35moe"
 PIECE_ELEMENTS = 1 << 22  # 4 M elements: 16 MB of float32 per source and piece
 GGUF_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
@@ -62,28 +65,32 @@ class Source:
     def __init__(self, given: str, path: Path, kind: str, args: ModelArgs, tensors: dict[str, Tensor]) -> None:
         self.given, self.path, self.kind, self.args, self.tensors = given, path, kind, args, tensors
 
-    def read(self, name: str, expert: int | None, rows: tuple[int, int]) -> tuple[np.ndarray, int]:
-        """Rows [r0, r1) of tensor `name` (of its expert slab) as flat float32, and the bytes read."""
+    def read(self, name: str, expert: int | None, rows: tuple[int, int], raw: bool = False) -> tuple[np.ndarray, int]:
+        """Rows [r0, r1) of tensor `name` (of its expert slab) as flat float32 — or, with `raw`, a bfloat16
+        tensor's bits as uint16, exactly as stored — and the bytes read."""
         tensor = self.tensors[name]
         record = tensor.record
         if isinstance(record, GGUFTensor):
-            return _read_gguf(record, tensor, expert, rows)
-        return _read_checkpoint(record, tensor, self.args, expert, rows)
+            return _read_gguf(record, tensor, expert, rows, raw)
+        return _read_checkpoint(record, tensor, self.args, expert, rows, raw)
 
 
-def _read_gguf(record: GGUFTensor, tensor: Tensor, expert: int | None, rows: tuple[int, int]) -> tuple[np.ndarray, int]:
+def _read_gguf(record: GGUFTensor, tensor: Tensor, expert: int | None, rows: tuple[int, int],
+               raw: bool = False) -> tuple[np.ndarray, int]:
     row_shape = tensor.slab_shape[1:]
     block, type_bytes = GGML_QUANT_SIZES[record.qtype]
     row_bytes = int(np.prod(row_shape, dtype=np.int64)) // block * type_bytes
     slab_bytes = tensor.slab_shape[0] * row_bytes
     start = record.data_start + (expert or 0) * slab_bytes + rows[0] * row_bytes
     view = replace(record, shape=(rows[1] - rows[0], *row_shape), data_start=start)
-    raw = read_tensor_bytes(view)
-    return dequantize(raw, record.qtype, view.shape).reshape(-1), raw.nbytes
+    data = read_tensor_bytes(view)
+    if raw:
+        return data.view(np.uint16), data.nbytes
+    return dequantize(data, record.qtype, view.shape).reshape(-1), data.nbytes
 
 
 def _read_checkpoint(spec: TensorSpec, tensor: Tensor, args: ModelArgs, expert: int | None,
-                     rows: tuple[int, int]) -> tuple[np.ndarray, int]:
+                     rows: tuple[int, int], raw: bool = False) -> tuple[np.ndarray, int]:
     piece = spec.pieces[expert or 0]
     src = piece.source
     if tensor.transform:  # read whole (the planner makes such a tensor a single piece)
@@ -95,6 +102,9 @@ def _read_checkpoint(spec: TensorSpec, tensor: Tensor, args: ModelArgs, expert: 
     slab_start = (piece.index or 0) * int(np.prod(slab_shape, dtype=np.int64))
     view = replace(src, shape=(rows[1] - rows[0], *slab_shape[1:]),
                    data_start=src.data_start + (slab_start + first_row * row_elements) * src.itemsize)
+    if raw:  # the same bytes through the GGUF reader's positioned read, which keeps them as stored
+        bits = GGUFTensor(view.name, GGMLQuantizationType.BF16, view.shape, view.file, view.data_start)
+        return read_tensor_bytes(bits).view(np.uint16), view.nbytes
     return read_float32(view).reshape(-1), view.nbytes
 
 
@@ -183,6 +193,7 @@ class Unit:
     expert: int | None
     pieces: tuple[tuple[int, int], ...]  # row ranges
     elements: int
+    raw: bool  # every source stores it as bfloat16, untransformed: read as uint16 bits
 
 
 def plan_units(sources: list[Source]) -> list[Unit]:
@@ -192,41 +203,43 @@ def plan_units(sources: list[Source]) -> list[Unit]:
         rows = tensor.slab_shape[0]
         per_row = _row_elements(tensor)
         whole = any(s.tensors[name].transform for s in sources)
+        raw = not whole and all(s.tensors[name].storage == "BF16" for s in sources)
         step = rows if whole else max(1, PIECE_ELEMENTS // max(per_row, 1))
         pieces = tuple((r, min(r + step, rows)) for r in range(0, rows, step))
         for expert in (range(tensor.experts) if tensor.experts else [None]):
-            units.append(Unit(name, expert, pieces, rows * per_row))
+            units.append(Unit(name, expert, pieces, rows * per_row, raw))
     return units
 
 
-@dataclass
-class Piece:
-    unit: Unit
-    index: int  # which of unit.pieces
-    values: list[np.ndarray]  # child first, then the parents, flat float32
-    nbytes: int  # bytes read from disk for it, all sources
+def _read_then(sources: list[Source], unit: Unit, index: int, work: Callable[[list[np.ndarray]], T]) -> tuple[T, int]:
+    values, nbytes = [], 0
+    for source in sources:
+        v, n = source.read(unit.name, unit.expert, unit.pieces[index], unit.raw)
+        values.append(v)
+        nbytes += n
+    return work(values), nbytes
 
 
-def stream(units: list[Unit], sources: list[Source], ahead: int = 6) -> Iterator[Piece]:
-    """Pieces in order, read by one thread per source up to `ahead` pieces before they are used.
+def stream(units: list[Unit], sources: list[Source], prepare: Callable[[Unit, int], Callable[[list[np.ndarray]], T]],
+           threads: int) -> Iterator[tuple[Unit, int, T, int]]:
+    """(unit, piece index, result, bytes read) for every piece, in order.
 
-    Reading releases the GIL (positioned reads, numpy conversions), and so do the kernels, so the
-    disk works while the statistics of the previous piece are computed; memory holds at most
-    ahead + 1 pieces of every source."""
+    `prepare(unit, i)` runs here, in order, and returns the work for that piece; a pool of `threads`
+    threads reads the piece from every source (child first) and runs the work on it. Positioned reads,
+    numpy conversions and the Numba kernels all release the GIL, so the disk and every core stay busy;
+    at most 2 × threads pieces are in flight, which bounds memory."""
     jobs = [(u, i) for u in units for i in range(len(u.pieces))]
-    with ThreadPoolExecutor(max_workers=2 * len(sources)) as pool:
-        pending: list[tuple[Unit, int, list[Future]]] = []
+    window: deque[tuple[Unit, int, Future]] = deque()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        def submit(j: int) -> None:
+            if j < len(jobs):
+                unit, i = jobs[j]
+                window.append((unit, i, pool.submit(_read_then, sources, unit, i, prepare(unit, i))))
 
-        def submit(job: tuple[Unit, int]) -> None:
-            unit, i = job
-            futures = [pool.submit(s.read, unit.name, unit.expert, unit.pieces[i]) for s in sources]
-            pending.append((unit, i, futures))
-
-        for job in jobs[:ahead]:
-            submit(job)
+        for j in range(2 * threads):
+            submit(j)
         for j in range(len(jobs)):
-            if j + ahead < len(jobs):
-                submit(jobs[j + ahead])
-            unit, i, futures = pending.pop(0)
-            results = [f.result() for f in futures]
-            yield Piece(unit, i, [r[0] for r in results], sum(r[1] for r in results))
+            unit, i, future = window.popleft()
+            result, nbytes = future.result()
+            yield unit, i, result, nbytes
+            submit(j + 2 * threads)

@@ -9,7 +9,7 @@ would give R² ≈ 1 for any fine-tune of the same base; these statistics are al
 vector instead.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 import numpy as np
@@ -252,12 +252,12 @@ def _f32_sum(w: np.ndarray) -> np.float32:
 
 
 class UnitReducer:
-    """Everything one unit's pieces add up to: its Moments and its exact-reproduction counts.
+    """What one piece of a unit adds up to: its Moments and its exact-reproduction counts.
 
-    The candidate recipes are chosen once per unit, from a fit of its first PROBE elements, so that
-    every piece tests the same ones and their counts add up across pieces (and across an expert
-    stack's slabs, whose probes agree on a blend). Recipes that reproduced earlier tensors are tested
-    too: a tensor of a few elements fits too loosely to find them itself."""
+    The candidate recipes are chosen from a fit of the piece's first PROBE elements; the simple ones come
+    out the same in every piece of a blend, so their counts add up across pieces (and across an expert
+    stack's slabs). Recipes that reproduced earlier tensors are tested too: a tensor of a few elements
+    fits too loosely to find them itself. Sizes (blocks, sampling) follow the whole unit's `elements`."""
 
     def __init__(self, k: int, elements: int, letters: list[str], storage: list[str],
                  known: tuple["Candidate", ...] = ()) -> None:
@@ -282,7 +282,10 @@ class UnitReducer:
             probe_fit = fit(gram.sum(0), cross.sum(0), float(yy.sum()))
             if probe_fit.evidence:
                 found = candidates(probe_fit.weights, self.letters, self.child_storage == "BF16")
-                ordered = (*found[:-1], *self.known, found[-1])  # the fitted one stays last
+                wrap = "bf16(" if self.child_storage == "BF16" else "f32("  # this unit's dtype names the label
+                known = [replace(c, label=wrap + c.label.split("(", 1)[1]) for c in self.known
+                         if c.mode == MODE_FLOAT32 or self.child_storage == "BF16"]
+                ordered = (*found[:-1], *known, found[-1])  # the fitted one stays last
                 self.candidates = list({c.label: c for c in ordered}.values())
         self.matched = np.zeros(len(self.candidates), dtype=np.int64)
         self.tested = np.zeros(len(self.candidates), dtype=np.int64)

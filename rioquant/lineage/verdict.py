@@ -15,6 +15,8 @@ the rounding floor. So:
 """
 
 import math
+import re
+from collections import Counter
 
 import numpy as np
 
@@ -28,6 +30,7 @@ MIN_Z = 5.0
 MIN_NULL_ELEMENTS = 1024  # below this the null has too few blocks to say anything: it is not asked
 MIN_FIT_ELEMENTS = 256  # below this only a bit-exact reproduction is evidence (a dt bias has 64 values)
 FITTED = "(fitted)"  # label mark of the candidate with the fitted weights: reported, never decisive
+STORAGE_WRAP = re.compile(r"^(bf16|f32)\(")  # how a recipe label names the child's dtype
 EXACT, UPDATE, NO_BLEND, NO_EVIDENCE = "exact blend", "blend plus update", "no blend", "no evidence"
 VERDICTS = (EXACT, UPDATE, NO_BLEND)
 
@@ -129,13 +132,18 @@ def overall(tensors: list[dict], moments: dict[str, Moments], letters: list[str]
         summary["fit"] = {k: fitted.get(k) for k in ("weights", "interval", "weight_sum", "residual", "explained")}
         everything = judge(Moments.join([moments[t["name"]] for t in evidence]), {}, letters, seed=1)
         summary["null"] = everything.get("null", {})
-    recipes: dict[str, int] = {}
+    recipes: dict[str, int] = {}  # the recipe, whatever dtype a tensor is stored in → tensors it reproduces
+    shown: dict[str, Counter] = {}  # … and its labels as the tensors spell them (bf16(…), f32(…))
     for t in evidence:
-        for label in t.get("reproduced_by", []):
-            recipes[label] = recipes.get(label, 0) + 1
-    main = max(recipes, key=lambda lab: (recipes[lab], "in float32" in lab), default=None)
-    summary["recipe"] = {"label": main, "exact_tensors": recipes.get(main, 0), "evidence_tensors": len(evidence),
-                         "others": dict(sorted(recipes.items(), key=lambda kv: -kv[1]))}
+        labels = {STORAGE_WRAP.sub("(", label, count=1): label for label in t.get("reproduced_by", [])}
+        for key, label in labels.items():
+            recipes[key] = recipes.get(key, 0) + 1
+            shown.setdefault(key, Counter())[label] += 1
+    main = max(recipes, key=lambda key: (recipes[key], "in float32" in key), default=None)
+    summary["recipe"] = {"label": shown[main].most_common(1)[0][0] if main else None,
+                         "exact_tensors": recipes.get(main, 0), "evidence_tensors": len(evidence),
+                         "others": {shown[key].most_common(1)[0][0]: n
+                                    for key, n in sorted(recipes.items(), key=lambda kv: -kv[1])}}
     summary["update"] = _num(math.sqrt(sum((t.get("update") or 0.0) ** 2 * t["elements"] for t in evidence)
                                        / max(elements[UPDATE], 1))) if elements[UPDATE] else None
     return summary
