@@ -271,7 +271,7 @@ def lineage(child, parents, parent_repos, out, as_json, top, no_plots, threads, 
     \b
     Examples:
       rioquant lineage ./Rio-3.5-Open --parent ./Nex-N2-Pro --parent ./Qwen3.5-397B-A17B -o rio.lineage.json
-      rioquant lineage ./merged --parent org/a --parent org/b --json
+      rioquant lineage ./merged --parent ./a --parent ./b --parent-repo org/a --parent-repo org/b --json
       rioquant lineage child-BF16.gguf --parent a-Q8_0.gguf --parent ./b
     """
     from rioquant.errors import LineageError
