@@ -13,6 +13,7 @@ first byte; a transformed tensor is read whole, once.
 """
 
 import json
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,13 +27,14 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from rioquant.errors import CheckpointError, LineageError
 from rioquant.evaluate.gguf_reader import GGUFTensor, open_gguf, read_tensor_bytes
 from rioquant.evaluate.source import gguf_model_args
-from rioquant.export.checkpoint import read_float32, scan_tensors
+from rioquant.export.checkpoint import SourceTensor, read_float32, scan_tensors
 from rioquant.export.qwen35moe import ModelArgs, TensorSpec, load_tensor, model_args, tensor_specs
 from rioquant.quant import dequantize
 
 T = TypeVar("T")
 ARCH = "qwen35moe"
 PIECE_ELEMENTS = 1 << 22  # 4 M elements: 16 MB of float32 per source and piece
+PREFETCH = 8  # pieces beyond those in flight that the kernel is asked to read ahead (page cache, not ours)
 GGUF_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
               GGMLQuantizationType.Q8_0}
 # ModelArgs fields that do not decide any tensor's name or shape (a GGUF does not even record some)
@@ -71,41 +73,56 @@ class Source:
         tensor = self.tensors[name]
         record = tensor.record
         if isinstance(record, GGUFTensor):
-            return _read_gguf(record, tensor, expert, rows, raw)
-        return _read_checkpoint(record, tensor, self.args, expert, rows, raw)
+            view = _gguf_view(record, tensor, expert, rows)
+            data = read_tensor_bytes(view)
+            if raw:
+                return data.view(np.uint16), data.nbytes
+            return dequantize(data, record.qtype, view.shape).reshape(-1), data.nbytes
+        if tensor.transform:  # read whole (the planner makes such a tensor a single piece)
+            values = load_tensor(record, self.args, read_float32).reshape(-1)
+            return values[rows[0] * _row_elements(tensor) : rows[1] * _row_elements(tensor)], record.pieces[0].source.nbytes
+        view = _checkpoint_view(record, expert, rows)
+        if raw:  # the same bytes through the GGUF reader's positioned read, which keeps them as stored
+            bits = GGUFTensor(view.name, GGMLQuantizationType.BF16, view.shape, view.file, view.data_start)
+            return read_tensor_bytes(bits).view(np.uint16), view.nbytes
+        return read_float32(view).reshape(-1), view.nbytes
+
+    def prefetch(self, name: str, expert: int | None, rows: tuple[int, int]) -> None:
+        """Ask the kernel to start reading a piece now (posix_fadvise WILLNEED): the disk keeps a deep
+        queue of large requests while the pool's positioned reads wait on one piece each."""
+        tensor = self.tensors[name]
+        record = tensor.record
+        if isinstance(record, GGUFTensor):
+            view = _gguf_view(record, tensor, expert, rows)
+        else:
+            view = record.pieces[0].source if tensor.transform else _checkpoint_view(record, expert, rows)
+        fd = os.open(view.file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, view.data_start, view.nbytes, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
 
-def _read_gguf(record: GGUFTensor, tensor: Tensor, expert: int | None, rows: tuple[int, int],
-               raw: bool = False) -> tuple[np.ndarray, int]:
+def _gguf_view(record: GGUFTensor, tensor: Tensor, expert: int | None, rows: tuple[int, int]) -> GGUFTensor:
+    """The GGUF reader's record moved to rows [r0, r1) of slab `expert`."""
     row_shape = tensor.slab_shape[1:]
     block, type_bytes = GGML_QUANT_SIZES[record.qtype]
     row_bytes = int(np.prod(row_shape, dtype=np.int64)) // block * type_bytes
     slab_bytes = tensor.slab_shape[0] * row_bytes
     start = record.data_start + (expert or 0) * slab_bytes + rows[0] * row_bytes
-    view = replace(record, shape=(rows[1] - rows[0], *row_shape), data_start=start)
-    data = read_tensor_bytes(view)
-    if raw:
-        return data.view(np.uint16), data.nbytes
-    return dequantize(data, record.qtype, view.shape).reshape(-1), data.nbytes
+    return replace(record, shape=(rows[1] - rows[0], *row_shape), data_start=start)
 
 
-def _read_checkpoint(spec: TensorSpec, tensor: Tensor, args: ModelArgs, expert: int | None,
-                     rows: tuple[int, int], raw: bool = False) -> tuple[np.ndarray, int]:
+def _checkpoint_view(spec: TensorSpec, expert: int | None, rows: tuple[int, int]) -> SourceTensor:
+    """The checkpoint reader's record moved to rows [r0, r1) of the piece (expert slab, fused half) named."""
     piece = spec.pieces[expert or 0]
     src = piece.source
-    if tensor.transform:  # read whole (the planner makes such a tensor a single piece)
-        values = load_tensor(spec, args, read_float32)
-        return values.reshape(-1)[rows[0] * _row_elements(tensor) : rows[1] * _row_elements(tensor)], src.nbytes
     slab_shape = src.shape[1:] if piece.index is not None else src.shape
     row_elements = int(np.prod(slab_shape[1:], dtype=np.int64))
     first_row = (piece.rows[0] if piece.rows else 0) + rows[0]
     slab_start = (piece.index or 0) * int(np.prod(slab_shape, dtype=np.int64))
-    view = replace(src, shape=(rows[1] - rows[0], *slab_shape[1:]),
+    return replace(src, shape=(rows[1] - rows[0], *slab_shape[1:]),
                    data_start=src.data_start + (slab_start + first_row * row_elements) * src.itemsize)
-    if raw:  # the same bytes through the GGUF reader's positioned read, which keeps them as stored
-        bits = GGUFTensor(view.name, GGMLQuantizationType.BF16, view.shape, view.file, view.data_start)
-        return read_tensor_bytes(bits).view(np.uint16), view.nbytes
-    return read_float32(view).reshape(-1), view.nbytes
 
 
 def _row_elements(tensor: Tensor) -> int:
@@ -227,19 +244,31 @@ def stream(units: list[Unit], sources: list[Source], prepare: Callable[[Unit, in
     `prepare(unit, i)` runs here, in order, and returns the work for that piece; a pool of `threads`
     threads reads the piece from every source (child first) and runs the work on it. Positioned reads,
     numpy conversions and the Numba kernels all release the GIL, so the disk and every core stay busy;
-    at most 2 × threads pieces are in flight, which bounds memory."""
+    at most 2 × threads pieces are in flight, which bounds memory, and the kernel is asked to read the
+    next PREFETCH pieces ahead (their pages may be dropped again under memory pressure: no harm)."""
     jobs = [(u, i) for u in units for i in range(len(u.pieces))]
     window: deque[tuple[Unit, int, Future]] = deque()
+    depth = 2 * threads
+
+    def prefetch(j: int) -> None:
+        if j < len(jobs):
+            unit, i = jobs[j]
+            for source in sources:
+                source.prefetch(unit.name, unit.expert, unit.pieces[i])
+
     with ThreadPoolExecutor(max_workers=threads) as pool:
         def submit(j: int) -> None:
             if j < len(jobs):
                 unit, i = jobs[j]
                 window.append((unit, i, pool.submit(_read_then, sources, unit, i, prepare(unit, i))))
 
-        for j in range(2 * threads):
+        for j in range(PREFETCH + depth):
+            prefetch(j)
+        for j in range(depth):
             submit(j)
         for j in range(len(jobs)):
             unit, i, future = window.popleft()
             result, nbytes = future.result()
             yield unit, i, result, nbytes
-            submit(j + 2 * threads)
+            submit(j + depth)
+            prefetch(j + depth + PREFETCH)
