@@ -152,7 +152,7 @@ def bootstrap_interval(gram: np.ndarray, cross: np.ndarray, seed: int) -> tuple[
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, nb, size=(N_BOOT, nb)) + np.arange(N_BOOT)[:, None] * nb
     counts = np.bincount(draws.ravel(), minlength=N_BOOT * nb).reshape(N_BOOT, nb).astype(np.float64)
-    g = np.einsum("bn,npq->bpq", counts, gram)
+    g = (counts @ gram.reshape(nb, k * k)).reshape(N_BOOT, k, k)
     c = counts @ cross
     beta = _solve(g, c)
     if beta is None:
