@@ -294,7 +294,10 @@ def modelfile(gguf, out, legacy_template, preset, num_ctx, license_file) -> None
               help="The model these quants are of, for the card's base_model (repeat to add parents).")
 @click.option("--force", is_flag=True, help="Overwrite a README.md in DIR that rioquant did not write.")
 @click.option("--no-progress", is_flag=True, help="No progress bar while hashing.")
-def publish(repo_id, folder, dry_run, private, revision, commit_message, base_models, force, no_progress) -> None:
+@click.option("--lineage", "lineage_report", type=click.Path(path_type=Path), default=None, metavar="REPORT.json",
+              help="A `rioquant lineage -o` report: its verdict on the card, a blend's parents as base_model (merge).")
+def publish(repo_id, folder, dry_run, private, revision, commit_message, base_models, force, no_progress,
+            lineage_report) -> None:
     """Verify the GGUF quants in DIR, write their model card, and upload them to REPO_ID.
 
     DIR (default: ./NAME for REPO_ID ORG/NAME, as `hf upload`) holds one or more quants, a file or a
@@ -305,6 +308,7 @@ def publish(repo_id, folder, dry_run, private, revision, commit_message, base_mo
     Examples:
       rioquant publish me/Rio-3.5-Open-397B-GGUF ./release --dry-run
       rioquant publish me/Rio-3.5-Open-397B-GGUF ./release --private --base-model rio/Rio-3.5-Open-397B
+      rioquant publish me/Rio-3.5-Open-397B-GGUF ./release --lineage rio.lineage.json
     """
     from rioquant.errors import PublishError
     from rioquant.publish.release import PublishOptions
@@ -315,8 +319,46 @@ def publish(repo_id, folder, dry_run, private, revision, commit_message, base_mo
         if not folder.is_dir():
             raise PublishError(f"{folder}: no DIR given and ./{folder} does not exist; name the folder to upload")
     options = PublishOptions(dry_run=dry_run, private=private, revision=revision, commit_message=commit_message,
-                             base_models=tuple(base_models), force=force, progress=not no_progress)
+                             base_models=tuple(base_models), force=force, progress=not no_progress,
+                             lineage=lineage_report)
     click.echo(run_publish(repo_id, folder, options), nl=False)
+
+
+@cli.command()
+@click.argument("child")
+@click.option("--parent", "parents", multiple=True, required=True, metavar="MODEL",
+              help="A supposed parent: checkpoint directory or F32/F16/BF16/Q8_0 GGUF (repeat; the last is the reference).")
+@click.option("--parent-repo", "parent_repos", multiple=True, metavar="ORG/REPO",
+              help="Hub id of each --parent, in order, for `publish --lineage` (default: the --parent if it reads ORG/NAME).")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None,
+              help="Write the JSON report here, and its PNGs beside it.")
+@json_option
+@click.option("--top", type=int, default=10, show_default=True, help="How many outliers the summary lists.")
+@click.option("--no-plots", is_flag=True, help="With -o: no PNGs.")
+@click.option("--threads", type=int, default=None, help="Pieces read and reduced at once (default: all cores).")
+@no_progress_option
+def lineage(child, parents, parent_repos, out, as_json, top, no_plots, threads, no_progress) -> None:
+    """Show what CHILD is made of: an exact blend of the --parent models, a blend plus an update, or no blend.
+
+    \b
+    Examples:
+      rioquant lineage ./Rio-3.5-Open --parent ./Nex-N2-Pro --parent ./Qwen3.5-397B-A17B -o rio.lineage.json
+      rioquant lineage ./merged --parent ./a --parent ./b --parent-repo org/a --parent-repo org/b --json
+      rioquant lineage child-BF16.gguf --parent a-Q8_0.gguf --parent ./b
+    """
+    from rioquant.errors import LineageError
+    from rioquant.lineage.pipeline import LineageOptions, analyse
+    from rioquant.lineage.report import draw_figures, render_text, write_json
+
+    if len(parent_repos) > len(parents):
+        raise LineageError(f"{len(parent_repos)} --parent-repo for {len(parents)} --parent: give at most one per parent")
+    report = analyse(child, list(parents), LineageOptions(tuple(parent_repos), progress=not no_progress, threads=threads))
+    click.echo(json.dumps(report, indent=1, ensure_ascii=False) if as_json else render_text(report, top), nl=as_json)
+    if out is not None:
+        write_json(report, out)
+        if not no_plots:
+            for path in draw_figures(report, out.parent, out.name.removesuffix(".json")):
+                click.echo(f"figure: {path}", err=as_json)
 
 
 # Shared by `ppl`, `kld` and `imatrix`: text, context, and where and how the model runs.

@@ -53,3 +53,7 @@ class GGUFError(RioquantError):
 
 class PublishError(RioquantError):
     """A Modelfile or a Hugging Face release cannot be made as asked (incomplete set, no token, hub error)."""
+
+
+class LineageError(RioquantError):
+    """Models cannot be compared for lineage: different architectures or shapes, a tensor missing in one."""

@@ -174,12 +174,12 @@ def usage_tag(quants: list[QuantCard]) -> str:
     return next((t for t in labels if t == "Q4_K_M"), next((t for t in labels if "Q4_K" in t), labels[0]))
 
 
-def front_matter(license: str | None, base_models: list[str], imatrix: bool) -> str:
+def front_matter(license: str | None, base_models: list[str], imatrix: bool, relation: str = "quantized") -> str:
     tags = ["gguf", ARCH, "llama.cpp", "ollama", "quantized"] + (["imatrix"] if imatrix else [])
     data = ModelCardData(
         license=license,
         base_model=base_models or None,
-        base_model_relation="quantized" if base_models else None,
+        base_model_relation=relation if base_models else None,
         tags=tags,
         pipeline_tag="text-generation",
     )
@@ -193,19 +193,25 @@ def render_card(
     params: dict[str, object],
     base_models: tuple[str, ...] = (),
     has_template: bool = True,
+    lineage_section: tuple[list[str], list[str]] = ([], []),
 ) -> str:
-    """README.md text. `files`: every uploaded path in the repo → (size, sha256), README excepted."""
+    """README.md text. `files`: every uploaded path in the repo → (size, sha256), README excepted.
+    `lineage_section`: (the parents of a merge, Markdown lines) from `lineage.report.card_lineage`."""
     headers = [q.qset.first for q in quants]
     bases = lineage(headers, base_models)
+    parents, lineage_lines = lineage_section
     licence = next((str(h.metadata["general.license"]) for h in headers if h.metadata.get("general.license")), None)
     name = str(headers[0].metadata.get("general.name") or quants[0].qset.stem)
-    lines = [front_matter(licence, bases, any(q.imatrix for q in quants)), GENERATED_MARK, "", f"# {name} GGUF", ""]
+    relation = "merge" if parents else "quantized"
+    lines = [front_matter(licence, parents or bases, any(q.imatrix for q in quants), relation), GENERATED_MARK, "",
+             f"# {name} GGUF", ""]
     source = f"[{bases[0]}](https://huggingface.co/{bases[0]})" if bases else name
     lines.append(f"GGUF quants of {source} (llama.cpp architecture `{ARCH}`) for llama.cpp and Ollama, "
                  f"written by rioquant {__version__}.")
     if len(bases) > 1:
         lines += ["", "Lineage: " + " ← ".join(f"[{b}](https://huggingface.co/{b})" for b in bases[:1])
                   + " ← " + ", ".join(f"[{b}](https://huggingface.co/{b})" for b in bases[1:])]
+    lines += ["", *lineage_lines] if lineage_lines else []
     lines += ["", "## Quants", "",
               "| Quant | Files | Size | Bits/weight | Mix | imatrix | PPL | KLD |",
               "|---|---|---|---|---|---|---|---|"]
