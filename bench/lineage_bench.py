@@ -1,6 +1,6 @@
 """`rioquant lineage` read speed against reading the same files with nothing else, in the same run.
 
-Three synthetic checkpoints (a parent B from tests.checkpoints, a parent A = B + a task vector, a child
+Three synthetic checkpoints (a parent B from rioquant.testing.checkpoints, a parent A = B + a task vector, a child
 bf16(0.6·A + 0.4·B)) are written once under --dir. Then, alternately, the page cache is emptied for
 their files (posix_fadvise DONTNEED after fsync: a cold read, as on a 3 × 807 GB comparison no cache
 holds) and either
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from rioquant.lineage.pipeline import LineageOptions, analyse
-from tests.checkpoints import KQUANT, build_checkpoint
-from tests.lineage_models import blend_f32, fine_tune, load, save
+from rioquant.testing.checkpoints import KQUANT, build_checkpoint
+from rioquant.testing.lineage_models import blend_f32, fine_tune, load, save
 
 CHUNK = 16 << 20
 BAR = 0.8

@@ -318,9 +318,14 @@ def publish(repo_id, folder, dry_run, private, revision, commit_message, base_mo
         folder = Path(repo_id.split("/")[-1])
         if not folder.is_dir():
             raise PublishError(f"{folder}: no DIR given and ./{folder} does not exist; name the folder to upload")
+    parents, lines = [], []
+    if lineage_report is not None:
+        from rioquant.lineage.report import card_lineage, load_json
+
+        parents, lines = card_lineage(load_json(lineage_report), lineage_report)
     options = PublishOptions(dry_run=dry_run, private=private, revision=revision, commit_message=commit_message,
                              base_models=tuple(base_models), force=force, progress=not no_progress,
-                             lineage=lineage_report)
+                             merge_parents=tuple(parents), lineage_lines=tuple(lines))
     click.echo(run_publish(repo_id, folder, options), nl=False)
 
 

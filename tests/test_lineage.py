@@ -1,4 +1,4 @@
-"""`rioquant lineage` on a family of tiny checkpoints whose lineage is known (tests/lineage_models.py).
+"""`rioquant lineage` on a family of tiny checkpoints whose lineage is known (rioquant/testing/lineage_models.py).
 
 Parents A and B are two fine-tunes of one base, so the trap is live: an independent fine-tune of that
 base regresses onto them at about 0.5/0.5 and must still be called no blend. Children are made with
@@ -27,7 +27,7 @@ from rioquant.lineage import kernels
 from rioquant.lineage.pipeline import analyse, hub_id
 from rioquant.lineage.stats import MODE_BFLOAT16, MODE_FLOAT32, UnitReducer, _bf16
 from rioquant.lineage.verdict import EXACT, MIN_FIT_ELEMENTS, NO_BLEND, NO_EVIDENCE, UPDATE, judge
-from tests.lineage_models import UNTOUCHED, build_family, load, save
+from rioquant.testing.lineage_models import UNTOUCHED, build_family, load, save
 
 BF16 = lambda x: float(torch.tensor(x, dtype=torch.bfloat16))  # noqa: E731
 BIG = 1024  # tensors at least this large have a bootstrap interval worth checking
@@ -333,7 +333,7 @@ def test_three_parent_blend_is_recovered():
 def test_publish_puts_the_verdict_and_the_parents_on_the_card(reports, tmp_path, capsys):
     import yaml
 
-    from rioquant.lineage.report import write_json
+    from rioquant.lineage.report import card_lineage, load_json, write_json
     from rioquant.publish.release import PublishOptions, plan_release
     from tests.publish_files import write_gguf
 
@@ -344,7 +344,11 @@ def test_publish_puts_the_verdict_and_the_parents_on_the_card(reports, tmp_path,
         parent["repo"] = repo
     report = tmp_path / "merged.lineage.json"
     write_json(blend, report)
-    card = plan_release("me/Merged-GGUF", folder, PublishOptions(dry_run=True, progress=False, lineage=report)
+    def card_options(path: Path) -> dict:  # what the CLI's --lineage hands publish
+        parents, lines = card_lineage(load_json(path), path)
+        return {"merge_parents": tuple(parents), "lineage_lines": tuple(lines)}
+
+    card = plan_release("me/Merged-GGUF", folder, PublishOptions(dry_run=True, progress=False, **card_options(report))
                         ).generated["README.md"]
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["base_model"] == ["org/parent-a", "org/parent-b"]
@@ -360,7 +364,7 @@ def test_publish_puts_the_verdict_and_the_parents_on_the_card(reports, tmp_path,
     independent = tmp_path / "independent.lineage.json"
     write_json(reports("independent"), independent)
     card = plan_release("me/Merged-GGUF", folder, PublishOptions(dry_run=True, progress=False, base_models=("me/x",),
-                                                                 lineage=independent)).generated["README.md"]
+                                                                 **card_options(independent))).generated["README.md"]
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["base_model"] == ["me/x"] and front["base_model_relation"] == "quantized"
     assert "**no blend**" in card
@@ -374,11 +378,11 @@ def test_gguf_child_against_checkpoint_parents(family, tmp_path, qtype):
     """A GGUF of parent A, against the checkpoints A and an unrelated model: the checkpoints go through
     the converter's transforms (+1 norms, −exp(A_log), tiled V heads) so that both sides hold the same
     values. BF16 reproduces A bit for bit (its F32 norms too); Q8_0 sits on its quantization floor."""
-    from rioquant.convert import ConvertOptions, convert
+    from rioquant.convert import ConvertOptions, RunOptions, convert
 
     a, other = family["base"] / "full", family["other"] / "full"  # full vocabularies: convert needs the tokenizer
     out = tmp_path / f"a-{qtype}.gguf"
-    convert(a, out, ConvertOptions(qtype=qtype, progress=False, report=False))
+    convert(a, out, ConvertOptions(qtype=qtype), RunOptions(progress=False, report=False))
     r = analyse(str(out), [str(a), str(other)])
     assert r["verdict"] == EXACT
     assert r["coefficients"][str(a)] == pytest.approx(1.0, abs=1e-3)

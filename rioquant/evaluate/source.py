@@ -19,11 +19,11 @@ from gguf import GGMLQuantizationType
 from rioquant.errors import CheckpointError, EvaluationError
 from rioquant.evaluate.dequant import dequantize_rows, dequantize_to, dequantize_torch
 from rioquant.export.checkpoint import read_config, read_float32, scan_tensors
-from rioquant.export.metadata import model_args_from_gguf
+from rioquant.export.metadata import gguf_model_args
 from rioquant.export.qwen35moe import ARCH, KEEP_F32, ModelArgs, load_tensor, model_args, tensor_specs
 from rioquant.export.tensor_map import TensorSpec, load_piece
 from rioquant.files.gguf_file import TensorInfo, read_tensor_bytes, tensor_kind
-from rioquant.files.gguf_set import GGUFSet, open_set
+from rioquant.files.gguf_set import open_set
 from rioquant.quant.plan import is_quantizable
 
 F32 = GGMLQuantizationType.F32
@@ -173,14 +173,6 @@ class HFSource(ModelSource):
 
 # ---------------------------------------------------------------------------------------------
 # GGUF
-
-
-def gguf_model_args(model: GGUFSet) -> ModelArgs:
-    """ModelArgs from a GGUF's metadata rows (export.metadata.ARCH_KEYS) and its token embedding."""
-    embd = model.tensors.get("token_embd.weight")
-    if embd is None:
-        raise CheckpointError(f"{model.path}: no token_embd.weight tensor")
-    return model_args_from_gguf(model.meta, model.path, embd.shape[0], "output.weight" not in model.tensors)
 
 
 class GGUFSource(ModelSource):

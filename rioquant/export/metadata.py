@@ -18,6 +18,7 @@ from gguf import Keys
 
 from rioquant.errors import CheckpointError
 from rioquant.export.qwen35moe import ARCH, ModelArgs, default_layer_types
+from rioquant.files.gguf_set import GGUFSet
 
 REQUIRED = object()
 Get = Callable[[str], object]  # another row's value, by key template (its default when absent)
@@ -120,6 +121,16 @@ def model_args_from_gguf(meta: Mapping[str, object], where: Path, vocab_size: in
 
     fields = {row.field: row.read(get(row.key), get) for row in ARCH_KEYS if row.field is not None}
     return ModelArgs(**fields, vocab_size=vocab_size, tie_word_embeddings=tied)  # type: ignore[arg-type]
+
+
+
+def gguf_model_args(model: GGUFSet) -> ModelArgs:
+    """ModelArgs of a GGUF model (the evaluator's and lineage's): its metadata rows, token_embd's rows
+    for the vocabulary, and whether it has an output.weight (untied) or not (tied)."""
+    embd = model.tensors.get("token_embd.weight")
+    if embd is None:
+        raise CheckpointError(f"{model.path}: no token_embd.weight tensor")
+    return model_args_from_gguf(model.meta, model.path, embd.shape[0], "output.weight" not in model.tensors)
 
 
 def general_metadata(

@@ -1,8 +1,8 @@
 """The models of a lineage comparison: opened, checked against each other, and read piece by piece.
 
 A source is a Hugging Face checkpoint directory (read by `export.checkpoint` through the converter's
-own name table, `export.qwen35moe.tensor_specs`) or a float/Q8_0 GGUF (read by `evaluate.gguf_reader`
-and dequantized by `quant.dequantize`). Tensors are matched by their GGUF name. When every source is a
+own name table, `export.qwen35moe.tensor_specs`) or a float/Q8_0 GGUF (read by `files.gguf_set` /
+`files.gguf_file` and dequantized by `quant.dequantize`). Tensors are matched by their GGUF name. When every source is a
 checkpoint the stored values are compared as they are; when a GGUF takes part, checkpoint tensors go
 through the converter's transforms (+1 on norms, V heads tiled, A = −exp(A_log)) so that both sides
 hold the same quantity.
@@ -22,17 +22,18 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
 from rioquant.errors import CheckpointError, LineageError
-from rioquant.evaluate.gguf_reader import GGUFTensor, open_gguf, read_tensor_bytes
-from rioquant.evaluate.source import gguf_model_args
 from rioquant.export.checkpoint import SourceTensor, read_float32, scan_tensors
-from rioquant.export.qwen35moe import ModelArgs, TensorSpec, load_tensor, model_args, tensor_specs
+from rioquant.export.metadata import gguf_model_args
+from rioquant.export.qwen35moe import ARCH, ModelArgs, load_tensor, model_args, tensor_specs
+from rioquant.export.tensor_map import TensorSpec
+from rioquant.files.gguf_file import TensorInfo, nbytes, read_tensor_bytes
+from rioquant.files.gguf_set import open_set
 from rioquant.quant import dequantize
 
 T = TypeVar("T")
-ARCH = "qwen35moe"
 PIECE_ELEMENTS = 1 << 22  # 4 M elements: 16 MB of float32 per source and piece
 PREFETCH = 8  # pieces beyond those in flight that the kernel is asked to read ahead (page cache, not ours)
 GGUF_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
@@ -49,7 +50,7 @@ class Tensor:
     name: str
     shape: tuple[int, ...]  # GGUF numpy order; an expert stack is (experts, rows, cols)
     storage: str  # BF16, F16, F32 or Q8_0
-    record: "TensorSpec | GGUFTensor"
+    record: TensorSpec | TensorInfo
     transform: str | None  # applied on reading (checkpoint tensors compared with a GGUF)
 
     @property
@@ -72,7 +73,7 @@ class Source:
         tensor's bits as uint16, exactly as stored — and the bytes read."""
         tensor = self.tensors[name]
         record = tensor.record
-        if isinstance(record, GGUFTensor):
+        if isinstance(record, TensorInfo):
             view = _gguf_view(record, tensor, expert, rows)
             data = read_tensor_bytes(view)
             if raw:
@@ -83,7 +84,9 @@ class Source:
             return values[rows[0] * _row_elements(tensor) : rows[1] * _row_elements(tensor)], record.pieces[0].source.nbytes
         view = _checkpoint_view(record, expert, rows)
         if raw:  # the same bytes through the GGUF reader's positioned read, which keeps them as stored
-            bits = GGUFTensor(view.name, GGMLQuantizationType.BF16, view.shape, view.file, view.data_start)
+            # (a safetensors file has no GGUF data section: `offset` repeats data_start, the read uses data_start)
+            bits = TensorInfo(view.name, view.shape, GGMLQuantizationType.BF16, offset=view.data_start,
+                              file=view.file, data_start=view.data_start)
             return read_tensor_bytes(bits).view(np.uint16), view.nbytes
         return read_float32(view).reshape(-1), view.nbytes
 
@@ -92,7 +95,7 @@ class Source:
         queue of large requests while the pool's positioned reads wait on one piece each."""
         tensor = self.tensors[name]
         record = tensor.record
-        if isinstance(record, GGUFTensor):
+        if isinstance(record, TensorInfo):
             view = _gguf_view(record, tensor, expert, rows)
         else:
             view = record.pieces[0].source if tensor.transform else _checkpoint_view(record, expert, rows)
@@ -103,14 +106,12 @@ class Source:
             os.close(fd)
 
 
-def _gguf_view(record: GGUFTensor, tensor: Tensor, expert: int | None, rows: tuple[int, int]) -> GGUFTensor:
-    """The GGUF reader's record moved to rows [r0, r1) of slab `expert`."""
+def _gguf_view(record: TensorInfo, tensor: Tensor, expert: int | None, rows: tuple[int, int]) -> TensorInfo:
+    """The GGUF reader's record moved to rows [r0, r1) of slab `expert` (offset and data start alike)."""
     row_shape = tensor.slab_shape[1:]
-    block, type_bytes = GGML_QUANT_SIZES[record.qtype]
-    row_bytes = int(np.prod(row_shape, dtype=np.int64)) // block * type_bytes
-    slab_bytes = tensor.slab_shape[0] * row_bytes
-    start = record.data_start + (expert or 0) * slab_bytes + rows[0] * row_bytes
-    return replace(record, shape=(rows[1] - rows[0], *row_shape), data_start=start)
+    skip = (expert or 0) * nbytes(record.qtype, tensor.slab_shape) + nbytes(record.qtype, (rows[0], *row_shape))
+    return replace(record, shape=(rows[1] - rows[0], *row_shape), offset=record.offset + skip,
+                   data_start=record.data_start + skip)
 
 
 def _checkpoint_view(spec: TensorSpec, expert: int | None, rows: tuple[int, int]) -> SourceTensor:
@@ -146,7 +147,7 @@ def _open_checkpoint(given: str, path: Path, transforms: bool) -> Source:
 
 
 def _open_gguf(given: str, path: Path) -> Source:
-    model = open_gguf(path)
+    model = open_set(path)
     arch = model.get("general.architecture")
     if arch != ARCH:
         raise LineageError(f"{path}: architecture {arch!r}; lineage compares {ARCH} models")

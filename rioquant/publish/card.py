@@ -193,17 +193,17 @@ def render_card(
     params: dict[str, object],
     base_models: tuple[str, ...] = (),
     has_template: bool = True,
-    lineage_section: tuple[list[str], list[str]] = ([], []),
+    merge_parents: tuple[str, ...] = (),
+    lineage_lines: tuple[str, ...] = (),
 ) -> str:
     """README.md text. `files`: every uploaded path in the repo → (size, sha256), README excepted.
-    `lineage_section`: (the parents of a merge, Markdown lines) from `lineage.report.card_lineage`."""
+    `merge_parents` (base_model of a merge) and `lineage_lines` (Markdown): from a lineage report."""
     headers = [q.qset.first for q in quants]
     bases = lineage(headers, base_models)
-    parents, lineage_lines = lineage_section
     licence = next((str(h.metadata["general.license"]) for h in headers if h.metadata.get("general.license")), None)
     name = str(headers[0].metadata.get("general.name") or quants[0].qset.stem)
-    relation = "merge" if parents else "quantized"
-    lines = [front_matter(licence, parents or bases, any(q.imatrix for q in quants), relation), GENERATED_MARK, "",
+    relation = "merge" if merge_parents else "quantized"
+    lines = [front_matter(licence, list(merge_parents) or bases, any(q.imatrix for q in quants), relation), GENERATED_MARK, "",
              f"# {name} GGUF", ""]
     source = f"[{bases[0]}](https://huggingface.co/{bases[0]})" if bases else name
     lines.append(f"GGUF quants of {source} (llama.cpp architecture `{ARCH}`) for llama.cpp and Ollama, "

@@ -17,7 +17,6 @@ from rioquant.errors import PublishError
 from rioquant.export.qwen35moe import ARCH
 from rioquant.files.disk import write_atomic
 from rioquant.files.gguf_set import GGUFSet
-from rioquant.lineage.report import card_lineage, load_json
 from rioquant.publish.card import GENERATED_MARK, describe, render_card
 from rioquant.publish.gotemplate import QWEN35_GO_TEMPLATE, looks_like_qwen35
 from rioquant.publish.modelfile import ollama_params
@@ -40,7 +39,10 @@ class PublishOptions:
     force: bool = False  # overwrite a README.md that rioquant did not write
     progress: bool = True
     endpoint: str | None = None  # default: HF_ENDPOINT or huggingface.co
-    lineage: Path | None = None  # a `rioquant lineage -o` report: its verdict and the merge's parents go on the card
+    # from a `rioquant lineage -o` report (lineage.report.card_lineage): a merge's parents for base_model,
+    # and the Markdown section with the verdict
+    merge_parents: tuple[str, ...] = ()
+    lineage_lines: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,8 @@ def plan_release(repo_id: str, folder: Path, options: PublishOptions) -> Release
     listed = {**files, **{path: _sha256_text(text) for path, text in generated.items()}}
     generated[SUMS] = "".join(f"{digest}  {path}\n" for path, (_, digest) in sorted(listed.items()))
     cards = [describe(q) for q in quants]
-    section = card_lineage(load_json(options.lineage), options.lineage) if options.lineage else ([], [])
     generated[README] = render_card(repo_id, cards, listed, params, options.base_models, "template" in generated,
-                                    section)
+                                    options.merge_parents, options.lineage_lines)
 
     taken = {*files, *generated, HASH_CACHE}
     skipped = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")

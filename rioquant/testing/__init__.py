@@ -6,6 +6,7 @@
   transformers' logits; `llama_quantize`: llama.cpp's own `llama_model_quantize`.
 - `gguf_scan`: a minimal GGUF parser independent of rioquant's reader; `imatrix_files`: imatrix files
   written as llama-imatrix writes them; `inputs`: named corner-case matrices for quantizer tests.
+- `lineage_models`: a family of tiny checkpoints of known lineage (fine-tunes, blends) for `rioquant lineage`.
 - `llama_src`: the llama.cpp source tree (reference converter, chat templates), cached under the
   checkout's .cache/.
 

@@ -1,6 +1,6 @@
-"""A family of tiny qwen3_5_moe checkpoints with known lineage, for `rioquant lineage` tests.
+"""A family of tiny qwen3_5_moe checkpoints with known lineage, for `rioquant lineage` tests and bench.
 
-One base checkpoint from `tests.checkpoints.build_checkpoint` (vocabulary cut to VOCAB rows: lineage
+One base checkpoint from `testing.checkpoints.build_checkpoint` (vocabulary cut to VOCAB rows: lineage
 reads no tokenizer, and the 248K-row embedding would be 90 % of every file), two fine-tunes of it
 (base + distinct random task vectors of TASK_SCALE of each tensor's spread), an unrelated model
 (another seed), and children made from the parents with torch — independently of rioquant's kernels —
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.checkpoints import TINY, build_checkpoint
+from rioquant.testing.checkpoints import TINY, build_checkpoint
 
 VOCAB = 512
 TASK_SCALE = 0.05
