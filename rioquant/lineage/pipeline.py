@@ -15,15 +15,16 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from gguf import GGMLQuantizationType
 from tqdm import tqdm
 
+from rioquant.files.gguf_file import block_index, nbytes, tensor_kind
 from rioquant.lineage.sources import Source, Unit, open_sources, plan_units, stream
 from rioquant.lineage.stats import Candidate, Moments, UnitReducer
 from rioquant.lineage.verdict import judge, merge_exact, overall
 
 log = logging.getLogger(__name__)
 REPORT_FORMAT = "rioquant-lineage/1"
-STORED_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "Q8_0": 34 / 32}
 KNOWN_RECIPES = 2  # the most frequent and the most recent recipes found so far: every later unit tests them
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_CACHE = re.compile(r"models--([^/]+?)--([^/]+)")
@@ -83,12 +84,12 @@ def analyse(child: str, parents: list[str], options: LineageOptions = LineageOpt
         return work
 
     threads = options.threads or len(os.sched_getaffinity(0))
-    for unit, index, reducer, nbytes in stream(units, sources, prepare, threads):
+    for unit, index, reducer, piece_bytes in stream(units, sources, prepare, threads):
         state = gathering.setdefault(unit.name, _Tensor())
         done = state.pieces.setdefault(unit.expert, [])
         done.append(reducer)
-        read += nbytes
-        bar.update(nbytes)
+        read += piece_bytes
+        bar.update(piece_bytes)
         if index < len(unit.pieces) - 1:
             continue
         moments = Moments.concat([r.moments for r in done])
@@ -143,13 +144,10 @@ def _known_recipes(known: dict[str, tuple[int, int, Candidate]]) -> tuple[Candid
 
 
 def _unit_bytes(source: Source, unit: Unit) -> int:
-    """Bytes a unit occupies in a source, for the progress bar (Q8_0: 34 bytes per 32 values)."""
-    return int(unit.elements * STORED_BYTES[source.tensors[unit.name].storage])
+    """Bytes a unit occupies in a source, for the progress bar (its storage is a GGML type's name)."""
+    return nbytes(GGMLQuantizationType[source.tensors[unit.name].storage], (unit.elements,))
 
 
 def _where(name: str) -> dict:
     """Layer and kind of a GGUF tensor name, for the figures: blk.3.ffn_up_exps.weight → 3, ffn_up_exps."""
-    match = re.match(r"^blk\.(\d+)\.(.+?)(\.weight|\.bias)?$", name)
-    if match:
-        return {"layer": int(match[1]), "kind": match[2]}
-    return {"layer": None, "kind": name.removesuffix(".weight")}
+    return {"layer": block_index(name), "kind": tensor_kind(name)}
