@@ -44,8 +44,10 @@ def recipe_options(command):
     """The options that decide every tensor's type, shared by `convert` and `plan`."""
     options = [
         click.option("--type", "qtype", default=None, metavar="MIX",
-                     help="Q8_0 (default), Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K "
-                          "(llama.cpp's mixes), Q4_K_XL, Q3_K_XL, Q2_K_XL (rioquant's), or uniform "
+                     help="Q8_0 (default), Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, "
+                          "Q5_1, Q5_0, Q4_1, Q4_0, IQ4_XS, IQ4_NL, IQ3_M, IQ3_S, IQ3_XS, IQ3_XXS, IQ2_M, IQ2_S, "
+                          "IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S (llama.cpp's mixes), Q4_K_XL, Q3_K_XL, Q2_K_XL (rioquant's), "
+                          "or uniform "
                           "F32, F16, BF16, Q5_K, Q4_K, Q3_K."),
         click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
                      help="Type of the tensors whose name matches REGEX (repeatable; first match wins)."),
@@ -57,6 +59,10 @@ def recipe_options(command):
                      help="Raise the worst-measured tensors until the output is this big (e.g. 230G)."),
         click.option("--target-bpw", type=float, default=None,
                      help="Raise the worst-measured tensors up to this many bits per weight."),
+        click.option("--imatrix", "imatrix", type=click.Path(path_type=Path), default=None,
+                     help="llama.cpp importance matrix (GGUF from llama-imatrix or `rioquant imatrix`, or legacy "
+                          ".dat). IQ1_*, IQ2_*, IQ3_XXS and IQ3_XS need one; IQ4_*, Q4_0 and Q5_0 choose some "
+                          "types by whether one is given (all `plan` looks at)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -72,7 +78,7 @@ def _recipe_fields(values: dict) -> dict:
     return dict(
         qtype=values["qtype"] or "Q8_0", recipe=values["recipe"], tensor_types=tuple(values["tensor_types"]),
         output_tensor_type=values["output_tensor_type"], token_embedding_type=values["token_embedding_type"],
-        target_size=values["target_size"], target_bpw=values["target_bpw"],
+        target_size=values["target_size"], target_bpw=values["target_bpw"], imatrix=values["imatrix"],
     )
 
 
@@ -91,11 +97,9 @@ def _recipe_fields(values: dict) -> dict:
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--threads", type=int, default=None, help="Quantization threads (default: all cores).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--imatrix", "imatrix", type=click.Path(path_type=Path), default=None,
-              help="llama.cpp importance matrix (GGUF from llama-imatrix or `rioquant imatrix`, or legacy .dat).")
 @click.option("--no-report", is_flag=True, help="Skip the per-tensor/per-expert error report (NAME.report.json/.csv).")
 def convert(src, out, no_mtp, split_max_size, split_max_tensors, base_models, name, quantized_by,
-            resume, force, threads, no_progress, imatrix, no_report, **recipe) -> None:
+            resume, force, threads, no_progress, no_report, **recipe) -> None:
     """Convert the Hugging Face checkpoint SRC into a GGUF.
 
     \b
@@ -111,7 +115,7 @@ def convert(src, out, no_mtp, split_max_size, split_max_tensors, base_models, na
     options = ConvertOptions(
         **_recipe_fields(recipe), with_mtp=not no_mtp, split_max_size=split_max_size, split_max_tensors=split_max_tensors,
         base_models=tuple(base_models), name=name, quantized_by=quantized_by, resume=resume, force=force,
-        threads=threads, progress=not no_progress, imatrix=imatrix, report=not no_report,
+        threads=threads, progress=not no_progress, report=not no_report,
     )
     for path in run_convert(src, out, options):
         click.echo(str(path))
