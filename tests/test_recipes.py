@@ -25,6 +25,7 @@ from rioquant.quant.recipes import (
     LLAMA_MIXES,
     RECIPES,
     XL_MIXES,
+    ModelFacts,
     get_recipe,
     layer_condition_holds,
     load_recipe,
@@ -124,6 +125,16 @@ def test_recipe_file_puts_its_rules_before_its_base(tmp_path):
     recipe = load_recipe(path)
     assert (recipe.name, recipe.default, recipe.file_type) == ("down6", "Q4_K", LlamaFileType.MOSTLY_Q4_K_M)
     assert recipe.rules[0].layers == "i < n/8" and recipe.rules[1:] == LLAMA_MIXES["Q4_K_M"].rules
+
+
+def test_recipe_file_rules_may_look_at_the_imatrix_and_the_expert_count(tmp_path):
+    path = tmp_path / "guard.toml"
+    path.write_text('default = "Q4_K"\n[[rules]]\npattern = "ffn_down"\ntype = "Q6_K"\nimatrix = true\nmin_experts = 4\n')
+    rule = load_recipe(path).rules[0]
+    facts = ModelFacts(n_expert=8, n_gqa=2, n_blocks=8)
+    cases = [(True, 8), (False, 8), (True, 2)]
+    assert [rule.matches("blk.0.ffn_down_exps.weight", 0, 256, "Q4_K", replace(facts, has_imatrix=h, n_expert=e))
+            for h, e in cases] == [True, False, False]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -394,7 +394,7 @@ def parse_tensor_type(text: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------
 # User recipes: TOML with the same fields as Rule.
 
-_RULE_KEYS = {"pattern", "type", "why", "layers", "experts", "min_gqa", "row_misfit"}
+_RULE_KEYS = {"pattern", "type", "why", "layers", "experts", "min_gqa", "row_misfit", "min_experts", "imatrix"}
 _TOP_KEYS = {"name", "base", "default", "file_type", "summary", "rules"}
 
 
@@ -417,6 +417,7 @@ def _rule_from_toml(raw: Mapping, where: str) -> Rule:
     return Rule(
         pattern=raw["pattern"], qtype=check_type(str(raw["type"]), where), why=str(raw.get("why", "")),
         layers=layers, experts=raw.get("experts"), min_gqa=raw.get("min_gqa"), row_misfit=bool(raw.get("row_misfit", False)),
+        min_experts=raw.get("min_experts"), imatrix=raw.get("imatrix"),
     )
 
 
