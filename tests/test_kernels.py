@@ -1,6 +1,8 @@
 """Every block quantizer, byte for byte against ggml's ggml_quantize_chunk, both code paths.
 
-Dequantization is checked against gguf-py's independent numpy implementation.
+Dequantization is checked against gguf-py's independent numpy implementation. The types that need an
+importance matrix (REQUIRES_IMATRIX) are compared only with one (ggml aborts the process without one
+for some of them) and are checked to refuse without one.
 """
 
 import zlib
@@ -11,12 +13,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rioquant.errors import QuantInputError
 from rioquant.quant import dequantize, quantize
-from rioquant.quant.types import BLOCK_KERNELS, FLOAT_TYPES, block_geometry
+from rioquant.quant.types import (
+    BLOCK_KERNELS,
+    FLOAT_TYPES,
+    GGML_REQUIRES_IMATRIX,
+    REQUIRES_IMATRIX,
+    block_geometry,
+)
 from tests.inputs import IMPORTANCE_KINDS, INPUTS, random_importance
 
 ALL_TYPES = [*FLOAT_TYPES, *BLOCK_KERNELS]
 TYPE_IDS = [t.name for t in ALL_TYPES]
+PLAIN_TYPES = [t for t in ALL_TYPES if t not in REQUIRES_IMATRIX]  # those quantized without an imatrix too
+IMATRIX_ONLY = [t for t in BLOCK_KERNELS if t in REQUIRES_IMATRIX]
 
 
 def assert_same_bytes(ours: np.ndarray, ref: np.ndarray, qtype: gguf.GGMLQuantizationType, case: str) -> None:
@@ -36,7 +47,7 @@ def assert_same_bytes(ours: np.ndarray, ref: np.ndarray, qtype: gguf.GGMLQuantiz
     )
 
 
-@pytest.mark.parametrize("qtype", ALL_TYPES, ids=TYPE_IDS)
+@pytest.mark.parametrize("qtype", PLAIN_TYPES, ids=[t.name for t in PLAIN_TYPES])
 @pytest.mark.parametrize("case", list(INPUTS))
 def test_bytes_equal_ggml_without_imatrix(ggml, qtype, case):
     rng = np.random.default_rng(zlib.crc32(f"{case}{qtype.name}".encode()))
@@ -67,7 +78,7 @@ def test_property_random_scales(ggml, qtype, seed, log_scale, blocks, use_imatri
     rng = np.random.default_rng(seed)
     n = blocks * 256
     x = (rng.standard_normal((3, n)) * np.exp(log_scale)).astype(np.float32)
-    qw = random_importance(rng, n, "typical") if use_imatrix else None
+    qw = random_importance(rng, n, "typical") if use_imatrix or qtype in REQUIRES_IMATRIX else None
     assert_same_bytes(quantize(x, qtype, imatrix=qw), ggml.quantize(x, qtype, qw), qtype, f"seed={seed}")
 
 
@@ -75,7 +86,7 @@ def test_property_random_scales(ggml, qtype, seed, log_scale, blocks, use_imatri
 def test_dequantize_equals_gguf_py(ggml, qtype):
     rng = np.random.default_rng(7)
     x = np.concatenate([INPUTS[c](rng, 2, 512) for c in INPUTS])
-    data = ggml.quantize(x, qtype)
+    data = ggml.quantize(x, qtype, random_importance(rng, 512, "typical") if qtype in REQUIRES_IMATRIX else None)
     ours = dequantize(data, qtype, x.shape)
     ref = gguf.quants.dequantize(data, qtype)
     np.testing.assert_array_equal(ours.view(np.uint32), ref.astype(np.float32).view(np.uint32))
@@ -89,6 +100,19 @@ def test_thread_count_does_not_change_bytes(qtype):
     one = quantize(x, qtype, imatrix=qw, threads=1)
     np.testing.assert_array_equal(one, quantize(x, qtype, imatrix=qw, threads=2))
     np.testing.assert_array_equal(one, quantize(x, qtype, imatrix=qw))
+
+
+@pytest.mark.parametrize("qtype", IMATRIX_ONLY, ids=[t.name for t in IMATRIX_ONLY])
+def test_refuses_without_imatrix(qtype):
+    x = np.ones((1, 256), dtype=np.float32)
+    with pytest.raises(QuantInputError, match="--imatrix"):
+        quantize(x, qtype)
+
+
+def test_imatrix_table_holds_ggmls(ggml):
+    """Our table of the types ggml aborts on without an imatrix is ggml's own list."""
+    assert {t for t in gguf.GGMLQuantizationType if ggml.requires_imatrix(t)} == GGML_REQUIRES_IMATRIX
+    assert GGML_REQUIRES_IMATRIX <= REQUIRES_IMATRIX
 
 
 BLOCK32_TYPES = [t for t in BLOCK_KERNELS if block_geometry(t)[0] == 32]

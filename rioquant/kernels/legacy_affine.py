@@ -1,11 +1,15 @@
-"""Q5_1: blocks of 32 weights with an fp16 scale and an fp16 min and 5-bit levels.
+"""Q4_1 and Q5_1: blocks of 32 weights with an fp16 scale, an fp16 min and 4- or 5-bit levels.
 
-Block layout (24 bytes):  d: fp16 | m: fp16 | qh: u32 (little-endian) | qs: u8[16]
-  weight = d·q + m, q in 0..31; qs[l] holds element l (low nibble) and l+16 (high nibble), bit 4 of
-  element l is bit l of qh.
-llama.cpp writes Q5_1 where Q5_K cannot go (rows not a multiple of 256). Without importance ggml runs
-quantize_row_q5_1_ref (min/max rounding); with importance quantize_row_q5_1_impl weighs each element
-by importance·√(σ² + x²), σ² over the whole row, and searches with make_qkx3_quants(31, -0.9, 0.05, 36).
+Block layouts:
+  Q4_1 (20 bytes):  d: fp16 | m: fp16 | qs: u8[16]
+  Q5_1 (24 bytes):  d: fp16 | m: fp16 | qh: u32 (little-endian) | qs: u8[16]
+  weight = d·q + m; qs[l] holds the low 4 bits of element l (low nibble) and of l+16 (high nibble);
+  Q5_1's bit 4 of element l is bit l of qh.
+llama.cpp writes Q5_1 where Q5_K cannot go (rows not a multiple of 256), and Q4_1 in its Q4_1 mix.
+Without importance ggml runs quantize_row_q{4,5}_1_ref (min/max rounding); with importance
+quantize_row_q{4,5}_1_impl weighs each element by importance·√(σ² + x²), σ² over the whole row, and
+searches with make_qkx3_quants(nmax, -0.9, 0.05, 36). The two types differ only in the level count,
+the packing, and how _ref converts a level to uint8 (Q4_1 goes through int8 and MIN(15, ·)).
 """
 
 import numpy as np
@@ -14,33 +18,44 @@ from numba import njit
 from rioquant.kernels.common import F32, load_fp16, store_fp16
 from rioquant.kernels.search_affine import make_qkx3_quants, new_scratch
 
-QK5_1 = 32
+QK = 32
 QH_AT = 4
-QS_AT = 8
-BLOCK_BYTES = QS_AT + QK5_1 // 2
+Q4_1_QS_AT, Q5_1_QS_AT = 4, 8  # Q5_1 has qh before qs
+Q4_1_BYTES, Q5_1_BYTES = Q4_1_QS_AT + QK // 2, Q5_1_QS_AT + QK // 2
 FLT_MAX = F32(3.4028234663852886e38)
 BATCH = 8  # blocks searched together (see search_affine)
 
 
 @njit(cache=True)
-def _float_to_u8(v: np.float32) -> int:
-    """C's (uint8_t) conversion as x86 does it: truncate to int32 (NaN and overflow give INT_MIN)."""
+def _truncated_byte(v: np.float32) -> int:
+    """The low byte of x86's cvttss2si (NaN and overflow give INT_MIN): C's (uint8_t)v and (int8_t)v."""
     in_range = v > F32(-2147483648.0) and v < F32(2147483648.0)
     return np.int64(np.int32(v if in_range else F32(-2147483648.0))) & 0xFF
 
 
 @njit(cache=True)
-def _store_levels(L: np.ndarray, lo: int, out: np.ndarray, ob: int) -> None:
-    """Pack the 32 levels (0..31) at L[lo:] into the qs nibbles and qh bits of the block at out[ob:]."""
+def _ref_level(v: np.float32, nmax: int) -> int:
+    """Q5_1: (uint8_t)v. Q4_1: MIN(15, (int8_t)v), stored as uint8 (a negative int8 passes the MIN)."""
+    b = _truncated_byte(v)
+    if nmax == 15 and 15 < b < 128:
+        return 15
+    return b
+
+
+@njit(cache=True)
+def _store_levels(L: np.ndarray, lo: int, bits: int, out: np.ndarray, ob: int) -> None:
+    """Pack the 32 levels at L[lo:] into the qs nibbles (and for Q5_1 the qh bits) of the block at out[ob:]."""
+    qs_at = Q4_1_QS_AT if bits == 4 else Q5_1_QS_AT
     qh = 0
-    for j in range(QK5_1 // 2):
+    for j in range(QK // 2):
         l0 = np.int64(L[lo + j])
-        l1 = np.int64(L[lo + j + QK5_1 // 2])
-        out[ob + QS_AT + j] = (l0 & 0x0F) | ((l1 & 0x0F) << 4)
+        l1 = np.int64(L[lo + j + QK // 2])
+        out[ob + qs_at + j] = (l0 | (l1 << 4)) & 0xFF if bits == 4 else (l0 & 0x0F) | ((l1 & 0x0F) << 4)
         qh |= ((l0 & 0x10) >> 4) << j
-        qh |= ((l1 & 0x10) >> 4) << (j + QK5_1 // 2)
-    for k in range(4):
-        out[ob + QH_AT + k] = (qh >> (8 * k)) & 0xFF
+        qh |= ((l1 & 0x10) >> 4) << (j + QK // 2)
+    if bits == 5:
+        for k in range(4):
+            out[ob + QH_AT + k] = (qh >> (8 * k)) & 0xFF
 
 
 @njit(cache=True)
@@ -55,7 +70,7 @@ def _min_max(x: np.ndarray, xo: int) -> tuple[np.float32, np.float32]:
     (0.0 vs -0.0 matters: the min is stored)."""
     lo0 = lo1 = lo2 = lo3 = FLT_MAX
     hi0 = hi1 = hi2 = hi3 = -FLT_MAX
-    for j in range(QK5_1 // 4):
+    for j in range(QK // 4):
         lo0, hi0 = _step(x[xo + j], lo0, hi0)
         lo1, hi1 = _step(x[xo + 8 + j], lo1, hi1)
         lo2, hi2 = _step(x[xo + 16 + j], lo2, hi2)
@@ -70,25 +85,28 @@ def _min_max(x: np.ndarray, xo: int) -> tuple[np.float32, np.float32]:
 
 
 @njit(cache=True, error_model="numpy")
-def _quantize_ref(x: np.ndarray, out: np.ndarray) -> None:
-    """quantize_row_q5_1_ref; blocks addressed by offset (views would cost two refcounts per block)."""
-    L = np.empty(QK5_1, dtype=np.uint8)
-    for ib in range(x.size // QK5_1):
-        xo = ib * QK5_1
-        ob = ib * BLOCK_BYTES
+def _quantize_ref(x: np.ndarray, bits: int, out: np.ndarray) -> None:
+    """quantize_row_q{4,5}_1_ref; blocks addressed by offset (views would cost two refcounts per block)."""
+    nmax = (1 << bits) - 1
+    block_bytes = Q4_1_BYTES if bits == 4 else Q5_1_BYTES
+    L = np.empty(QK, dtype=np.uint8)
+    for ib in range(x.size // QK):
+        xo = ib * QK
+        ob = ib * block_bytes
         fmin, fmax = _min_max(x, xo)
-        d = F32(F32(fmax - fmin) / F32(31.0))
+        d = F32(F32(fmax - fmin) / F32(nmax))
         inv_d = F32(F32(1.0) / d) if d != F32(0.0) else F32(0.0)
         store_fp16(out, ob, d)
         store_fp16(out, ob + 2, fmin)
-        for j in range(QK5_1):
-            L[j] = _float_to_u8(F32(F32(F32(x[xo + j] - fmin) * inv_d) + F32(0.5)))
-        _store_levels(L, 0, out, ob)
+        for j in range(QK):
+            L[j] = _ref_level(F32(F32(F32(x[xo + j] - fmin) * inv_d) + F32(0.5)), nmax)
+        _store_levels(L, 0, bits, out, ob)
 
 
 @njit(cache=True, error_model="numpy")
-def _quantize_impl(x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> None:
-    """quantize_row_q5_1_impl: σ² spans the whole row, so weights are computed before the blocks."""
+def _quantize_impl(x: np.ndarray, importance: np.ndarray, bits: int, out: np.ndarray) -> None:
+    """quantize_row_q{4,5}_1_impl: σ² spans the whole row, so weights are computed before the blocks."""
+    block_bytes = Q4_1_BYTES if bits == 4 else Q5_1_BYTES
     sum_x2 = F32(0.0)
     for v in x:
         sum_x2 = F32(sum_x2 + F32(v * v))
@@ -96,47 +114,70 @@ def _quantize_impl(x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> No
     weights = np.empty(x.size, dtype=np.float32)
     for j in range(x.size):
         weights[j] = F32(importance[j] * np.sqrt(F32(sigma2 + F32(x[j] * x[j]))))
-    L = np.empty(BATCH * QK5_1, dtype=np.uint8)
+    L = np.empty(BATCH * QK, dtype=np.uint8)
     scales = np.empty(BATCH, dtype=np.float32)
     mins = np.empty(BATCH, dtype=np.float32)
     scratch = new_scratch()
-    nb = x.size // QK5_1
+    nb = x.size // QK
     for first in range(0, nb, BATCH):
         groups = min(BATCH, nb - first)
-        lo = first * QK5_1
-        hi = lo + groups * QK5_1
+        lo = first * QK
+        hi = lo + groups * QK
         make_qkx3_quants(
-            groups, QK5_1, 31, x[lo:hi], weights[lo:hi], L, F32(-0.9), F32(0.05), 36, False,
+            groups, QK, (1 << bits) - 1, x[lo:hi], weights[lo:hi], L, F32(-0.9), F32(0.05), 36, False,
             scales, mins, scratch,
         )
         for g in range(groups):
-            ob = (first + g) * BLOCK_BYTES
+            ob = (first + g) * block_bytes
             store_fp16(out, ob, scales[g])
             store_fp16(out, ob + 2, -mins[g])
-            _store_levels(L, g * QK5_1, out, ob)
+            _store_levels(L, g * QK, bits, out, ob)
+
+
+@njit(cache=True)
+def _quantize_row(x: np.ndarray, importance: np.ndarray, bits: int, out: np.ndarray) -> None:
+    if importance.size == 0:
+        _quantize_ref(x, bits, out)
+    else:
+        _quantize_impl(x, importance, bits, out)
+
+
+@njit(cache=True)
+def _dequantize_row(data: np.ndarray, bits: int, out: np.ndarray) -> None:
+    block_bytes = Q4_1_BYTES if bits == 4 else Q5_1_BYTES
+    qs_at = Q4_1_QS_AT if bits == 4 else Q5_1_QS_AT
+    for ib in range(out.size // QK):
+        b0 = ib * block_bytes
+        y = out[ib * QK : (ib + 1) * QK]
+        d = load_fp16(data, b0)
+        m = load_fp16(data, b0 + 2)
+        qh = 0
+        if bits == 5:
+            for k in range(4):
+                qh |= np.int64(data[b0 + QH_AT + k]) << (8 * k)
+        for j in range(QK // 2):
+            lo = np.int64(data[b0 + qs_at + j])
+            q0 = (lo & 0x0F) | (((qh >> j) << 4) & 0x10)
+            q1 = (lo >> 4) | ((qh >> (j + 12)) & 0x10)
+            y[j] = F32(F32(F32(q0) * d) + m)
+            y[j + QK // 2] = F32(F32(F32(q1) * d) + m)
+
+
+@njit(cache=True)
+def quantize_row_q4_1(x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> None:
+    _quantize_row(x, importance, 4, out)
 
 
 @njit(cache=True)
 def quantize_row_q5_1(x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> None:
-    if importance.size == 0:
-        _quantize_ref(x, out)
-    else:
-        _quantize_impl(x, importance, out)
+    _quantize_row(x, importance, 5, out)
+
+
+@njit(cache=True)
+def dequantize_row_q4_1(data: np.ndarray, out: np.ndarray) -> None:
+    _dequantize_row(data, 4, out)
 
 
 @njit(cache=True)
 def dequantize_row_q5_1(data: np.ndarray, out: np.ndarray) -> None:
-    for ib in range(out.size // QK5_1):
-        block = data[ib * BLOCK_BYTES : (ib + 1) * BLOCK_BYTES]
-        y = out[ib * QK5_1 : (ib + 1) * QK5_1]
-        d = load_fp16(block, 0)
-        m = load_fp16(block, 2)
-        qh = 0
-        for k in range(4):
-            qh |= np.int64(block[QH_AT + k]) << (8 * k)
-        for j in range(QK5_1 // 2):
-            lo = np.int64(block[QS_AT + j])
-            q0 = (lo & 0x0F) | (((qh >> j) << 4) & 0x10)
-            q1 = (lo >> 4) | ((qh >> (j + 12)) & 0x10)
-            y[j] = F32(F32(F32(q0) * d) + m)
-            y[j + QK5_1 // 2] = F32(F32(F32(q1) * d) + m)
+    _dequantize_row(data, 5, out)

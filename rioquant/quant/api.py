@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType
 from rioquant.errors import NonFiniteRowError, QuantInputError
 from rioquant.kernels import floats
 from rioquant.kernels.driver import dequantize_rows, first_nonfinite_row, quantize_rows
-from rioquant.quant.types import BLOCK_KERNELS, FLOAT_TYPES, block_geometry, parse_qtype
+from rioquant.quant.types import BLOCK_KERNELS, FLOAT_TYPES, REQUIRES_IMATRIX, block_geometry, parse_qtype
 
 _NO_IMPORTANCE = np.zeros(0, dtype=np.float32)
 
@@ -73,9 +73,14 @@ def quantize(
     """Quantize float32 rows to ggml blocks: uint8 (rows, row_bytes), byte-identical to ggml_quantize_chunk.
 
     With `imatrix` (importance per column) the K types take ggml's importance-weighted `*_impl`
-    search; element types and Q8_0 ignore it, as ggml does.
+    search; element types and Q8_0 ignore it, as ggml does. The REQUIRES_IMATRIX types refuse to
+    run without one, as llama-quantize does.
     """
     qtype = parse_qtype(qtype)
+    if imatrix is None and qtype in REQUIRES_IMATRIX:
+        raise QuantInputError(
+            f"{qtype.name} needs an importance matrix, as in llama.cpp: pass imatrix= (convert: --imatrix FILE)"
+        )
     _check_rows(x, qtype)
     x = np.ascontiguousarray(x)
     if qtype in FLOAT_TYPES:

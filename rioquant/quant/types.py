@@ -10,7 +10,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba.core.registry import CPUDispatcher
 
 from rioquant.errors import QuantInputError
-from rioquant.kernels import legacy, q2_k, q3_k, q4_k, q5_1, q5_k, q6_k, q8_0
+from rioquant.kernels import legacy, legacy_affine, q2_k, q3_k, q4_k, q5_k, q6_k, q8_0
 
 T = GGMLQuantizationType
 
@@ -33,10 +33,17 @@ BLOCK_KERNELS: dict[GGMLQuantizationType, KernelPair] = {
     T.Q5_K: KernelPair(q5_k.quantize_row_q5_k, q5_k.dequantize_row_q5_k),
     T.Q4_K: KernelPair(q4_k.quantize_row_q4_k, q4_k.dequantize_row_q4_k),
     T.Q2_K: KernelPair(q2_k.quantize_row_q2_k, q2_k.dequantize_row_q2_k),
-    T.Q5_1: KernelPair(q5_1.quantize_row_q5_1, q5_1.dequantize_row_q5_1),  # Q5_K's fallback: not % 256
+    T.Q5_1: KernelPair(legacy_affine.quantize_row_q5_1, legacy_affine.dequantize_row_q5_1),  # Q5_K's fallback
 }
 
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+
+# Types quantized only with an importance matrix. ggml itself aborts without one for IQ2_XXS, IQ2_XS
+# and IQ1_S (`ggml_quantize_requires_imatrix`); llama-quantize refuses the rest too
+# (`tensor_requires_imatrix` in llama-quant.cpp), except on token_embd/output, which no mix gives
+# these types. (It also demands one for Q2_K inside Q2_K_S: a mix rule, not a type rule.)
+GGML_REQUIRES_IMATRIX = frozenset({T.IQ2_XXS, T.IQ2_XS, T.IQ1_S})
+REQUIRES_IMATRIX = GGML_REQUIRES_IMATRIX | {T.IQ3_XXS, T.IQ2_S, T.IQ1_M}
 
 
 def parse_qtype(qtype: "str | GGMLQuantizationType") -> GGMLQuantizationType:
