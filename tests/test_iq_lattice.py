@@ -9,45 +9,60 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
 
-from rioquant.kernels.iq_lattice import KMAP_SIZE, NWANT, grid_levels, lattice
+from rioquant.kernels.iq_lattice import KMAP_SIZE, NOT_BUILT, NWANT, ggml_tables, grid_levels, lattice
 
 T = GGMLQuantizationType
 LATTICE_TYPES = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S]
 
 
-def reference_lists(levels: np.ndarray, nwant: int, keys: np.ndarray) -> list[np.ndarray]:
-    """ggml's neighbour list of each key, step by step: the (d2, j) pairs sorted, cut after the
+def reference_lists(levels: np.ndarray, nwant: int, keys: np.ndarray) -> np.ndarray:
+    """ggml's neighbour lists of `keys`, concatenated: per key the (d2, j) pairs sorted, cut after the
     nwant-th distinct distance."""
-    pos = 2 * levels.astype(np.int64) + 1  # (G, 8)
+    pos = 2 * levels.astype(np.int32) + 1  # (G, 8)
     key_pos = 2 * ((keys[:, None] >> (2 * np.arange(8))) & 3) + 1  # (K, 8)
     d2 = ((key_pos[:, None, :] - pos[None, :, :]) ** 2).sum(axis=-1)  # (K, G)
     order = np.argsort(d2, axis=1, kind="stable")  # ties keep ascending j: the (d2, j) order
     sorted_d2 = np.take_along_axis(d2, order, axis=1)
-    rank = np.concatenate([np.zeros((len(keys), 1), dtype=np.int64), np.cumsum(np.diff(sorted_d2) > 0, axis=1)], axis=1)
-    return [order[row][rank[row] < nwant] for row in range(len(keys))]
+    rank = np.cumsum(np.diff(sorted_d2, axis=1, prepend=sorted_d2[:, :1]) > 0, axis=1)  # distinct d2 before
+    return order[rank < nwant]  # row-major: the lists one after another
+
+
+def gathered_lists(kmap: np.ndarray, neighbours: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """The neighbour lists of `keys` in a table, concatenated."""
+    offsets = -kmap[keys].astype(np.int64) - 1
+    counts = neighbours[offsets].astype(np.int64)
+    starts = np.repeat(offsets + 1 - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    return neighbours[starts + np.arange(counts.sum())]
 
 
 @pytest.mark.parametrize("qtype", LATTICE_TYPES, ids=[t.name for t in LATTICE_TYPES])
 def test_tables_equal_ggml_construction(qtype):
-    """kmap of the codebook; slices laid out in key order; and, for every key the quantizers can form
-    (levels ≤ 2) and a sample of the others, the list ggml's sort gives."""
+    """ggml's layout: kmap of the codebook; slices in key order; and, for every key the quantizers can
+    form (levels ≤ 2) and a sample of the others, the list ggml's sort gives. The kernels' tables hold
+    the same lists for every key they can form."""
     levels, _ = grid_levels(qtype)
+    kmap, neighbours = ggml_tables(qtype)
+    codebook_keys = (levels.astype(np.int64) << (2 * np.arange(8))).sum(axis=1)
+    np.testing.assert_array_equal(kmap[codebook_keys], np.arange(len(levels)))
+    off = np.flatnonzero(kmap < 0)
+    assert len(off) == KMAP_SIZE - len(levels)
+    offsets = -kmap[off] - 1
+    counts = neighbours[offsets].astype(np.int64)
+    np.testing.assert_array_equal(offsets, np.concatenate([[0], np.cumsum(counts + 1)[:-1]]))
+    assert offsets[-1] + counts[-1] + 1 == neighbours.size
+    reachable = ((off[:, None] >> (2 * np.arange(8))) & 3 <= 2).all(axis=1)
+    sample = off[reachable | (np.random.default_rng(0).random(len(off)) < 0.01)]
+    for chunk in np.array_split(sample, max(1, len(sample) * len(levels) // 2**21)):
+        np.testing.assert_array_equal(
+            gathered_lists(kmap, neighbours, chunk), reference_lists(levels, NWANT[qtype], chunk)
+        )
     table = lattice(qtype)
     np.testing.assert_array_equal(table.grid, 2 * levels + 1)
-    codebook_keys = (levels.astype(np.int64) << (2 * np.arange(8))).sum(axis=1)
     np.testing.assert_array_equal(table.kmap[codebook_keys], np.arange(len(levels)))
-    off = np.flatnonzero(table.kmap < 0)
-    assert len(off) == KMAP_SIZE - len(levels)
-    offsets = -table.kmap[off] - 1
-    counts = table.neighbours[offsets].astype(np.int64)
-    np.testing.assert_array_equal(offsets, np.concatenate([[0], np.cumsum(counts + 1)[:-1]]))
-    assert offsets[-1] + counts[-1] + 1 == table.neighbours.size
-    digits = (off[:, None] >> (2 * np.arange(8))) & 3
-    rng = np.random.default_rng(0)
-    sample = np.flatnonzero((digits <= 2).all(axis=1) | (rng.random(len(off)) < 0.02))
-    for chunk in np.array_split(sample, max(1, len(sample) * len(levels) // 2**21)):
-        for i, expected in zip(chunk, reference_lists(levels, NWANT[qtype], off[chunk]), strict=True):
-            np.testing.assert_array_equal(table.neighbours[offsets[i] + 1 : offsets[i] + 1 + counts[i]], expected)
+    assert (table.kmap[off[~reachable]] == NOT_BUILT).all()
+    np.testing.assert_array_equal(
+        gathered_lists(table.kmap, table.neighbours, off[reachable]), gathered_lists(kmap, neighbours, off[reachable])
+    )
 
 
 def test_codebook_sizes_and_sharing():

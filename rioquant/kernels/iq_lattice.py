@@ -15,7 +15,9 @@ This module rebuilds ggml's three tables for each codebook, with the same layout
 
 The order matters: the quantizers take the first of equally good neighbours. `nwant` is 2 for IQ2_XXS
 and IQ2_XS, 1 for IQ2_S and 3 for IQ1_S/IQ1_M, as in ggml. The key space is 43692 = 2·(4^8 − 1)/3 + 2
-entries (the largest key with levels ≤ 2 is 43690), keys holding a level 3 included, as ggml builds it.
+entries (the largest key with levels ≤ 2 is 43690); ggml builds lists for the keys holding a level 3
+as well, which no quantizer forms: `ggml_tables` reproduces that exact layout, `lattice` (what the
+kernels read) leaves those keys out, which keeps its tables small enough for Numba's cache.
 
 `neighbour_maps` is the construction itself, for any codebook: IQ3's `iq3xs_init_impl` is the same
 algorithm over 4 levels of 3 bits each (rioquant.kernels.iq3 calls it with its own sizes).
@@ -35,6 +37,8 @@ from numba import njit
 T = GGMLQuantizationType
 KMAP_SIZE = 43692
 GROUP = 8  # weights per lattice point
+MAX_LEVEL = 2  # the quantizers clamp levels to 0..2, so only keys of such levels are ever looked up
+NOT_BUILT = np.int32(-(2**31))  # kmap entry of a key whose neighbour list was not built
 
 # Types served, with ggml's `nwant` (distinct neighbour distances kept per off-grid key).
 NWANT: dict[GGMLQuantizationType, int] = {T.IQ2_XXS: 2, T.IQ2_XS: 2, T.IQ2_S: 1, T.IQ1_S: 3, T.IQ1_M: 3}
@@ -47,8 +51,8 @@ class Lattice:
     grid: np.ndarray  # int8 (G, 8): 2l+1 per coordinate
     grid_f32: np.ndarray  # float32 (G, 8): the same positions as floats, as the neighbour search reads them
     values: np.ndarray  # float32 (G, 8): gguf-py's dequantization values of each point
-    kmap: np.ndarray  # int32 (KMAP_SIZE,)
-    neighbours: np.ndarray  # uint16 (total,)
+    kmap: np.ndarray  # int32 (KMAP_SIZE,): index, -(offset+1), or NOT_BUILT for keys with a level 3
+    neighbours: np.ndarray  # uint16 (total,): lists of the keys with levels ≤ 2 only
 
 
 def grid_levels(qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:
@@ -62,9 +66,24 @@ def grid_levels(qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:
     return levels, values
 
 
+@njit(cache=True, inline="always")
+def _levels_at_most(key: int, dim: int, bits: int, max_level: int) -> bool:
+    mask = (1 << bits) - 1
+    for k in range(dim):
+        if (key >> (bits * k)) & mask > max_level:
+            return False
+    return True
+
+
 @njit(cache=True)
-def neighbour_maps(levels: np.ndarray, bits: int, kmap_size: int, nwant: int) -> tuple[np.ndarray, np.ndarray]:
+def neighbour_maps(
+    levels: np.ndarray, bits: int, kmap_size: int, nwant: int, max_level: int = -1
+) -> tuple[np.ndarray, np.ndarray]:
     """(kmap, neighbours) over the codebook `levels` (G, dim) of small ints, laid out as ggml lays them.
+
+    With max_level ≥ 0 only the keys whose levels are all ≤ max_level get a list (the others map to
+    NOT_BUILT): the quantizers clamp levels, so these are all they can look up, and the tables shrink
+    below the size Numba can cache as constants of a compiled kernel.
 
     The algorithm of both `iq2xs_init_impl` (dim 8, 2 bits per level, 43692 keys) and
     `iq3xs_init_impl` (dim 4, 3 bits, 4096 keys): a key packs dim levels, `bits` each, lowest first;
@@ -89,6 +108,9 @@ def neighbour_maps(levels: np.ndarray, bits: int, kmap_size: int, nwant: int) ->
     count_at = np.empty(max_d2 + 1, dtype=np.int64)  # codebook points at each distance, then slots
     for i in range(kmap_size):
         if kmap[i] >= 0:
+            continue
+        if max_level >= 0 and not _levels_at_most(i, dim, bits, max_level):
+            kmap[i] = NOT_BUILT
             continue
         d2[:] = 0
         for k in range(dim):
@@ -125,19 +147,32 @@ def neighbour_maps(levels: np.ndarray, bits: int, kmap_size: int, nwant: int) ->
     return kmap, neighbours[:used].copy()
 
 
+def _frozen(*tables: np.ndarray) -> None:
+    for table in tables:
+        table.setflags(write=False)
+
+
 @cache
 def _lattice_of_grid(name: str, nwant: int) -> Lattice:
     levels, values = grid_levels(T[name])
     grid = (2 * levels + 1).astype(np.int8)
-    kmap, neighbours = neighbour_maps(levels, 2, KMAP_SIZE, nwant)
-    for table in (grid, values, kmap, neighbours):
-        table.setflags(write=False)
+    kmap, neighbours = neighbour_maps(levels, 2, KMAP_SIZE, nwant, MAX_LEVEL)
     grid_f32 = grid.astype(np.float32)
-    grid_f32.setflags(write=False)
+    _frozen(grid, grid_f32, values, kmap, neighbours)
     return Lattice(grid, grid_f32, values, kmap, neighbours)
 
 
 def lattice(qtype: GGMLQuantizationType) -> Lattice:
-    """ggml's tables for `qtype`, built once per process (IQ1_S and IQ1_M share one)."""
+    """The tables `qtype`'s quantizer reads, built once per process (IQ1_S and IQ1_M share one).
+
+    The neighbour lists of every key with levels ≤ 2, in key order: ggml's lists, without the slices
+    ggml also builds for keys holding a level 3, which no quantizer forms (see `ggml_tables`).
+    """
     shared = T.IQ1_S if qtype == T.IQ1_M else qtype
     return _lattice_of_grid(shared.name, NWANT[qtype])
+
+
+def ggml_tables(qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:
+    """(kmap, neighbours) exactly as ggml lays them out, every key included (built on each call)."""
+    levels, _ = grid_levels(qtype)
+    return neighbour_maps(levels, 2, KMAP_SIZE, NWANT[qtype])
