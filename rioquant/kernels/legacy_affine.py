@@ -26,36 +26,33 @@ FLT_MAX = F32(3.4028234663852886e38)
 BATCH = 8  # blocks searched together (see search_affine)
 
 
-@njit(cache=True)
-def _truncated_byte(v: np.float32) -> int:
-    """The low byte of x86's cvttss2si (NaN and overflow give INT_MIN): C's (uint8_t)v and (int8_t)v."""
-    in_range = v > F32(-2147483648.0) and v < F32(2147483648.0)
-    return np.int64(np.int32(v if in_range else F32(-2147483648.0))) & 0xFF
-
-
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _ref_level(v: np.float32, nmax: int) -> int:
-    """Q5_1: (uint8_t)v. Q4_1: MIN(15, (int8_t)v), stored as uint8 (a negative int8 passes the MIN)."""
-    b = _truncated_byte(v)
-    if nmax == 15 and 15 < b < 128:
-        return 15
-    return b
+    """C's (uint8_t)v for Q5_1, MIN(15, (int8_t)v) stored as uint8 for Q4_1 (a negative int8 passes
+    the MIN). Both take the low byte of x86's cvttss2si (INT_MIN for NaN and overflow); written as
+    selects so that the level loop vectorizes."""
+    in_range = v > F32(-2147483648.0) and v < F32(2147483648.0)
+    b = np.int32(np.int32(v if in_range else F32(-2147483648.0)) & np.int32(0xFF))
+    clamped = min(b, np.int32(15)) if b < np.int32(128) else b
+    return clamped if nmax == 15 else b
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _store_levels(L: np.ndarray, lo: int, bits: int, out: np.ndarray, ob: int) -> None:
     """Pack the 32 levels at L[lo:] into the qs nibbles (and for Q5_1 the qh bits) of the block at out[ob:]."""
-    qs_at = Q4_1_QS_AT if bits == 4 else Q5_1_QS_AT
+    if bits == 4:
+        for j in range(QK // 2):
+            out[ob + Q4_1_QS_AT + j] = L[lo + j] | (L[lo + j + QK // 2] << 4)
+        return
     qh = 0
     for j in range(QK // 2):
         l0 = np.int64(L[lo + j])
         l1 = np.int64(L[lo + j + QK // 2])
-        out[ob + qs_at + j] = (l0 | (l1 << 4)) & 0xFF if bits == 4 else (l0 & 0x0F) | ((l1 & 0x0F) << 4)
+        out[ob + Q5_1_QS_AT + j] = (l0 & 0x0F) | ((l1 & 0x0F) << 4)
         qh |= ((l0 & 0x10) >> 4) << j
         qh |= ((l1 & 0x10) >> 4) << (j + QK // 2)
-    if bits == 5:
-        for k in range(4):
-            out[ob + QH_AT + k] = (qh >> (8 * k)) & 0xFF
+    for k in range(4):
+        out[ob + QH_AT + k] = (qh >> (8 * k)) & 0xFF
 
 
 @njit(cache=True)
