@@ -10,7 +10,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba.core.registry import CPUDispatcher
 
 from rioquant.errors import QuantInputError
-from rioquant.kernels import iq2, iq4, legacy, legacy_affine, q2_k, q3_k, q4_k, q5_k, q6_k, q8_0
+from rioquant.kernels import iq1, iq1_m, iq2, iq3, iq4, legacy, legacy_affine, q2_k, q3_k, q4_k, q5_k, q6_k, q8_0
 
 T = GGMLQuantizationType
 
@@ -34,12 +34,16 @@ BLOCK_KERNELS: dict[GGMLQuantizationType, KernelPair] = {
     T.Q4_K: KernelPair(q4_k.quantize_row_q4_k, q4_k.dequantize_row_q4_k),
     T.Q2_K: KernelPair(q2_k.quantize_row_q2_k, q2_k.dequantize_row_q2_k),
     T.Q5_1: KernelPair(legacy_affine.quantize_row_q5_1, legacy_affine.dequantize_row_q5_1),  # Q5_K's fallback
-    T.Q4_1: KernelPair(legacy_affine.quantize_row_q4_1, legacy_affine.dequantize_row_q4_1),  # row length not % 256
-    T.IQ4_NL: KernelPair(iq4.quantize_row_iq4_nl, iq4.dequantize_row_iq4_nl),  # row length not % 256
-    T.IQ4_XS: KernelPair(iq4.quantize_row_iq4_xs, iq4.dequantize_row_iq4_xs),
+    T.IQ3_XXS: KernelPair(iq3.quantize_row_iq3_xxs, iq3.dequantize_row_iq3_xxs),
+    T.IQ3_S: KernelPair(iq3.quantize_row_iq3_s, iq3.dequantize_row_iq3_s),
     T.IQ2_XXS: KernelPair(iq2.quantize_row_iq2_xxs, iq2.dequantize_row_iq2_xxs),
     T.IQ2_XS: KernelPair(iq2.quantize_row_iq2_xs, iq2.dequantize_row_iq2_xs),
     T.IQ2_S: KernelPair(iq2.quantize_row_iq2_s, iq2.dequantize_row_iq2_s),
+    T.Q4_1: KernelPair(legacy_affine.quantize_row_q4_1, legacy_affine.dequantize_row_q4_1),  # row length not % 256
+    T.IQ4_NL: KernelPair(iq4.quantize_row_iq4_nl, iq4.dequantize_row_iq4_nl),  # row length not % 256
+    T.IQ4_XS: KernelPair(iq4.quantize_row_iq4_xs, iq4.dequantize_row_iq4_xs),
+    T.IQ1_S: KernelPair(iq1.quantize_row_iq1_s, iq1.dequantize_row_iq1_s),
+    T.IQ1_M: KernelPair(iq1_m.quantize_row_iq1_m, iq1_m.dequantize_row_iq1_m),
 }
 
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
