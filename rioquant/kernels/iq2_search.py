@@ -30,11 +30,12 @@ def best_neighbour(
 ) -> int:
     """iq2_find_best_neighbour: the listed point nearest to xval[base:base+8]; its levels go to L.
 
-    Returns -1 when no distance compares below FLT_MAX (inf/NaN weights), where ggml aborts.
+    When no distance compares below FLT_MAX (inf/NaN weights) ggml aborts; the API refuses rows that
+    large before any kernel runs, so the first listed point stands in for that unreachable case.
     """
     count = np.int64(neighbours[start])
     best_d2 = FLT_MAX
-    best = -1
+    best = np.int64(neighbours[start + 1])
     for j in range(start + 1, start + 1 + count):
         p = np.int64(neighbours[j])
         d2 = F32(0.0)
@@ -44,9 +45,8 @@ def best_neighbour(
         if d2 < best_d2:
             best_d2 = d2
             best = p
-    if best >= 0:
-        for i in range(GROUP):
-            L[base + i] = (grid[best, i] - 1) // 2
+    for i in range(GROUP):
+        L[base + i] = (grid[best, i] - 1) // 2
     return best
 
 
@@ -66,8 +66,7 @@ def snap_group(
     g = kmap[u]
     if g >= 0:
         return True
-    if best_neighbour(neighbours, -g - 1, grid, grid_f32, xval, waux, base, scale, L) < 0:
-        raise ValueError("IQ2 search met non-finite weights (ggml aborts here): values too large")
+    best_neighbour(neighbours, -g - 1, grid, grid_f32, xval, waux, base, scale, L)
     return False
 
 

@@ -1,4 +1,4 @@
-"""ggml's lattice tables for IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S and IQ1_M (`iq2xs_init_impl`).
+"""ggml's lattice tables for IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M (`iq2xs_init_impl`) and IQ3 (`iq3xs_init_impl`).
 
 These types store each group of 8 weights as the index of one point of a codebook ("grid") whose
 coordinates take 3 levels l ∈ {0, 1, 2}. The quantizers round a group to levels, look the levels up
@@ -20,7 +20,7 @@ as well, which no quantizer forms: `ggml_tables` reproduces that exact layout, `
 kernels read) leaves those keys out, which keeps its tables small enough for Numba's cache.
 
 `neighbour_maps` is the construction itself, for any codebook: IQ3's `iq3xs_init_impl` is the same
-algorithm over 4 levels of 3 bits each (rioquant.kernels.iq3 calls it with its own sizes).
+algorithm over 4-wide points of 8 levels (3 bits each, 4096 keys); SPECS holds each type's sizes.
 
 The codebooks themselves come from gguf-py at run time (its dequantizers carry them), never retyped:
 gguf-py holds each point as 8 values of its `grid_map`, whose position in that map is the level l.
@@ -35,33 +35,50 @@ from gguf import GGMLQuantizationType
 from numba import njit
 
 T = GGMLQuantizationType
-KMAP_SIZE = 43692
-GROUP = 8  # weights per lattice point
-MAX_LEVEL = 2  # the quantizers clamp levels to 0..2, so only keys of such levels are ever looked up
+KMAP_SIZE = 43692  # iq2xs_init_impl's key space
 NOT_BUILT = np.int32(-(2**31))  # kmap entry of a key whose neighbour list was not built
 
-# Types served, with ggml's `nwant` (distinct neighbour distances kept per off-grid key).
-NWANT: dict[GGMLQuantizationType, int] = {T.IQ2_XXS: 2, T.IQ2_XS: 2, T.IQ2_S: 1, T.IQ1_S: 3, T.IQ1_M: 3}
+
+@dataclass(frozen=True)
+class LatticeSpec:
+    """How ggml builds a type's tables, and which keys its quantizer can form."""
+
+    nwant: int  # distinct neighbour distances kept per off-codebook key
+    bits: int  # bits per level in a key
+    kmap_size: int
+    max_level: int  # the quantizer clamps levels to 0..max_level
+
+
+# iq2xs_init_impl serves the 8-wide codebooks, iq3xs_init_impl the 4-wide IQ3 ones.
+SPECS: dict[GGMLQuantizationType, LatticeSpec] = {
+    T.IQ2_XXS: LatticeSpec(nwant=2, bits=2, kmap_size=KMAP_SIZE, max_level=2),
+    T.IQ2_XS: LatticeSpec(nwant=2, bits=2, kmap_size=KMAP_SIZE, max_level=2),
+    T.IQ2_S: LatticeSpec(nwant=1, bits=2, kmap_size=KMAP_SIZE, max_level=2),
+    T.IQ1_S: LatticeSpec(nwant=3, bits=2, kmap_size=KMAP_SIZE, max_level=2),
+    T.IQ1_M: LatticeSpec(nwant=3, bits=2, kmap_size=KMAP_SIZE, max_level=2),
+    T.IQ3_XXS: LatticeSpec(nwant=2, bits=3, kmap_size=4096, max_level=7),
+    T.IQ3_S: LatticeSpec(nwant=3, bits=3, kmap_size=4096, max_level=7),
+}
 
 
 @dataclass(frozen=True)
 class Lattice:
     """One codebook and ggml's lookup tables over it (see the module docstring for the layout)."""
 
-    grid: np.ndarray  # int8 (G, 8): 2l+1 per coordinate
-    grid_f32: np.ndarray  # float32 (G, 8): the same positions as floats, as the neighbour search reads them
-    values: np.ndarray  # float32 (G, 8): gguf-py's dequantization values of each point
-    kmap: np.ndarray  # int32 (KMAP_SIZE,): index, -(offset+1), or NOT_BUILT for keys with a level 3
-    neighbours: np.ndarray  # uint16 (total,): lists of the keys with levels ≤ 2 only
+    grid: np.ndarray  # int8 (G, dim): 2l+1 per coordinate
+    grid_f32: np.ndarray  # float32 (G, dim): the same positions as floats, as the neighbour searches read them
+    values: np.ndarray  # float32 (G, dim): gguf-py's dequantization values of each point
+    kmap: np.ndarray  # int32 (kmap_size,): index, -(offset+1), or NOT_BUILT for a key no quantizer forms
+    neighbours: np.ndarray  # uint16 (total,): the lists of the keys the quantizer can form
 
 
 def grid_levels(qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:
-    """(levels int8 (G, 8) in 0..2, values float32 (G, 8)) of the codebook gguf-py decodes `qtype` with."""
+    """(levels int8 (G, dim), values float32 (G, dim)) of the codebook gguf-py decodes `qtype` with."""
     quant_class = getattr(gguf.quants, qtype.name)
     quant_class.init_grid()
     values = np.asarray(quant_class.grid, dtype=np.float32).reshape(quant_class.grid_shape)
     grid_map = np.asarray(quant_class.grid_map, dtype=np.float32)
-    levels = np.argmax(values[..., None] == grid_map, axis=-1).astype(np.int8)  # (G, 8)
+    levels = np.argmax(values[..., None] == grid_map, axis=-1).astype(np.int8)  # (G, dim)
     assert np.array_equal(grid_map[levels], values), f"{qtype.name}: grid value outside its grid_map"
     return levels, values
 
@@ -153,10 +170,11 @@ def _frozen(*tables: np.ndarray) -> None:
 
 
 @cache
-def _lattice_of_grid(name: str, nwant: int) -> Lattice:
+def _lattice_of_grid(name: str) -> Lattice:
+    spec = SPECS[T[name]]
     levels, values = grid_levels(T[name])
     grid = (2 * levels + 1).astype(np.int8)
-    kmap, neighbours = neighbour_maps(levels, 2, KMAP_SIZE, nwant, MAX_LEVEL)
+    kmap, neighbours = neighbour_maps(levels, spec.bits, spec.kmap_size, spec.nwant, spec.max_level)
     grid_f32 = grid.astype(np.float32)
     _frozen(grid, grid_f32, values, kmap, neighbours)
     return Lattice(grid, grid_f32, values, kmap, neighbours)
@@ -165,14 +183,14 @@ def _lattice_of_grid(name: str, nwant: int) -> Lattice:
 def lattice(qtype: GGMLQuantizationType) -> Lattice:
     """The tables `qtype`'s quantizer reads, built once per process (IQ1_S and IQ1_M share one).
 
-    The neighbour lists of every key with levels ≤ 2, in key order: ggml's lists, without the slices
-    ggml also builds for keys holding a level 3, which no quantizer forms (see `ggml_tables`).
+    ggml's neighbour lists of every key the quantizer can form, in key order; for the 8-wide codebooks
+    that leaves out the slices ggml also builds for keys holding a level 3 (see `ggml_tables`).
     """
-    shared = T.IQ1_S if qtype == T.IQ1_M else qtype
-    return _lattice_of_grid(shared.name, NWANT[qtype])
+    return _lattice_of_grid((T.IQ1_S if qtype == T.IQ1_M else qtype).name)
 
 
 def ggml_tables(qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:
     """(kmap, neighbours) exactly as ggml lays them out, every key included (built on each call)."""
+    spec = SPECS[qtype]
     levels, _ = grid_levels(qtype)
-    return neighbour_maps(levels, 2, KMAP_SIZE, NWANT[qtype])
+    return neighbour_maps(levels, spec.bits, spec.kmap_size, spec.nwant)
