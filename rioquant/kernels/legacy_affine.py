@@ -22,7 +22,6 @@ QK = 32
 QH_AT = 4
 Q4_1_QS_AT, Q5_1_QS_AT = 4, 8  # Q5_1 has qh before qs
 Q4_1_BYTES, Q5_1_BYTES = Q4_1_QS_AT + QK // 2, Q5_1_QS_AT + QK // 2
-FLT_MAX = F32(3.4028234663852886e38)
 BATCH = 8  # blocks searched together (see search_affine)
 
 
@@ -55,49 +54,62 @@ def _store_levels(L: np.ndarray, lo: int, bits: int, out: np.ndarray, ob: int) -
         out[ob + QH_AT + k] = (qh >> (8 * k)) & 0xFF
 
 
-@njit(cache=True)
-def _step(v: np.float32, lo: np.float32, hi: np.float32) -> tuple[np.float32, np.float32]:
-    return (v if v < lo else lo), (v if v > hi else hi)
+@njit(cache=True, inline="always")
+def _first_zero(x: np.ndarray, xo: int) -> np.float32:
+    """The block's first ±0.0 (the block holds one)."""
+    for j in range(QK):
+        if x[xo + j] == F32(0.0):
+            return x[xo + j]
+    return F32(0.0)
 
 
-@njit(cache=True)
-def _min_max(x: np.ndarray, xo: int) -> tuple[np.float32, np.float32]:
-    """ggml's running min/max over the block (strict comparisons from ±FLT_MAX), split into four
-    runs of 8 that proceed side by side and merge in order, which keeps the first of equal values
-    (0.0 vs -0.0 matters: the min is stored)."""
-    lo0 = lo1 = lo2 = lo3 = FLT_MAX
-    hi0 = hi1 = hi2 = hi3 = -FLT_MAX
-    for j in range(QK // 4):
-        lo0, hi0 = _step(x[xo + j], lo0, hi0)
-        lo1, hi1 = _step(x[xo + 8 + j], lo1, hi1)
-        lo2, hi2 = _step(x[xo + 16 + j], lo2, hi2)
-        lo3, hi3 = _step(x[xo + 24 + j], lo3, hi3)
-    fmin = lo0 if not lo1 < lo0 else lo1
-    fmin = fmin if not lo2 < fmin else lo2
-    fmin = fmin if not lo3 < fmin else lo3
-    fmax = hi0 if not hi1 > hi0 else hi1
-    fmax = fmax if not hi2 > fmax else hi2
-    fmax = fmax if not hi3 > fmax else hi3
+@njit(cache=True, inline="always")
+def _min_max(x: np.ndarray, xo: int, lo: np.ndarray, hi: np.ndarray) -> tuple[np.float32, np.float32]:
+    """ggml's running min and max of the block, from 8 lanes (lo/hi: scratch of 8) of 4 weights each.
+
+    Finite values that compare equal are the same float except ±0.0, so any order of comparisons
+    gives ggml's value, and only a zero result needs ggml's order: its strict `<` / `>` keep the
+    first zero of the block (the sign is stored in m, or reaches d through max - min)."""
+    for r in range(8):
+        a, b, c, e = x[xo + r], x[xo + 8 + r], x[xo + 16 + r], x[xo + 24 + r]
+        lo[r] = min(min(a, b), min(c, e))
+        hi[r] = max(max(a, b), max(c, e))
+    fmin = min(min(min(lo[0], lo[1]), min(lo[2], lo[3])), min(min(lo[4], lo[5]), min(lo[6], lo[7])))
+    fmax = max(max(max(hi[0], hi[1]), max(hi[2], hi[3])), max(max(hi[4], hi[5]), max(hi[6], hi[7])))
+    if fmin == F32(0.0):
+        fmin = _first_zero(x, xo)
+    if fmax == F32(0.0):
+        fmax = _first_zero(x, xo)
     return fmin, fmax
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _quantize_ref(x: np.ndarray, bits: int, out: np.ndarray) -> None:
-    """quantize_row_q{4,5}_1_ref; blocks addressed by offset (views would cost two refcounts per block)."""
+    """quantize_row_q{4,5}_1_ref, levels packed as they are made; inlined so that `bits` is a constant."""
     nmax = (1 << bits) - 1
     block_bytes = Q4_1_BYTES if bits == 4 else Q5_1_BYTES
-    L = np.empty(QK, dtype=np.uint8)
+    lo = np.empty(8, dtype=np.float32)
+    hi = np.empty(8, dtype=np.float32)
     for ib in range(x.size // QK):
         xo = ib * QK
         ob = ib * block_bytes
-        fmin, fmax = _min_max(x, xo)
+        fmin, fmax = _min_max(x, xo, lo, hi)
         d = F32(F32(fmax - fmin) / F32(nmax))
         inv_d = F32(F32(1.0) / d) if d != F32(0.0) else F32(0.0)
         store_fp16(out, ob, d)
         store_fp16(out, ob + 2, fmin)
-        for j in range(QK):
-            L[j] = _ref_level(F32(F32(F32(x[xo + j] - fmin) * inv_d) + F32(0.5)), nmax)
-        _store_levels(L, 0, bits, out, ob)
+        qh = 0
+        for j in range(QK // 2):
+            l0 = _ref_level(F32(F32(F32(x[xo + j] - fmin) * inv_d) + F32(0.5)), nmax)
+            l1 = _ref_level(F32(F32(F32(x[xo + j + QK // 2] - fmin) * inv_d) + F32(0.5)), nmax)
+            if bits == 4:
+                out[ob + Q4_1_QS_AT + j] = (l0 | (l1 << 4)) & 0xFF
+            else:
+                out[ob + Q5_1_QS_AT + j] = (l0 & 0x0F) | ((l1 & 0x0F) << 4)
+                qh |= (((l0 >> 4) & 1) << j) | (((l1 >> 4) & 1) << (j + QK // 2))
+        if bits == 5:
+            for k in range(4):
+                out[ob + QH_AT + k] = (qh >> (8 * k)) & 0xFF
 
 
 @njit(cache=True, error_model="numpy")
@@ -131,7 +143,7 @@ def _quantize_impl(x: np.ndarray, importance: np.ndarray, bits: int, out: np.nda
             _store_levels(L, g * QK, bits, out, ob)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _quantize_row(x: np.ndarray, importance: np.ndarray, bits: int, out: np.ndarray) -> None:
     if importance.size == 0:
         _quantize_ref(x, bits, out)
