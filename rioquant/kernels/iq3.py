@@ -35,6 +35,8 @@ NSUB = QK_K // SUB
 GROUPS = SUB // 4  # codebook points per sub-block
 K_MAX_Q = 8  # levels per coordinate
 FLT_MAX = F32(3.4028234663852886e38)
+LANES = 8  # neighbour candidates whose errors are computed side by side
+MAX_LIST = 64  # room for the longest padded neighbour list (ggml's longest: 38)
 XXS_BLOCK_BYTES = 2 + 3 * QK_K // 8
 XXS_SIGNS_AT = 2 + QK_K // 4  # scales_and_signs inside an IQ3_XXS block
 XXS_GROUP_MAX_EPS = F32(1e-8)  # ggml's GROUP_MAX_EPS_IQ3_XXS: smaller sub-blocks are stored as zero
@@ -44,52 +46,87 @@ S_SIGNS_AT = S_QH_AT + QK_K // 32
 S_SCALES_AT = S_SIGNS_AT + QK_K // 8
 
 
-def _tables(qtype: GGMLQuantizationType, nwant: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """ggml's iq3xs_init_impl tables for the codebook gguf-py decodes `qtype` with: positions 2l+1 as
-    int8 and as float32 (G, 4), dequantization values float32 (G, 4), kmap int32[4096], neighbours."""
+def _tables(qtype: GGMLQuantizationType, nwant: int) -> tuple[np.ndarray, ...]:
+    """ggml's iq3xs_init_impl tables for the codebook gguf-py decodes `qtype` with, in the layout the
+    kernels read: (levels int64 (G, 4), dequantization values float32 (G, 4), kmap int32[4096],
+    list_at int32[4096], list_len int32[4096], cand_index int32[M], cand_pos float32 (4, M)).
+
+    The neighbour list of an off-codebook key u is cand_index[list_at[u] : list_at[u] + list_len[u]]
+    in ggml's order, with each candidate's positions 2l+1 stored coordinate-major beside it, so that
+    the search computes LANES candidates' errors side by side. Lists are padded to whole LANES with
+    NaN positions, whose error is NaN and never wins.
+    """
     levels, values = grid_levels(qtype)
     kmap, neighbours = neighbour_maps(levels, 3, 1 << (3 * 4), nwant)
-    grid = (2 * levels + 1).astype(np.int8)
-    return grid, grid.astype(np.float32), values, kmap, neighbours
+    levels = levels.astype(np.int64)
+    list_at = np.zeros(kmap.size, dtype=np.int32)
+    list_len = np.zeros(kmap.size, dtype=np.int32)
+    chunks = []
+    used = 0
+    for u in np.flatnonzero(kmap < 0):
+        count = int(neighbours[-kmap[u] - 1])
+        members = neighbours[-kmap[u] : -kmap[u] + count].astype(np.int32)
+        padded = np.full(-(-count // LANES) * LANES, members[0], dtype=np.int32)
+        padded[:count] = members
+        list_at[u], list_len[u] = used, count
+        chunks.append(padded)
+        used += padded.size
+    cand_index = np.concatenate(chunks)
+    assert max(c.size for c in chunks) <= MAX_LIST, f"{qtype.name}: a neighbour list outgrew MAX_LIST"
+    cand_pos = (2 * levels[cand_index].T + 1).astype(np.float32)  # (4, M)
+    for at, count, padded in zip(list_at[kmap < 0], list_len[kmap < 0], chunks, strict=True):
+        cand_pos[:, at + count : at + padded.size] = np.nan
+    tables = (levels, values, kmap, list_at, list_len, cand_index, np.ascontiguousarray(cand_pos))
+    for table in tables:
+        table.setflags(write=False)
+    return tables
 
 
 # ggml keeps the neighbours of the 2 nearest distances for IQ3_XXS and of the 3 nearest for IQ3_S.
 # Numba freezes these module-level arrays into the compiled kernels as constants.
-XXS_GRID, XXS_GRID_F32, XXS_VALUES, XXS_KMAP, XXS_NEIGHBOURS = _tables(GGMLQuantizationType.IQ3_XXS, 2)
-S_GRID, S_GRID_F32, S_VALUES, S_KMAP, S_NEIGHBOURS = _tables(GGMLQuantizationType.IQ3_S, 3)
+XXS_LEVELS, XXS_VALUES, XXS_KMAP, XXS_AT, XXS_LEN, XXS_CAND, XXS_POS = _tables(GGMLQuantizationType.IQ3_XXS, 2)
+S_LEVELS, S_VALUES, S_KMAP, S_AT, S_LEN, S_CAND, S_POS = _tables(GGMLQuantizationType.IQ3_S, 3)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _best_neighbour(
-    u: int, kmap: np.ndarray, neighbours: np.ndarray, grid_f32: np.ndarray, grid: np.ndarray,
-    xval: np.ndarray, waux: np.ndarray, k4: int, scale: np.float32, L: np.ndarray,
-) -> int:
-    """iq3_find_best_neighbour: the neighbour of off-codebook key u with the least weighted error at
-    `scale` (the first one wins ties); writes its levels to L[k4:k4+4] and returns its index.
+    u: int, list_at: np.ndarray, list_len: np.ndarray, cand_index: np.ndarray, cand_pos: np.ndarray,
+    levels: np.ndarray, xval: np.ndarray, waux: np.ndarray, k4: int, scale: np.float32, L: np.ndarray,
+    d2: np.ndarray,
+) -> None:
+    """iq3_find_best_neighbour: the neighbour of off-codebook key u with the least weighted error
+    Σ w·(scale·q − x)² at `scale` (the first one wins ties); writes its levels to L[k4:k4+4].
 
-    When no error is below FLT_MAX (they overflowed: |x| beyond ~1e12) ggml aborts the process; rioquant
-    cannot raise through the parallel driver, so it takes the first neighbour there.
+    The errors of LANES candidates are computed side by side (each in ggml's order of operations),
+    then scanned in list order. When no error is below FLT_MAX (they overflowed: |x| beyond ~1e12)
+    ggml aborts the process; rioquant cannot raise through the parallel driver, so it takes the
+    first neighbour there.
     """
-    start = -kmap[u] - 1
+    at = list_at[u]
+    count = list_len[u]
+    x0, x1, x2, x3 = xval[k4], xval[k4 + 1], xval[k4 + 2], xval[k4 + 3]
+    w0, w1, w2, w3 = waux[k4], waux[k4 + 1], waux[k4 + 2], waux[k4 + 3]
+    for j in range(at, at + (count + LANES - 1) // LANES * LANES):  # a run-time trip count: vectorized
+        diff = F32(F32(scale * cand_pos[0, j]) - x0)
+        e = F32(F32(0.0) + F32(F32(w0 * diff) * diff))
+        diff = F32(F32(scale * cand_pos[1, j]) - x1)
+        e = F32(e + F32(F32(w1 * diff) * diff))
+        diff = F32(F32(scale * cand_pos[2, j]) - x2)
+        e = F32(e + F32(F32(w2 * diff) * diff))
+        diff = F32(F32(scale * cand_pos[3, j]) - x3)
+        d2[j - at] = F32(e + F32(F32(w3 * diff) * diff))
     best_d2 = FLT_MAX
-    best = -1
-    for j in range(start + 1, start + 1 + np.int64(neighbours[start])):
-        g = np.int64(neighbours[j])
-        d2 = F32(0.0)
-        for i in range(4):
-            diff = F32(F32(scale * grid_f32[g, i]) - xval[k4 + i])
-            d2 = F32(d2 + F32(F32(waux[k4 + i] * diff) * diff))
-        if d2 < best_d2:
-            best_d2 = d2
-            best = g
-    if best < 0:
-        best = np.int64(neighbours[start + 1])
+    best = 0
+    for j in range(count):  # selects, not branches: which candidate wins is unpredictable
+        better = d2[j] < best_d2
+        best_d2 = d2[j] if better else best_d2
+        best = j if better else best
+    g = cand_index[at + best]
     for i in range(4):
-        L[k4 + i] = (np.int64(grid[best, i]) - 1) // 2
-    return best
+        L[k4 + i] = levels[g, i]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _sums(L: np.ndarray, wx: np.ndarray, weight: np.ndarray) -> tuple[np.float32, np.float32]:
     """(Σ w·x·q, Σ w·q²) over the sub-block for q = 2l + 1, summed in ggml's order."""
     sumqx = F32(0.0)
@@ -101,7 +138,7 @@ def _sums(L: np.ndarray, wx: np.ndarray, weight: np.ndarray) -> tuple[np.float32
     return sumqx, sumq2
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _round_group(xval: np.ndarray, k4: int, inv_scale: np.float32, L: np.ndarray) -> int:
     """Levels nearest_int((x/scale − 1)/2) clamped to 0..7 of the group at k4; returns its key."""
     u = 0
@@ -113,11 +150,19 @@ def _round_group(xval: np.ndarray, k4: int, inv_scale: np.float32, L: np.ndarray
     return u
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
+def _round_levels(xval: np.ndarray, inv_scale: np.float32, L: np.ndarray) -> None:
+    """_round_group's levels for the whole sub-block, in one loop that the compiler vectorizes."""
+    for i in range(xval.size):  # a run-time trip count, so it is vectorized rather than unrolled
+        lvl = nearest_int(F32(F32(0.5) * F32(F32(inv_scale * xval[i]) - F32(1.0))))
+        L[i] = max(0, min(K_MAX_Q - 1, lvl))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def search_subblock(
     xval: np.ndarray, weight: np.ndarray, waux: np.ndarray, vmax: np.float32, steps: int, is_xxs: bool,
-    kmap: np.ndarray, neighbours: np.ndarray, grid_f32: np.ndarray, grid: np.ndarray,
-    L: np.ndarray, work: np.ndarray,
+    kmap: np.ndarray, list_at: np.ndarray, list_len: np.ndarray, cand_index: np.ndarray, cand_pos: np.ndarray,
+    levels: np.ndarray, L: np.ndarray, work: np.ndarray, fwork: np.ndarray,
 ) -> np.float32:
     """The sub-block search shared by both types: returns the scale and leaves the levels in L.
 
@@ -129,7 +174,8 @@ def search_subblock(
     Laux = work[:SUB]
     on_grid = work[SUB : SUB + GROUPS]
     on_grid_aux = work[SUB + GROUPS : SUB + 2 * GROUPS]
-    wx = np.empty(SUB, dtype=np.float32)
+    wx = fwork[:SUB]
+    d2 = fwork[SUB:]
     for i in range(SUB):
         wx[i] = F32(weight[i] * xval[i])
     L[:] = 0
@@ -139,12 +185,13 @@ def search_subblock(
     for step in range(-steps, steps + 1):
         inv = F32(F32(F32(2 * K_MAX_Q - 1) + F32(F32(step) * F32(0.2))) / vmax)
         this_scale = F32(F32(1.0) / inv)
+        _round_levels(xval, inv, Laux)
         for k in range(GROUPS):
-            u = _round_group(xval, 4 * k, inv, Laux)
+            u = Laux[4 * k] | Laux[4 * k + 1] << 3 | Laux[4 * k + 2] << 6 | Laux[4 * k + 3] << 9
             on_grid_aux[k] = 1
             if kmap[u] < 0:
                 on_grid_aux[k] = 0
-                _best_neighbour(u, kmap, neighbours, grid_f32, grid, xval, waux, 4 * k, this_scale, Laux)
+                _best_neighbour(u, list_at, list_len, cand_index, cand_pos, levels, xval, waux, 4 * k, this_scale, Laux, d2)
         sumqx, sumq2 = _sums(Laux, wx, weight)
         if sumq2 > F32(0.0) and F32(sumqx * sumqx) > F32(best * sumq2):
             scale = F32(sumqx / sumq2)
@@ -161,14 +208,14 @@ def search_subblock(
                 continue
             u = _round_group(xval, 4 * k, inv, L)
             if kmap[u] < 0:
-                _best_neighbour(u, kmap, neighbours, grid_f32, grid, xval, waux, 4 * k, scale, L)
+                _best_neighbour(u, list_at, list_len, cand_index, cand_pos, levels, xval, waux, 4 * k, scale, L, d2)
         sumqx, sumq2 = _sums(L, wx, weight)
         if sumq2 > F32(0.0):
             scale = F32(sumqx / sumq2)
     return scale
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def prepare_subblock(
     xb: np.ndarray, qw: np.ndarray, sigma2: np.float32, weight: np.ndarray, waux: np.ndarray, xval: np.ndarray,
 ) -> np.float32:
@@ -186,7 +233,7 @@ def prepare_subblock(
     return vmax
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def block_sigma2(xbl: np.ndarray) -> np.float32:
     """2·Σx²/256 over the super-block: the floor ggml adds to x² in the importance weights."""
     sumx2 = F32(0.0)
@@ -195,7 +242,7 @@ def block_sigma2(xbl: np.ndarray) -> np.float32:
     return F32(F32(F32(2.0) * sumx2) / F32(QK_K))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _xxs_signs(xb: np.ndarray, weight: np.ndarray, xval: np.ndarray, k: int) -> int:
     """7 sign bits of weights 8k..8k+7; an odd count of negatives flips the least important weight
     (least w·x², first wins) so that the 8th sign is implied by parity."""
@@ -219,16 +266,17 @@ def _xxs_signs(xb: np.ndarray, weight: np.ndarray, xval: np.ndarray, k: int) -> 
 
 
 @njit(cache=True)
-def _new_scratch() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """weight, waux, xval float32[32]; L int64[32]; search work int64[48]; sub-block scales float32[8]."""
+def _new_scratch() -> tuple[np.ndarray, ...]:
+    """weight, waux, xval float32[32]; L int64[32]; search work int64[48] and float32[32 + 64] (w·x and
+    the candidates' errors); sub-block scales float32[8]."""
     return (np.empty(SUB, dtype=np.float32), np.empty(SUB, dtype=np.float32), np.empty(SUB, dtype=np.float32),
             np.empty(SUB, dtype=np.int64), np.empty(SUB + 2 * GROUPS, dtype=np.int64),
-            np.empty(NSUB, dtype=np.float32))
+            np.empty(SUB + MAX_LIST, dtype=np.float32), np.empty(NSUB, dtype=np.float32))
 
 
 @njit(cache=True, error_model="numpy")
 def quantize_row_iq3_xxs(x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> None:
-    weight, waux, xval, L, work, scales = _new_scratch()
+    weight, waux, xval, L, work, fwork, scales = _new_scratch()
     for ibl in range(x.size // QK_K):
         xbl = x[ibl * QK_K : (ibl + 1) * QK_K]
         block = out[ibl * XXS_BLOCK_BYTES : (ibl + 1) * XXS_BLOCK_BYTES]
@@ -248,8 +296,8 @@ def quantize_row_iq3_xxs(x: np.ndarray, importance: np.ndarray, out: np.ndarray)
             if vmax < XXS_GROUP_MAX_EPS:
                 scales[ib] = F32(0.0)
                 continue
-            scale = search_subblock(xval, weight, waux, vmax, 15, True, XXS_KMAP, XXS_NEIGHBOURS,
-                                    XXS_GRID_F32, XXS_GRID, L, work)
+            scale = search_subblock(xval, weight, waux, vmax, 15, True, XXS_KMAP, XXS_AT, XXS_LEN, XXS_CAND,
+                                    XXS_POS, XXS_LEVELS, L, work, fwork)
             if scale < F32(0.0):  # only with negative importance: store |scale| and flip every sign
                 scale = -scale
                 signs ^= (1 << 28) - 1
@@ -275,7 +323,7 @@ def quantize_row_iq3_xxs(x: np.ndarray, importance: np.ndarray, out: np.ndarray)
 
 @njit(cache=True, error_model="numpy")
 def quantize_row_iq3_s(x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> None:
-    weight, waux, xval, L, work, scales = _new_scratch()
+    weight, waux, xval, L, work, fwork, scales = _new_scratch()
     for ibl in range(x.size // QK_K):
         xbl = x[ibl * QK_K : (ibl + 1) * QK_K]
         block = out[ibl * S_BLOCK_BYTES : (ibl + 1) * S_BLOCK_BYTES]
@@ -290,8 +338,8 @@ def quantize_row_iq3_s(x: np.ndarray, importance: np.ndarray, out: np.ndarray) -
             if vmax == F32(0.0):
                 scales[ib] = F32(0.0)
                 continue
-            scale = search_subblock(xval, weight, waux, vmax, 9, False, S_KMAP, S_NEIGHBOURS,
-                                    S_GRID_F32, S_GRID, L, work)
+            scale = search_subblock(xval, weight, waux, vmax, 9, False, S_KMAP, S_AT, S_LEN, S_CAND,
+                                    S_POS, S_LEVELS, L, work, fwork)
             flip = 0
             if scale < F32(0.0):  # only with negative importance: store |scale| and flip every sign
                 scale = -scale
