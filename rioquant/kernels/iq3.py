@@ -27,7 +27,7 @@ from gguf import GGMLQuantizationType
 from numba import njit
 
 from rioquant.kernels.common import F32, load_fp16, nearest_int, store_fp16
-from rioquant.kernels.iq_lattice import grid_levels, neighbour_maps
+from rioquant.kernels.iq_lattice import lattice
 
 QK_K = 256
 SUB = 32  # weights per sub-block (one scale)
@@ -46,8 +46,8 @@ S_SIGNS_AT = S_QH_AT + QK_K // 32
 S_SCALES_AT = S_SIGNS_AT + QK_K // 8
 
 
-def _tables(qtype: GGMLQuantizationType, nwant: int) -> tuple[np.ndarray, ...]:
-    """ggml's iq3xs_init_impl tables for the codebook gguf-py decodes `qtype` with, in the layout the
+def _tables(qtype: GGMLQuantizationType) -> tuple[np.ndarray, ...]:
+    """ggml's iq3xs_init_impl tables for `qtype` (rioquant.kernels.iq_lattice), in the layout the
     kernels read: (levels int64 (G, 4), dequantization values float32 (G, 4), kmap int32[4096],
     list_at int32[4096], list_len int32[4096], cand_index int32[M], cand_pos float32 (4, M)).
 
@@ -56,9 +56,9 @@ def _tables(qtype: GGMLQuantizationType, nwant: int) -> tuple[np.ndarray, ...]:
     the search computes LANES candidates' errors side by side. Lists are padded to whole LANES with
     NaN positions, whose error is NaN and never wins.
     """
-    levels, values = grid_levels(qtype)
-    kmap, neighbours = neighbour_maps(levels, 3, 1 << (3 * 4), nwant)
-    levels = levels.astype(np.int64)
+    tables = lattice(qtype)
+    kmap, neighbours, values = tables.kmap, tables.neighbours, tables.values
+    levels = (tables.grid.astype(np.int64) - 1) // 2
     list_at = np.zeros(kmap.size, dtype=np.int32)
     list_len = np.zeros(kmap.size, dtype=np.int32)
     chunks = []
@@ -76,16 +76,15 @@ def _tables(qtype: GGMLQuantizationType, nwant: int) -> tuple[np.ndarray, ...]:
     cand_pos = (2 * levels[cand_index].T + 1).astype(np.float32)  # (4, M)
     for at, count, padded in zip(list_at[kmap < 0], list_len[kmap < 0], chunks, strict=True):
         cand_pos[:, at + count : at + padded.size] = np.nan
-    tables = (levels, values, kmap, list_at, list_len, cand_index, np.ascontiguousarray(cand_pos))
-    for table in tables:
+    derived = (levels, list_at, list_len, cand_index, np.ascontiguousarray(cand_pos))
+    for table in derived:
         table.setflags(write=False)
-    return tables
+    return levels, values, kmap, *derived[1:]
 
 
-# ggml keeps the neighbours of the 2 nearest distances for IQ3_XXS and of the 3 nearest for IQ3_S.
 # Numba freezes these module-level arrays into the compiled kernels as constants.
-XXS_LEVELS, XXS_VALUES, XXS_KMAP, XXS_AT, XXS_LEN, XXS_CAND, XXS_POS = _tables(GGMLQuantizationType.IQ3_XXS, 2)
-S_LEVELS, S_VALUES, S_KMAP, S_AT, S_LEN, S_CAND, S_POS = _tables(GGMLQuantizationType.IQ3_S, 3)
+XXS_LEVELS, XXS_VALUES, XXS_KMAP, XXS_AT, XXS_LEN, XXS_CAND, XXS_POS = _tables(GGMLQuantizationType.IQ3_XXS)
+S_LEVELS, S_VALUES, S_KMAP, S_AT, S_LEN, S_CAND, S_POS = _tables(GGMLQuantizationType.IQ3_S)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -98,9 +97,9 @@ def _best_neighbour(
     Σ w·(scale·q − x)² at `scale` (the first one wins ties); writes its levels to L[k4:k4+4].
 
     The errors of LANES candidates are computed side by side (each in ggml's order of operations),
-    then scanned in list order. When no error is below FLT_MAX (they overflowed: |x| beyond ~1e12)
-    ggml aborts the process; rioquant cannot raise through the parallel driver, so it takes the
-    first neighbour there.
+    then scanned in list order. When no error is below FLT_MAX (they overflowed) ggml aborts the
+    process; rioquant.quant.api refuses rows that large, and the first neighbour stands in here only
+    to keep the kernel safe (it cannot raise through the parallel driver).
     """
     at = list_at[u]
     count = list_len[u]
