@@ -50,9 +50,10 @@ def _check_rows(x: np.ndarray, qtype: GGMLQuantizationType) -> None:
         raise QuantInputError(
             f"row length {x.shape[1]} is not a multiple of {qtype.name}'s block size {block}"
         )
-    bad_row = first_nonfinite_row(x)
-    if bad_row >= 0:
-        raise NonFiniteRowError(bad_row)
+    if qtype in FLOAT_TYPES:  # the block types' driver finds NaN/Inf rows itself
+        bad_row = first_nonfinite_row(x)
+        if bad_row >= 0:
+            raise NonFiniteRowError(bad_row)
 
 
 def _check_importance(imatrix: np.ndarray, n_per_row: int) -> np.ndarray:
@@ -88,7 +89,9 @@ def quantize(
     importance = _NO_IMPORTANCE if imatrix is None else _check_importance(imatrix, x.shape[1])
     out = np.empty((x.shape[0], row_bytes(qtype, x.shape[1])), dtype=np.uint8)
     with numba_threads(threads):
-        quantize_rows(BLOCK_KERNELS[qtype].quantize_row, x, importance, out)
+        bad_row = quantize_rows(BLOCK_KERNELS[qtype].quantize_row, x, importance, out)
+    if bad_row >= 0:
+        raise NonFiniteRowError(bad_row)
     return out
 
 
