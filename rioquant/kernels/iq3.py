@@ -49,10 +49,10 @@ S_SCALES_AT = S_SIGNS_AT + QK_K // 8
 def _tables(qtype: GGMLQuantizationType) -> tuple[np.ndarray, ...]:
     """ggml's iq3xs_init_impl tables for `qtype` (rioquant.kernels.iq_lattice), in the layout the
     kernels read: (levels int64 (G, 4), dequantization values float32 (G, 4), kmap int32[4096],
-    list_at int32[4096], list_len int32[4096], cand_index int32[M], cand_pos float32 (4, M)).
+    list_at int32[4096], list_len int32[4096], cand_index int32[M], cand_pos float32[4·M]).
 
     The neighbour list of an off-codebook key u is cand_index[list_at[u] : list_at[u] + list_len[u]]
-    in ggml's order, with each candidate's positions 2l+1 stored coordinate-major beside it, so that
+    in ggml's order, with each candidate's positions 2l+1 at cand_pos[i·M + j] (coordinate i), so that
     the search computes LANES candidates' errors side by side. Lists are padded to whole LANES with
     NaN positions, whose error is NaN and never wins.
     """
@@ -76,7 +76,7 @@ def _tables(qtype: GGMLQuantizationType) -> tuple[np.ndarray, ...]:
     cand_pos = (2 * levels[cand_index].T + 1).astype(np.float32)  # (4, M)
     for at, count, padded in zip(list_at[kmap < 0], list_len[kmap < 0], chunks, strict=True):
         cand_pos[:, at + count : at + padded.size] = np.nan
-    derived = (levels, list_at, list_len, cand_index, np.ascontiguousarray(cand_pos))
+    derived = (levels, list_at, list_len, cand_index, np.ascontiguousarray(cand_pos).reshape(-1))
     for table in derived:
         table.setflags(write=False)
     return levels, values, kmap, *derived[1:]
@@ -105,15 +105,21 @@ def _best_neighbour(
     count = list_len[u]
     x0, x1, x2, x3 = xval[k4], xval[k4 + 1], xval[k4 + 2], xval[k4 + 3]
     w0, w1, w2, w3 = waux[k4], waux[k4 + 1], waux[k4 + 2], waux[k4 + 3]
-    for j in range(at, at + (count + LANES - 1) // LANES * LANES):  # a run-time trip count: vectorized
-        diff = F32(F32(scale * cand_pos[0, j]) - x0)
+    n = (count + LANES - 1) // LANES * LANES  # a run-time trip count: vectorized, not unrolled
+    m = cand_pos.size // 4
+    p0 = cand_pos[at : at + n]
+    p1 = cand_pos[m + at : m + at + n]
+    p2 = cand_pos[2 * m + at : 2 * m + at + n]
+    p3 = cand_pos[3 * m + at : 3 * m + at + n]
+    for j in range(n):
+        diff = F32(F32(scale * p0[j]) - x0)
         e = F32(F32(0.0) + F32(F32(w0 * diff) * diff))
-        diff = F32(F32(scale * cand_pos[1, j]) - x1)
+        diff = F32(F32(scale * p1[j]) - x1)
         e = F32(e + F32(F32(w1 * diff) * diff))
-        diff = F32(F32(scale * cand_pos[2, j]) - x2)
+        diff = F32(F32(scale * p2[j]) - x2)
         e = F32(e + F32(F32(w2 * diff) * diff))
-        diff = F32(F32(scale * cand_pos[3, j]) - x3)
-        d2[j - at] = F32(e + F32(F32(w3 * diff) * diff))
+        diff = F32(F32(scale * p3[j]) - x3)
+        d2[j] = F32(e + F32(F32(w3 * diff) * diff))
     best_d2 = FLT_MAX
     best = 0
     for j in range(count):  # selects, not branches: which candidate wins is unpredictable
