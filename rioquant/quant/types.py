@@ -10,7 +10,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba.core.registry import CPUDispatcher
 
 from rioquant.errors import QuantInputError
-from rioquant.kernels import iq2, iq3, iq4, legacy, legacy_affine, q2_k, q3_k, q4_k, q5_k, q6_k, q8_0
+from rioquant.kernels import iq1, iq1_m, iq2, iq3, iq4, legacy, legacy_affine, q2_k, q3_k, q4_k, q5_k, q6_k, q8_0
 
 T = GGMLQuantizationType
 
@@ -42,6 +42,8 @@ BLOCK_KERNELS: dict[GGMLQuantizationType, KernelPair] = {
     T.Q4_1: KernelPair(legacy_affine.quantize_row_q4_1, legacy_affine.dequantize_row_q4_1),  # row length not % 256
     T.IQ4_NL: KernelPair(iq4.quantize_row_iq4_nl, iq4.dequantize_row_iq4_nl),  # row length not % 256
     T.IQ4_XS: KernelPair(iq4.quantize_row_iq4_xs, iq4.dequantize_row_iq4_xs),
+    T.IQ1_S: KernelPair(iq1.quantize_row_iq1_s, iq1.dequantize_row_iq1_s),
+    T.IQ1_M: KernelPair(iq1_m.quantize_row_iq1_m, iq1_m.dequantize_row_iq1_m),
 }
 
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
