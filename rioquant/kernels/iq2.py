@@ -43,11 +43,11 @@ IQ2_S_D_FACTOR = F32(0.9875)
 
 # Module-level tables become constants of the compiled kernels.
 _XXS, _XS, _S = lattice(T.IQ2_XXS), lattice(T.IQ2_XS), lattice(T.IQ2_S)
-XXS_KMAP, XXS_NEIGHBOURS, XXS_GRID, XXS_GRID_F32, XXS_VALUES = (
-    _XXS.kmap, _XXS.neighbours, _XXS.grid, _XXS.grid_f32, _XXS.values
-)
-XS_KMAP, XS_NEIGHBOURS, XS_GRID, XS_GRID_F32, XS_VALUES = _XS.kmap, _XS.neighbours, _XS.grid, _XS.grid_f32, _XS.values
-S_KMAP, S_NEIGHBOURS, S_GRID, S_GRID_F32, S_VALUES = _S.kmap, _S.neighbours, _S.grid, _S.grid_f32, _S.values
+XXS_KMAP, XXS_NEIGHBOURS, XXS_KEYS, XXS_GRID_F32 = _XXS.kmap, _XXS.neighbours, _XXS.neighbour_keys, _XXS.grid_f32
+XS_KMAP, XS_NEIGHBOURS, XS_KEYS, XS_GRID_F32 = _XS.kmap, _XS.neighbours, _XS.neighbour_keys, _XS.grid_f32
+S_KMAP, S_NEIGHBOURS, S_KEYS, S_GRID_F32 = _S.kmap, _S.neighbours, _S.neighbour_keys, _S.grid_f32
+XXS_VALUES, XS_VALUES, S_VALUES = _XXS.values, _XS.values, _S.values
+LONGEST = max(_XXS.longest, _XS.longest, _S.longest)  # distances scratch of the neighbour searches
 KSIGNS = np.frombuffer(gguf.quants.IQ2_XXS.ksigns, dtype=np.uint8)  # 7-bit code → 8 signs of even parity
 
 
@@ -72,6 +72,7 @@ def quantize_row_iq2_xxs(x: np.ndarray, importance: np.ndarray, out: np.ndarray)
     L = np.zeros(32, dtype=np.int64)
     Laux = np.zeros(32, dtype=np.int64)
     Lqp = np.empty(32, dtype=np.uint8)
+    dist = np.empty(LONGEST, dtype=np.float32)
     signs = np.empty(4, dtype=np.int64)
     scales = np.empty(8, dtype=np.float32)
     q2 = np.empty(16, dtype=np.int64)  # the block's 16 u32 words
@@ -88,7 +89,7 @@ def quantize_row_iq2_xxs(x: np.ndarray, importance: np.ndarray, out: np.ndarray)
             if group_max(xval) < GROUP_MAX_EPS:
                 scales[ib] = F32(0.0)
                 continue
-            scale, searched = search_32(XXS_KMAP, XXS_NEIGHBOURS, XXS_GRID, XXS_GRID_F32, xval, weight, waux, L, Laux, Lqp)
+            scale, searched = search_32(XXS_KMAP, XXS_NEIGHBOURS, XXS_KEYS, XXS_GRID_F32, dist, xval, weight, waux, L, Laux, Lqp)
             if not searched:
                 scales[ib] = F32(0.0)
                 continue
@@ -124,6 +125,7 @@ def _quantize_row_16(x: np.ndarray, importance: np.ndarray, out: np.ndarray, iq2
     L = np.zeros(16, dtype=np.int64)
     Laux = np.zeros(16, dtype=np.int64)
     signs = np.empty(2, dtype=np.int64)
+    dist = np.empty(LONGEST, dtype=np.float32)
     scales = np.empty(16, dtype=np.float32)
     for ibl in range(x.size // QK_K):
         xbl = x[ibl * QK_K : (ibl + 1) * QK_K]
@@ -156,9 +158,9 @@ def _quantize_row_16(x: np.ndarray, importance: np.ndarray, out: np.ndarray, iq2
                 scales[ib] = F32(0.0)
                 continue
             if iq2_s:
-                scale = search_16(S_KMAP, S_NEIGHBOURS, S_GRID, S_GRID_F32, xval, weight, waux, L, Laux, xmax)
+                scale = search_16(S_KMAP, S_NEIGHBOURS, S_KEYS, S_GRID_F32, dist, xval, weight, waux, L, Laux, xmax)
             else:
-                scale = search_16(XS_KMAP, XS_NEIGHBOURS, XS_GRID, XS_GRID_F32, xval, weight, waux, L, Laux, xmax)
+                scale = search_16(XS_KMAP, XS_NEIGHBOURS, XS_KEYS, XS_GRID_F32, dist, xval, weight, waux, L, Laux, xmax)
             if scale < F32(0.0):  # never expected (ggml guards it the same way): flip every sign
                 scale = -scale
                 for k in range(2):

@@ -21,42 +21,61 @@ from rioquant.kernels.search_affine import make_qp_quants
 GROUP = 8  # weights per lattice point
 K_MAX_Q = 3  # ggml's kMaxQ: levels 0..kMaxQ-1, positions 1, 3, 5
 FLT_MAX = F32(3.4028234663852886e38)
+SHORT_LIST = 16  # neighbour lists shorter than this are searched point by point (measured best)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def best_neighbour(
-    neighbours: np.ndarray, start: int, grid: np.ndarray, grid_f32: np.ndarray,
-    xval: np.ndarray, waux: np.ndarray, base: int, scale: np.float32, L: np.ndarray,
-) -> int:
-    """iq2_find_best_neighbour: the listed point nearest to xval[base:base+8]; its levels go to L.
+    neighbours: np.ndarray, neighbour_keys: np.ndarray, grid_f32: np.ndarray, start: int,
+    xval: np.ndarray, waux: np.ndarray, base: int, scale: np.float32, L: np.ndarray, dist: np.ndarray,
+) -> None:
+    """iq2_find_best_neighbour: the listed point nearest to xval[base:base+8] (first wins ties); its
+    levels go to L[base:base+8].
 
-    When no distance compares below FLT_MAX (inf/NaN weights) ggml aborts; the API refuses rows that
-    large before any kernel runs, so the first listed point stands in for that unreachable case.
+    A long list is evaluated term by term across all its points, each point's positions unpacked from
+    its key, which the compiler vectorizes; each distance still sums its 8 terms in ggml's order. When no distance compares below FLT_MAX (inf/NaN weights) ggml aborts; the
+    API refuses rows that large before any kernel runs, so the first listed point stands in there.
     """
     count = np.int64(neighbours[start])
+    keys = neighbour_keys[start + 1 : start + 1 + count]
     best_d2 = FLT_MAX
-    best = np.int64(neighbours[start + 1])
-    for j in range(start + 1, start + 1 + count):
-        p = np.int64(neighbours[j])
-        d2 = F32(0.0)
-        for i in range(GROUP):
-            diff = F32(F32(scale * grid_f32[p, i]) - xval[base + i])
-            d2 = F32(d2 + F32(F32(waux[base + i] * diff) * diff))
-        if d2 < best_d2:
-            best_d2 = d2
-            best = p
+    best = 0
+    if count < SHORT_LIST:  # one distance after another, each point's positions one row of grid_f32
+        for j in range(count):
+            p = np.int64(neighbours[start + 1 + j])
+            d2 = F32(0.0)
+            for i in range(GROUP):
+                diff = F32(F32(scale * grid_f32[p, i]) - xval[base + i])
+                d2 = F32(d2 + F32(F32(waux[base + i] * diff) * diff))
+            if d2 < best_d2:
+                best_d2 = d2
+                best = j
+    else:
+        dist[:count] = F32(0.0)
+        for i in range(GROUP):  # term i of every distance, then term i + 1: each sum keeps ggml's order
+            x = xval[base + i]
+            w = waux[base + i]
+            shift = np.int32(2 * i)
+            for j in range(count):
+                q = F32(np.int32(2) * ((np.int32(keys[j]) >> shift) & np.int32(3)) + np.int32(1))
+                diff = F32(F32(scale * q) - x)
+                dist[j] = F32(dist[j] + F32(F32(w * diff) * diff))
+        for j in range(count):
+            if dist[j] < best_d2:
+                best_d2 = dist[j]
+                best = j
+    key = np.int64(keys[best])
     for i in range(GROUP):
-        L[base + i] = (grid[best, i] - 1) // 2
-    return best
+        L[base + i] = (key >> (2 * i)) & 3
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def snap_group(
-    kmap: np.ndarray, neighbours: np.ndarray, grid: np.ndarray, grid_f32: np.ndarray,
-    xval: np.ndarray, waux: np.ndarray, base: int, inv_scale: np.float32, scale: np.float32, L: np.ndarray,
+    kmap: np.ndarray, neighbours: np.ndarray, neighbour_keys: np.ndarray, grid_f32: np.ndarray,
+    xval: np.ndarray, waux: np.ndarray, base: int, inv_scale: np.float32, scale: np.float32, L: np.ndarray, dist: np.ndarray,
 ) -> bool:
-    """Round xval[base:base+8] at 1/scale `inv_scale` to levels in L, moved to the best neighbour when
-    off the codebook. True when the rounded point was on the codebook."""
+    """Round xval[base:base+8] at 1/scale `inv_scale` to levels in L[base:base+8], moved to the best
+    neighbour when off the codebook. True when the rounded point was on the codebook."""
     u = 0
     for i in range(GROUP):
         l = nearest_int(F32(F32(0.5) * F32(F32(inv_scale * xval[base + i]) - F32(1.0))))
@@ -66,7 +85,7 @@ def snap_group(
     g = kmap[u]
     if g >= 0:
         return True
-    best_neighbour(neighbours, -g - 1, grid, grid_f32, xval, waux, base, scale, L)
+    best_neighbour(neighbours, neighbour_keys, grid_f32, -g - 1, xval, waux, base, scale, L, dist)
     return False
 
 
@@ -121,7 +140,7 @@ def group_max(xval: np.ndarray) -> np.float32:
 
 @njit(cache=True, error_model="numpy")
 def search_32(
-    kmap: np.ndarray, neighbours: np.ndarray, grid: np.ndarray, grid_f32: np.ndarray,
+    kmap: np.ndarray, neighbours: np.ndarray, neighbour_keys: np.ndarray, grid_f32: np.ndarray, dist: np.ndarray,
     xval: np.ndarray, weight: np.ndarray, waux: np.ndarray, L: np.ndarray, Laux: np.ndarray, Lqp: np.ndarray,
 ) -> tuple[np.float32, bool]:
     """IQ2_XXS's search over 32 weights (4 points): (the scale, with the codebook levels in L, True),
@@ -137,7 +156,7 @@ def search_32(
         inv = F32(F32(F32(2 * K_MAX_Q - 1) + F32(F32(step) * F32(0.1))) / eff_max)
         this_scale = F32(F32(1.0) / inv)
         for k in range(4):
-            snap_group(kmap, neighbours, grid, grid_f32, xval, waux, GROUP * k, inv, this_scale, Laux)
+            snap_group(kmap, neighbours, neighbour_keys, grid_f32, xval, waux, GROUP * k, inv, this_scale, Laux, dist)
         sumqx, sumq2 = fit_scale(xval, weight, Laux, 32)
         if sumq2 > F32(0.0) and F32(sumqx * sumqx) > F32(best * sumq2):
             scale = F32(sumqx / sumq2)
@@ -146,7 +165,7 @@ def search_32(
     if scale > F32(0.0):
         inv = F32(F32(1.0) / scale)
         for k in range(4):
-            snap_group(kmap, neighbours, grid, grid_f32, xval, waux, GROUP * k, inv, scale, L)
+            snap_group(kmap, neighbours, neighbour_keys, grid_f32, xval, waux, GROUP * k, inv, scale, L, dist)
         sumqx, sumq2 = fit_scale(xval, weight, L, 32)
         if sumq2 > F32(0.0):
             scale = F32(sumqx / sumq2)
@@ -155,7 +174,7 @@ def search_32(
 
 @njit(cache=True, error_model="numpy")
 def search_16(
-    kmap: np.ndarray, neighbours: np.ndarray, grid: np.ndarray, grid_f32: np.ndarray,
+    kmap: np.ndarray, neighbours: np.ndarray, neighbour_keys: np.ndarray, grid_f32: np.ndarray, dist: np.ndarray,
     xval: np.ndarray, weight: np.ndarray, waux: np.ndarray, L: np.ndarray, Laux: np.ndarray, xmax: np.float32,
 ) -> np.float32:
     """IQ2_XS's and IQ2_S's search over 16 weights (2 points) whose largest |x| is xmax: the scale,
@@ -168,8 +187,8 @@ def search_16(
     for step in range(-9, 10):
         inv = F32(F32(F32(2 * K_MAX_Q - 1) + F32(F32(step) * F32(0.1))) / xmax)
         this_scale = F32(F32(1.0) / inv)
-        aux0 = snap_group(kmap, neighbours, grid, grid_f32, xval, waux, 0, inv, this_scale, Laux)
-        aux1 = snap_group(kmap, neighbours, grid, grid_f32, xval, waux, GROUP, inv, this_scale, Laux)
+        aux0 = snap_group(kmap, neighbours, neighbour_keys, grid_f32, xval, waux, 0, inv, this_scale, Laux, dist)
+        aux1 = snap_group(kmap, neighbours, neighbour_keys, grid_f32, xval, waux, GROUP, inv, this_scale, Laux, dist)
         sumqx, sumq2 = fit_scale(xval, weight, Laux, 16)
         if sumq2 > F32(0.0) and F32(sumqx * sumqx) > F32(best * sumq2):
             scale = F32(sumqx / sumq2)
@@ -180,9 +199,9 @@ def search_16(
     if (not on_grid0 or not on_grid1) and scale > F32(0.0):
         inv = F32(F32(1.0) / scale)
         if not on_grid0:
-            snap_group(kmap, neighbours, grid, grid_f32, xval, waux, 0, inv, scale, L)
+            snap_group(kmap, neighbours, neighbour_keys, grid_f32, xval, waux, 0, inv, scale, L, dist)
         if not on_grid1:
-            snap_group(kmap, neighbours, grid, grid_f32, xval, waux, GROUP, inv, scale, L)
+            snap_group(kmap, neighbours, neighbour_keys, grid_f32, xval, waux, GROUP, inv, scale, L, dist)
         sumqx, sumq2 = fit_scale(xval, weight, L, 16)
         if sumq2 > F32(0.0):
             scale = F32(sumqx / sumq2)
