@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from rioquant.errors import CheckpointError, ImatrixError, NonFiniteRowError, PlanError, QuantInputError
+from rioquant.errors import BadRowError, CheckpointError, ImatrixError, PlanError, QuantInputError
 from rioquant.export.checkpoint import read_config, read_float32, read_rows_float32, scan_tensors
 from rioquant.export.gguf_out import (
     OutputFS,
@@ -300,8 +300,8 @@ def _tensor_chunks(
                 data = quantize(block, qtype, imatrix=weights, threads=threads)
             except QuantInputError as err:
                 source = spec.pieces[0].source
-                if isinstance(err, NonFiniteRowError):
-                    err = NonFiniteRowError(start + err.row)
+                if isinstance(err, BadRowError):
+                    err = err.shifted(start)
                 raise CheckpointError(f"{source.file.name}: tensor {source.name}: {err}") from None
             if tracker is not None:
                 tracker.add(block, data, weights, no_imatrix_data=(expert or 0) in no_data)

@@ -32,7 +32,6 @@ from rioquant.quant.recipes import (
     parse_tensor_type,
     use_more_bits,
 )
-from rioquant.quant.types import BLOCK_KERNELS, FLOAT_TYPES
 from rioquant.testing.checkpoints import KQUANT, TINY, build_checkpoint
 from rioquant.testing.gguf_scan import scan
 from rioquant.testing.imatrix_files import gguf_importance, random_entries, write_gguf_imatrix
@@ -244,14 +243,6 @@ BYTES_CASES = [
 ]
 
 
-def skip_without_kernels(plan) -> None:
-    """The i-quant kernels arrive separately; until rioquant can write every type of the plan, skip."""
-    writable = {t.name for t in (*BLOCK_KERNELS, *FLOAT_TYPES)}
-    missing = sorted({e.qtype for e in plan.entries} - writable)
-    if missing:
-        pytest.skip(f"no rioquant kernel yet for {', '.join(missing)}")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("variant,mix", BYTES_CASES)
 def test_mix_bytes_equal_llama_quantize(models, tmp_path, variant, mix):
@@ -259,7 +250,6 @@ def test_mix_bytes_equal_llama_quantize(models, tmp_path, variant, mix):
     exactly the size `rioquant plan` predicts."""
     src, bf16 = models[variant]
     options = ConvertOptions(qtype=mix)
-    skip_without_kernels(build_plan(src, options))
     ref = scan(llama_quantize(bf16, tmp_path / "llama.gguf", LLAMA_MIXES[mix].file_type))
     (out,) = convert(src, tmp_path / "ours.gguf", options, RunOptions(progress=False, report=False))
     ours = scan(out)
@@ -292,7 +282,6 @@ def test_mix_bytes_with_imatrix_equal_llama_quantize(models, tmp_path, mix):
     entries = imatrix_entries(src, with_mtp=needs_imatrix(mix))
     path = write_gguf_imatrix(tmp_path / "imatrix.gguf", entries, ["calibration.txt"], chunk_count=4)
     options = ConvertOptions(qtype=mix, imatrix=path)
-    skip_without_kernels(build_plan(src, options))
     importance = {n: gguf_importance(e) for n, e in entries.items()}
     ref = scan(llama_quantize(bf16, tmp_path / "llama.gguf", LLAMA_MIXES[mix].file_type, importance=importance))
     (out,) = convert(src, tmp_path / "ours.gguf", options, RunOptions(progress=False, report=False))
