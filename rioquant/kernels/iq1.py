@@ -12,14 +12,14 @@ whose levels are not a lattice point take the best of that key's precomputed nei
 
 Shared with IQ1_M (rioquant.kernels.iq1_m): the lattice tables, the sort and the neighbour search.
 ggml sorts with the C library's qsort, which glibc implements as a merge sort for arrays this small,
-so equal values keep their index order; the insertion sort here is stable too. The tie order matters:
-it decides both the order of the prefix sums and which of two equal values land on either side of a
-split.
+so equal values keep their index order; the rank sort here orders ties the same way. The tie order
+matters: it decides both the order of the prefix sums and which of two equal values land on either
+side of a split.
 
-Speed: the split search is exhaustive (~1,100 candidates per block of 32). For each first boundary i1
-the candidates over all second boundaries are first only counted, in a loop the compiler vectorises,
-against the best score so far with ggml's exact test; only rows holding a candidate that would win are
-then scanned in ggml's order. Skipping a row nothing in it beats is exact, because the best score only
+Speed: the split search is exhaustive (~1,100 candidates per block of 32). For each first boundary
+i1 the candidates over all second boundaries are first computed and counted against the best score so
+far with ggml's exact test, in a loop the compiler vectorises; only rows holding a candidate that
+would win are then scanned in ggml's order. Skipping a row nothing in it beats is exact, because the best score only
 changes when a candidate wins.
 """
 
@@ -62,14 +62,18 @@ def level(grid_index: int, j: int) -> int:
 
 @njit(cache=True)
 def sort_order(xb: np.ndarray, order: np.ndarray) -> None:
-    """order ← the indices of xb sorted ascending, ties in index order (glibc qsort, see above)."""
-    for j in range(xb.size):
-        v = xb[j]
-        k = j
-        while k > 0 and xb[order[k - 1]] > v:
-            order[k] = order[k - 1]
-            k -= 1
-        order[k] = j
+    """order ← the indices of xb sorted ascending, ties in index order (glibc qsort, see above).
+
+    Each value's rank is counted against all others, branch-free (the compiler vectorises it), which
+    beats a comparison sort at 16 or 32 values.
+    """
+    n = xb.size
+    for i in range(n):
+        v = xb[i]
+        rank = 0
+        for j in range(n):
+            rank += (xb[j] < v) | ((xb[j] == v) & (j < i))
+        order[rank] = i
 
 
 @njit(cache=True)

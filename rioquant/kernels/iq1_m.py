@@ -41,6 +41,7 @@ QK_K = 256
 BLOCK = 16  # IQ1M_BLOCK_SIZE
 HALF = BLOCK // 2
 N_BLOCKS = QK_K // BLOCK
+PAD = 24  # BLOCK + 1 boundaries, padded to whole SIMD vectors
 QS_AT, QH_AT, SCALES_AT = 0, QK_K // 8, QK_K // 8 + QK_K // 16
 BLOCK_BYTES = SCALES_AT + QK_K // 32
 GROUP_MAX_EPS = F32(1e-7)  # GROUP_MAX_EPS_IQ1_M
@@ -57,6 +58,7 @@ def half_levels(k: int, half: int) -> np.ndarray:
 @njit(cache=True, error_model="numpy")
 def _split_search(
     xb: np.ndarray, weight: np.ndarray, order: np.ndarray, px: np.ndarray, pw: np.ndarray, cs: np.ndarray,
+    row: np.ndarray,
 ) -> tuple[int, int, int, np.float32]:
     """(i1, i2, sign combination k, scale) of the best split of the sorted block, or i1 = -1.
 
@@ -83,7 +85,7 @@ def _split_search(
     tx_m0, tx_m1 = F32(px[0, n] * m2), F32(px[1, n] * m2)
     tw_p0, tw_p1 = F32(F32(pw[0, n] * p2) * p2), F32(F32(pw[1, n] * p2) * p2)
     tw_m0, tw_m1 = F32(F32(pw[0, n] * m2) * m2), F32(F32(pw[1, n] * m2) * m2)
-    for i2 in range(n + 1):
+    for i2 in range(PAD):
         cs[0, i2] = F32(pw[0, i2] * cp2)
         cs[1, i2] = F32(pw[1, i2] * cp2)
         cs[2, i2] = F32(pw[0, i2] * cm2)
@@ -95,7 +97,7 @@ def _split_search(
         wp0, wp1 = F32(tw_p0 + F32(pw[0, i1] * cp1)), F32(tw_p1 + F32(pw[1, i1] * cp1))
         wm0, wm1 = F32(tw_m0 + F32(pw[0, i1] * cm1)), F32(tw_m1 + F32(pw[1, i1] * cm1))
         hits = 0
-        for i2 in range(i1, n + 1):
+        for i2 in range(PAD):  # fixed trip count: vectorised whole; i2 outside [i1, n] masked
             sx0, sx1 = F32(a0 + px[0, i2]), F32(a1 + px[1, i2])
             qp0, qp1 = F32(tx_p0 - sx0), F32(tx_p1 - sx1)
             qm0, qm1 = F32(tx_m0 - sx0), F32(tx_m1 - sx1)
@@ -103,23 +105,20 @@ def _split_search(
             vm0, vm1 = F32(wm0 + cs[2, i2]), F32(wm1 + cs[3, i2])
             x0, x1, x2, x3 = F32(qp0 + qp1), F32(qp0 + qm1), F32(qm0 + qp1), F32(qm0 + qm1)
             v0, v1, v2, v3 = F32(vp0 + vp1), F32(vp0 + vm1), F32(vm0 + vp1), F32(vm0 + vm1)
-            hits += (
+            row[0, i2], row[1, i2], row[2, i2], row[3, i2] = x0, x1, x2, x3
+            row[4, i2], row[5, i2], row[6, i2], row[7, i2] = v0, v1, v2, v3
+            win = (
                 ((v0 > ZERO) & (F32(x0 * x0) > F32(best * v0)))
                 | ((v1 > ZERO) & (F32(x1 * x1) > F32(best * v1)))
                 | ((v2 > ZERO) & (F32(x2 * x2) > F32(best * v2)))
                 | ((v3 > ZERO) & (F32(x3 * x3) > F32(best * v3)))
             )
+            hits += (i2 >= i1) & (i2 <= n) & win
         if hits == 0:
             continue
-        for i2 in range(i1, n + 1):
-            sx0, sx1 = F32(a0 + px[0, i2]), F32(a1 + px[1, i2])
-            qp0, qp1 = F32(tx_p0 - sx0), F32(tx_p1 - sx1)
-            qm0, qm1 = F32(tx_m0 - sx0), F32(tx_m1 - sx1)
-            vp0, vp1 = F32(wp0 + cs[0, i2]), F32(wp1 + cs[1, i2])
-            vm0, vm1 = F32(wm0 + cs[2, i2]), F32(wm1 + cs[3, i2])
+        for i2 in range(i1, n + 1):  # ggml's order, on the row's sums computed above
             for k in range(4):
-                qx = F32((qm0 if k >= 2 else qp0) + (qm1 if k & 1 else qp1))
-                q2 = F32((vm0 if k >= 2 else vp0) + (vm1 if k & 1 else vp1))
+                qx, q2 = row[k, i2], row[4 + k, i2]
                 if q2 > ZERO and F32(qx * qx) > F32(best * q2):
                     scale = F32(qx / q2)
                     best = F32(scale * qx)
@@ -132,9 +131,10 @@ def quantize_row_iq1_m(x: np.ndarray, importance: np.ndarray, out: np.ndarray) -
     """quantize_row_iq1_m_impl with quant_weights; `importance` must hold n weights."""
     weights = np.empty(QK_K, dtype=np.float32)
     order = np.empty(BLOCK, dtype=np.int64)
-    px = np.empty((2, BLOCK + 1), dtype=np.float32)
-    pw = np.empty((2, BLOCK + 1), dtype=np.float32)
-    cs = np.empty((4, BLOCK + 1), dtype=np.float32)
+    px = np.zeros((2, PAD), dtype=np.float32)
+    pw = np.zeros((2, PAD), dtype=np.float32)
+    cs = np.empty((4, PAD), dtype=np.float32)
+    row = np.empty((8, PAD), dtype=np.float32)
     L = np.empty(BLOCK, dtype=np.uint8)
     index = np.empty(2, dtype=np.int64)
     terms = np.empty(32, dtype=np.float32)
@@ -154,7 +154,7 @@ def quantize_row_iq1_m(x: np.ndarray, importance: np.ndarray, out: np.ndarray) -
             if amax < GROUP_MAX_EPS:
                 continue
             sort_order(xb, order)
-            i1, i2, k, scale = _split_search(xb, weight, order, px, pw, cs)
+            i1, i2, k, scale = _split_search(xb, weight, order, px, pw, cs, row)
             if i1 < 0 or i2 < 0 or k < 0:
                 continue
             split_levels(order, i1, i2, L)
