@@ -37,6 +37,7 @@ from rioquant.convert import ConvertOptions, RunOptions, build_plan, convert, de
 from rioquant.evaluate.engine import EngineOptions
 from rioquant.evaluate.pipelines import collect_imatrix, kl_divergence
 from rioquant.files.gguf_file import read_header
+from rioquant.quant.plan import recipe_needs_imatrix
 from rioquant.quant.recipes import LLAMA_MIXES, XL_MIXES
 from rioquant.testing.gguf_scan import scan
 from rioquant.testing.imatrix_files import RawEntry, gguf_importance
@@ -101,7 +102,7 @@ def build_quants(work: Path, nano: Path, bf16: Path, imatrix: Path) -> list[Quan
     importance = llama_importance(imatrix)
     quants = []
     for mix, recipe in LLAMA_MIXES.items():
-        for with_imatrix in (False, True):
+        for with_imatrix in (True,) if recipe_needs_imatrix(recipe) else (False, True):
             path = work / f"nano-{mix}{'-imat' if with_imatrix else ''}-llama.gguf"
             if not path.is_file():
                 _log(f"llama_model_quantize {mix}{' with imatrix' if with_imatrix else ''}")
@@ -136,7 +137,7 @@ def measure(quant: Quant, bf16: Path, text: Path, states: Path, cache: dict) -> 
                          "kld_99_9": result["kld_percentiles"]["99.9%"], "same_top_p": result["same_top_p"],
                          "ppl": result["ppl_q"], "ppl_base": result["ppl_base"], "tokens": result["tokens_scored"]}
     return {**asdict(quant), "path": quant.path.name, "label": quant.label, "bytes": quant.path.stat().st_size,
-            "bpw": bits_per_weight(quant.path), **cache[digest], "size_397b_gb": size_397b(quant.mix)}
+            "bpw": bits_per_weight(quant.path), **cache[digest], "size_397b_gb": size_397b(quant.mix, imatrix=quant.imatrix)}
 
 
 _SIZES_397B: dict[str, float] = {}
@@ -152,12 +153,14 @@ def _rio_397b_folder() -> Path:
     return folder
 
 
-def size_397b(mix: str, tensor_types: tuple[str, ...] = (), recipe: Path | None = None) -> float:
+def size_397b(mix: str, tensor_types: tuple[str, ...] = (), recipe: Path | None = None, imatrix: bool = False) -> float:
     """GB (10⁹ bytes) of the 397B file for `mix` (or a recipe file, with --tensor-type overrides), from
-    `rioquant plan` on its config alone (MTP included)."""
-    key = f"{mix} {tensor_types} {recipe and recipe.read_text()}"
+    `rioquant plan` on its config alone (MTP included), with or without an imatrix (plan looks only at
+    whether one is given)."""
+    key = f"{mix} {tensor_types} {recipe and recipe.read_text()} {imatrix}"
     if key not in _SIZES_397B:
-        options = ConvertOptions(qtype=mix, tensor_types=tensor_types, recipe=recipe)
+        options = ConvertOptions(qtype=mix, tensor_types=tensor_types, recipe=recipe,
+                                 imatrix=Path("imatrix.gguf") if imatrix else None)
         plan = build_plan(_rio_397b_folder(), options, weights_optional=True)
         _SIZES_397B[key] = describe_plan(plan)["file_bytes"] / 1e9
     return _SIZES_397B[key]

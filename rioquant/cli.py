@@ -64,9 +64,10 @@ def options(*decorators):
 # The options that decide every tensor's type, shared by `convert` and `plan`.
 recipe_options = options(
     click.option("--type", "qtype", default=None, metavar="MIX",
-                 help="Q8_0 (default), Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K "
-                      "(llama.cpp's mixes), Q4_K_XL, Q3_K_XL, Q2_K_XL (rioquant's), or uniform "
-                      "F32, F16, BF16, Q5_K, Q4_K, Q3_K."),
+                 help="Q8_0 (default), Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, "
+                      "Q5_1, Q5_0, Q4_1, Q4_0, IQ4_XS, IQ4_NL, IQ3_M, IQ3_S, IQ3_XS, IQ3_XXS, IQ2_M, IQ2_S, "
+                      "IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S (llama.cpp's mixes), Q4_K_XL, Q3_K_XL, Q2_K_XL (rioquant's), "
+                      "or uniform F32, F16, BF16, Q5_K, Q4_K, Q3_K."),
     click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
                  help="Type of the tensors whose name matches REGEX (repeatable; first match wins)."),
     click.option("--output-tensor-type", default=None, metavar="TYPE", help="Type of output.weight."),
@@ -77,6 +78,10 @@ recipe_options = options(
                  help="Raise the worst-measured tensors until the output is this big (e.g. 230G)."),
     click.option("--target-bpw", type=float, default=None,
                  help="Raise the worst-measured tensors up to this many bits per weight."),
+    click.option("--imatrix", "imatrix", type=click.Path(path_type=Path), default=None,
+                 help="llama.cpp importance matrix (GGUF from llama-imatrix or `rioquant imatrix`, or legacy "
+                      ".dat). IQ1_*, IQ2_*, IQ3_XXS and IQ3_XS need one; IQ4_*, Q4_0 and Q5_0 choose some "
+                      "types by whether one is given (all `plan` looks at)."),
 )
 
 # What goes into the file besides the types (which tensors, how split, the metadata), shared by
@@ -112,8 +117,8 @@ no_progress_option = click.option("--no-progress", is_flag=True, help="No progre
 
 
 def _convert_options(qtype, tensor_types, output_tensor_type, token_embedding_type, recipe, target_size, target_bpw,
-                     no_mtp, split_max_size, split_max_tensors, base_models, name, quantized_by, imatrix=None):
-    """ConvertOptions from recipe_options' and output_options' values (and convert's --imatrix)."""
+                     imatrix, no_mtp, split_max_size, split_max_tensors, base_models, name, quantized_by):
+    """ConvertOptions from recipe_options' and output_options' values."""
     from rioquant.convert import ConvertOptions, MetadataOptions, SplitOptions
     from rioquant.errors import PlanError
 
@@ -136,10 +141,8 @@ def _convert_options(qtype, tensor_types, output_tensor_type, token_embedding_ty
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--threads", type=int, default=None, help="Quantization threads (default: all cores).")
 @no_progress_option
-@click.option("--imatrix", "imatrix", type=click.Path(path_type=Path), default=None,
-              help="llama.cpp importance matrix (GGUF from llama-imatrix or `rioquant imatrix`, or legacy .dat).")
 @click.option("--no-report", is_flag=True, help="Skip the per-tensor/per-expert error report (NAME.report.json/.csv).")
-def convert(src, out, resume, force, threads, no_progress, imatrix, no_report, **values) -> None:
+def convert(src, out, resume, force, threads, no_progress, no_report, **values) -> None:
     """Convert the Hugging Face checkpoint SRC into a GGUF.
 
     \b
@@ -153,7 +156,7 @@ def convert(src, out, resume, force, threads, no_progress, imatrix, no_report, *
     from rioquant.convert import convert as run_convert
 
     run = RunOptions(resume=resume, force=force, threads=threads, progress=not no_progress, report=not no_report)
-    for path in run_convert(src, out, _convert_options(**values, imatrix=imatrix), run):
+    for path in run_convert(src, out, _convert_options(**values), run):
         click.echo(str(path))
 
 

@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from rioquant.errors import CheckpointError, NonFiniteRowError, PlanError, QuantInputError
+from rioquant.errors import BadRowError, CheckpointError, ImatrixError, PlanError, QuantInputError
 from rioquant.export.checkpoint import read_config, read_float32, read_rows_float32, scan_tensors
 from rioquant.export.gguf_out import (
     OutputFS,
@@ -41,7 +41,7 @@ from rioquant.export.vocab import Vocab, add_vocab, read_vocab
 from rioquant.quant import budget, quantize
 from rioquant.quant.imatrix import Imatrix, check_fit, read_imatrix, uses_importance
 from rioquant.quant.metrics import TensorErrorTracker
-from rioquant.quant.plan import Overrides, PlanEntry, plan_fingerprint, recipe_entries
+from rioquant.quant.plan import Overrides, PlanEntry, needs_imatrix, plan_fingerprint, recipe_entries
 from rioquant.quant.recipes import ModelFacts, Recipe, check_type, get_recipe, load_recipe, parse_tensor_type
 from rioquant.quant.report import build_report, write_report
 
@@ -133,8 +133,12 @@ def build_plan(src: Path, options: ConvertOptions, weights_optional: bool = Fals
     specs = tensor_specs(tensors, args, options.with_mtp)
     n_mtp = mtp_layer_count(specs, args.num_hidden_layers)
     recipe = load_recipe(options.recipe) if options.recipe else get_recipe(options.qtype)
-    facts = model_facts(args, n_mtp)
+    facts = model_facts(args, n_mtp, has_imatrix=options.imatrix is not None)
     entries = recipe_entries([(s.name, s.shape) for s in specs], recipe, facts, _overrides(options))
+    unweighted = next((e for e in entries if needs_imatrix(e)), None) if options.imatrix is None else None
+    if unweighted is not None:
+        raise PlanError(f"{unweighted.name} → {unweighted.qtype} ({unweighted.rule}) needs an importance matrix, "
+                        "as in llama-quantize: give --imatrix FILE (from `rioquant imatrix` or llama-imatrix)")
     plan = ConversionPlan(src, args, config, specs, entries, n_mtp, options, recipe)
     if options.target_size is not None or options.target_bpw is not None:
         if from_config:
@@ -143,13 +147,15 @@ def build_plan(src: Path, options: ConvertOptions, weights_optional: bool = Fals
     return plan
 
 
-def model_facts(args: ModelArgs, n_mtp: int) -> ModelFacts:
-    """What the recipes' rules look at besides a tensor's name, from the architecture's arguments."""
+def model_facts(args: ModelArgs, n_mtp: int, has_imatrix: bool) -> ModelFacts:
+    """What the recipes' rules look at besides a tensor's name, from the architecture's arguments (and
+    whether an imatrix is given: some of llama.cpp's rules read that too)."""
     return ModelFacts(
         n_expert=args.num_experts,
         n_gqa=args.num_attention_heads // args.num_key_value_heads if args.num_key_value_heads else 0,
         n_blocks=args.num_hidden_layers + n_mtp,
         keep_f32=KEEP_F32,
+        has_imatrix=has_imatrix,
     )
 
 
@@ -300,8 +306,8 @@ def _tensor_chunks(
                 data = quantize(block, qtype, imatrix=weights, threads=threads)
             except QuantInputError as err:
                 source = spec.pieces[0].source
-                if isinstance(err, NonFiniteRowError):
-                    err = NonFiniteRowError(start + err.row)
+                if isinstance(err, BadRowError):
+                    err = err.shifted(start)
                 raise CheckpointError(f"{source.file.name}: tensor {source.name}: {err}") from None
             if tracker is not None:
                 tracker.add(block, data, weights, no_imatrix_data=(expert or 0) in no_data)
@@ -321,6 +327,10 @@ def convert(
             imatrix, {e.name: e.shape for e in plan.entries},
             {e.name for e in plan.entries if uses_importance(e.qtype)}, plan.args.num_hidden_layers,
         )
+        unweighted = next((e for e in plan.entries if needs_imatrix(e) and e.name not in usable), None)
+        if unweighted is not None:  # an MTP tensor: llama-imatrix does not run that block
+            raise ImatrixError(f"{options.imatrix}: no entry for {unweighted.name}, which {unweighted.qtype} cannot be "
+                               "quantized without (llama-quantize refuses it too); --no-mtp leaves the MTP block out")
         imatrix_meta = imatrix_metadata(imatrix, str(options.imatrix))
         imatrix = imatrix.restricted_to(usable)
     add_metadata = _metadata_writer(plan, imatrix_meta)

@@ -14,13 +14,27 @@ class QuantInputError(RioquantError, ValueError):
     """An array handed to a quantizer cannot be quantized as asked (shape, dtype, NaN/Inf, block size)."""
 
 
-class NonFiniteRowError(QuantInputError):
-    """A row holds NaN or Inf; `row` is its index in the array handed over, so a caller that quantizes
-    a matrix in pieces can name the row of the whole matrix."""
+class BadRowError(QuantInputError):
+    """A row the quantizer refuses; `row` is its index in the array handed over, so a caller that quantizes
+    a matrix in pieces can name the row of the whole matrix (`shifted`)."""
+
+    def __init__(self, row: int, reason: str) -> None:
+        super().__init__(f"row {row} {reason}")
+        self.row = row
+        self.reason = reason
+
+    def shifted(self, offset: int) -> "BadRowError":
+        """The same error, for the row `offset` rows further on (its index in the whole matrix)."""
+        moved = type(self).__new__(type(self))
+        BadRowError.__init__(moved, self.row + offset, self.reason)
+        return moved
+
+
+class NonFiniteRowError(BadRowError):
+    """A row holds NaN or Inf."""
 
     def __init__(self, row: int) -> None:
-        super().__init__(f"row {row} holds NaN or Inf: refusing to quantize it")
-        self.row = row
+        super().__init__(row, "holds NaN or Inf: refusing to quantize it")
 
 
 class CheckpointError(RioquantError):

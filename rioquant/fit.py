@@ -126,7 +126,7 @@ def _checkpoint_mixes(src: Path) -> tuple[LlamaShape, list[MixSize]]:
     plan = build_plan(src, ConvertOptions(qtype=next(iter(RECIPES))), weights_optional=True)
     header = sum(planned_sizes(plan)) - sum(_pad(e.nbytes) for e in plan.entries)
     args = plan.args
-    facts = model_facts(args, plan.n_mtp_layers)
+    facts = model_facts(args, plan.n_mtp_layers, has_imatrix=True)  # as published: the i-quants need one
     tensors = [(e.name, e.shape) for e in plan.entries]
     return shape_from_args(args), _mixes(tensors, facts, header, args.num_hidden_layers)
 
@@ -139,6 +139,7 @@ def _gguf_mixes(gguf: GGUFSet, shape: LlamaShape) -> list[MixSize]:
         n_gqa=int(gguf.get(f"{arch}.attention.head_count", 0)) // max(1, shape.n_head_kv),
         n_blocks=int(gguf.get(f"{arch}.block_count", shape.n_layer)),
         keep_f32=KEEP_F32,
+        has_imatrix=True,
     )
     tensors = [(t.name, t.shape) for h in gguf.headers for t in h.tensors]
     alignment = gguf.first.alignment

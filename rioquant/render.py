@@ -12,11 +12,11 @@ from rioquant.quant.report import primary_metric
 def plan_table(summary: dict) -> str:
     """`rioquant plan`: one line per tensor (type, bytes, rule), then totals by type and the file size."""
     width = max(len(t["name"]) for t in summary["tensors"])
-    lines = [f"{'tensor':<{width}}  {'type':<5} {'bytes':>15}  rule"]
-    lines += [f"{t['name']:<{width}}  {t['type']:<5} {t['bytes']:>15,}  {t['rule']}" for t in summary["tensors"]]
+    lines = [f"{'tensor':<{width}}  {'type':<7} {'bytes':>15}  rule"]
+    lines += [f"{t['name']:<{width}}  {t['type']:<7} {t['bytes']:>15,}  {t['rule']}" for t in summary["tensors"]]
     lines.append("")
     for qtype, row in sorted(summary["types"].items(), key=lambda kv: -kv[1]["bytes"]):
-        lines.append(f"{qtype:<5} {row['tensors']:>5} tensors {row['bytes']:>19,} bytes")
+        lines.append(f"{qtype:<7} {row['tensors']:>5} tensors {row['bytes']:>19,} bytes")
     p = summary["parameters"]
     lines += [
         "",

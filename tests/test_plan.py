@@ -27,6 +27,7 @@ from rioquant.errors import PlanError
 from rioquant.export.metadata import add_arch_metadata
 from rioquant.files.gguf_file import nbytes
 from rioquant.quant import budget
+from rioquant.quant.plan import recipe_needs_imatrix
 from rioquant.quant.recipes import LLAMA_MIXES, RECIPES
 from rioquant.testing.checkpoints import TINY, build_checkpoint
 from rioquant.testing.gguf_scan import scan
@@ -38,7 +39,7 @@ T = GGMLQuantizationType
 CONFIG_397B = Path(__file__).parent / "data" / "rio-3.5-open-397b" / "config.json"
 
 # The exact size of the single-file GGUF `rioquant plan` predicts for the 397B model (MTP included,
-# directory named Rio-3.5-Open-397B, no model card). README.md and docs/recipes.md quote these.
+# directory named Rio-3.5-Open-397B, no model card, --imatrix given). README.md and docs/recipes.md quote these.
 SIZES_397B = {
     "F32": 1_611_783_856_128,  # 1611.8 GB 32.00 bpw
     "F16": 806_161_866_752,  # 806.2 GB 16.01 bpw
@@ -56,6 +57,22 @@ SIZES_397B = {
     "Q3_K_M": 192_648_024_064,  # 192.6 GB 3.82 bpw
     "Q3_K_S": 174_020_038_656,  # 174.0 GB 3.45 bpw
     "Q2_K": 147_136_397_312,  # 147.1 GB 2.92 bpw
+    "Q5_1": 302_719_639_552,  # 302.7 GB 6.01 bpw
+    "Q5_0": 278_548_881_408,  # 278.5 GB 5.53 bpw (without an imatrix 277.6 GB)
+    "Q4_1": 252_495_405_056,  # 252.5 GB 5.01 bpw
+    "Q4_0": 228_324_646_912,  # 228.3 GB 4.53 bpw (without an imatrix 227.4 GB)
+    "IQ4_XS": 215_186_366_464,  # 215.2 GB 4.27 bpw (without an imatrix 217.5 GB)
+    "IQ4_NL": 227_670_597_632,  # 227.7 GB 4.52 bpw (without an imatrix 229.6 GB)
+    "IQ3_M": 176_396_996_608,  # 176.4 GB 3.50 bpw
+    "IQ3_S": 174_325_305_344,  # 174.3 GB 3.46 bpw
+    "IQ3_XS": 164_994_289_664,  # 165.0 GB 3.28 bpw
+    "IQ3_XXS": 155_467_509_760,  # 155.5 GB 3.09 bpw
+    "IQ2_M": 131_606_278_144,  # 131.6 GB 2.61 bpw
+    "IQ2_S": 119_439_437_824,  # 119.4 GB 2.37 bpw
+    "IQ2_XS": 118_386_946_048,  # 118.4 GB 2.35 bpw
+    "IQ2_XXS": 106_203_328_512,  # 106.2 GB 2.11 bpw
+    "IQ1_M": 90_994_778_112,  # 91.0 GB 1.81 bpw
+    "IQ1_S": 81_869_647_872,  # 81.9 GB 1.63 bpw
     "Q4_K_XL": 241_453_604_864,  # 241.5 GB 4.79 bpw
     "Q3_K_XL": 187_998_138_368,  # 188.0 GB 3.73 bpw
     "Q2_K_XL": 146_189_316_096,  # 146.2 GB 2.90 bpw
@@ -83,9 +100,15 @@ def test_397b_plan_reproduces_the_published_parameter_counts(rio_397b):
     assert len(build_plan(rio_397b, ConvertOptions(), weights_optional=True).entries) == 1118
 
 
+IMATRIX_PLACEHOLDER = Path("imatrix.gguf")  # `plan` looks only at whether an imatrix is given
+
+
 @pytest.mark.slow
 def test_397b_predicted_sizes(rio_397b):
-    sizes = {mix: describe_plan(build_plan(rio_397b, ConvertOptions(qtype=mix), weights_optional=True))["file_bytes"]
+    """With an imatrix: the IQ1/IQ2/IQ3_XXS/IQ3_XS mixes need one, the K mixes ignore it (and IQ4_*, Q4_0,
+    Q5_0 keep the default type on the first ffn_down blocks, as they are made in practice)."""
+    sizes = {mix: describe_plan(build_plan(rio_397b, ConvertOptions(qtype=mix, imatrix=IMATRIX_PLACEHOLDER),
+                                           weights_optional=True))["file_bytes"]
              for mix in RECIPES}
     assert sizes == SIZES_397B
 
@@ -123,8 +146,12 @@ def sparse_397b_bf16(rio_397b, tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("mix", list(LLAMA_MIXES))
 def test_397b_types_equal_llama_quantize(rio_397b, sparse_397b_bf16, mix):
-    plan = build_plan(rio_397b, ConvertOptions(qtype=mix), weights_optional=True)
-    llama = llama_dry_run(sparse_397b_bf16, LLAMA_MIXES[mix].file_type)
+    """Without an imatrix, except where the mix needs one (tests/test_recipes.py tries both on tiny models)."""
+    recipe = LLAMA_MIXES[mix]
+    imatrix = recipe_needs_imatrix(recipe)
+    options = ConvertOptions(qtype=mix, imatrix=IMATRIX_PLACEHOLDER if imatrix else None)
+    plan = build_plan(rio_397b, options, weights_optional=True)
+    llama = llama_dry_run(sparse_397b_bf16, recipe.file_type, imatrix=imatrix)
     ours = {e.name: e for e in plan.entries}
     assert ours.keys() == llama.keys()
     wrong = [f"{n}: ours {ours[n].qtype} ({ours[n].rule}), llama.cpp {t.name}" for n, t in llama.items()

@@ -4,8 +4,10 @@ The oracle is llama-cpp-python's `llama_model_quantize` on a BF16 GGUF written b
 converter from the same tiny checkpoint (rioquant/testing/llama_quantize.py). Three checkpoints cover the rules'
 branches: 8 experts (llama.cpp's special case) with an MTP block; 6 experts with n_head/n_head_kv = 4 and
 16 blocks (so n/8, n/16 and use_more_bits all bite); and TINY, whose rows of 64 and 32 fit no K-quant
-block, so every fallback type appears. Decisions come from llama.cpp's dry run (seconds per mix); three
-mixes are also quantized for real and compared byte for byte with `rioquant convert`.
+block, so every fallback type appears. Decisions come from llama.cpp's dry run (seconds per mix), with
+and without an imatrix where the mix looks at it or needs it (then `plan` refuses, as llama-quantize
+does); the mixes are also quantized for real and compared byte for byte with `rioquant convert` (the
+i-quant mixes once rioquant.quant.types.BLOCK_KERNELS has their kernels).
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
 from rioquant.convert import ConvertOptions, RunOptions, build_plan, convert, describe_plan
-from rioquant.errors import PlanError
+from rioquant.errors import ImatrixError, PlanError
+from rioquant.quant.plan import recipe_needs_imatrix
 from rioquant.quant.recipes import (
     LLAMA_MIXES,
     RECIPES,
     XL_MIXES,
+    ModelFacts,
     get_recipe,
     layer_condition_holds,
     load_recipe,
@@ -61,13 +65,17 @@ def test_use_more_bits_is_llama_cpp_formula():
     ("i < n/8", 16, [0, 1]),
     ("i >= 7*n/8", 16, [14, 15]),
     ("i >= n", 4, []),
+    ("2*i < n/8", 61, [0, 1, 2, 3]),  # the first 7 ffn_down tensors, two per block: ffn_down_exps...
+    ("2*i+1 < n/8", 61, [0, 1, 2]),  # ... and ffn_down_shexp
 ])
 def test_layer_conditions(condition, n, expected):
     assert [i for i in range(n) if layer_condition_holds(condition, i, n)] == expected
 
 
 def test_recipe_table_names():
-    assert list(LLAMA_MIXES) == ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K"]
+    assert list(LLAMA_MIXES) == ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K",
+                                 "Q5_1", "Q5_0", "Q4_1", "Q4_0", "IQ4_XS", "IQ4_NL", "IQ3_M", "IQ3_S", "IQ3_XS",
+                                 "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"]
     assert list(XL_MIXES) == ["Q4_K_XL", "Q3_K_XL", "Q2_K_XL"]
     for uniform in ("F32", "F16", "BF16", "Q5_K", "Q4_K", "Q3_K"):
         assert RECIPES[uniform].rules == ()
@@ -118,6 +126,16 @@ def test_recipe_file_puts_its_rules_before_its_base(tmp_path):
     assert recipe.rules[0].layers == "i < n/8" and recipe.rules[1:] == LLAMA_MIXES["Q4_K_M"].rules
 
 
+def test_recipe_file_rules_may_look_at_the_imatrix_and_the_expert_count(tmp_path):
+    path = tmp_path / "guard.toml"
+    path.write_text('default = "Q4_K"\n[[rules]]\npattern = "ffn_down"\ntype = "Q6_K"\nimatrix = true\nmin_experts = 4\n')
+    rule = load_recipe(path).rules[0]
+    facts = ModelFacts(n_expert=8, n_gqa=2, n_blocks=8)
+    cases = [(True, 8), (False, 8), (True, 2)]
+    assert [rule.matches("blk.0.ffn_down_exps.weight", 0, 256, "Q4_K", replace(facts, has_imatrix=h, n_expert=e))
+            for h, e in cases] == [True, False, False]
+
+
 # ---------------------------------------------------------------------------------------------
 # Decisions and bytes against llama_model_quantize
 
@@ -151,13 +169,32 @@ def assert_same_decisions(plan, llama: dict[str, GGMLQuantizationType]) -> None:
         assert ours[name].nbytes == expected_bytes(qtype, ours[name].shape), name
 
 
+def needs_imatrix(mix: str) -> bool:
+    return recipe_needs_imatrix(LLAMA_MIXES[mix])
+
+
+def looks_at_imatrix(mix: str) -> bool:
+    return needs_imatrix(mix) or any(r.imatrix is not None for r in LLAMA_MIXES[mix].rules)
+
+
+IMATRIX_PLACEHOLDER = Path("imatrix.gguf")  # `plan` looks only at whether an imatrix is given, as llama.cpp's rules
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mix", list(LLAMA_MIXES))
+@pytest.mark.parametrize("mix,imatrix", [(mix, imatrix) for mix in LLAMA_MIXES
+                                         for imatrix in ((False, True) if looks_at_imatrix(mix) else (False,))])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_mix_types_equal_llama_quantize(models, variant, mix):
+def test_mix_types_equal_llama_quantize(models, variant, mix, imatrix):
+    """Every tensor's type; without an imatrix, `plan` refuses exactly when llama-quantize would."""
     src, bf16 = models[variant]
-    plan = build_plan(src, ConvertOptions(qtype=mix))
-    assert_same_decisions(plan, llama_dry_run(bf16, LLAMA_MIXES[mix].file_type))
+    llama = llama_dry_run(bf16, LLAMA_MIXES[mix].file_type, imatrix=imatrix)
+    options = ConvertOptions(qtype=mix, imatrix=IMATRIX_PLACEHOLDER if imatrix else None)
+    if llama.needs_imatrix:
+        with pytest.raises(PlanError, match=r"needs an importance matrix.*give --imatrix FILE") as err:
+            build_plan(src, options)
+        assert "\n" not in str(err.value)
+        return
+    assert_same_decisions(build_plan(src, options), llama)
 
 
 @pytest.mark.slow
@@ -196,11 +233,13 @@ def squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
-# Bytes of every standard mix on the 8-expert model, plus the other expert count and the fallback rows
+# Bytes of every standard mix on the 8-expert model (those needing an imatrix: below), plus the other
+# expert count and the fallback rows (IQ2_XXS's: IQ4_NL, Q4_0, Q5_0)
 BYTES_CASES = [
-    *(("8-experts-mtp", mix) for mix in LLAMA_MIXES),
+    *(("8-experts-mtp", mix) for mix in LLAMA_MIXES if not needs_imatrix(mix)),
     ("6-experts-gqa4-16-blocks", "Q4_K_M"),
     ("tiny-fallbacks-mtp", "Q3_K_M"),
+    ("tiny-fallbacks-mtp", "IQ2_XXS"),
 ]
 
 
@@ -210,8 +249,8 @@ def test_mix_bytes_equal_llama_quantize(models, tmp_path, variant, mix):
     """Every tensor's type, shape and bytes, and general.file_type, as llama-quantize writes them; the file is
     exactly the size `rioquant plan` predicts."""
     src, bf16 = models[variant]
-    ref = scan(llama_quantize(bf16, tmp_path / "llama.gguf", LLAMA_MIXES[mix].file_type))
     options = ConvertOptions(qtype=mix)
+    ref = scan(llama_quantize(bf16, tmp_path / "llama.gguf", LLAMA_MIXES[mix].file_type))
     (out,) = convert(src, tmp_path / "ours.gguf", options, RunOptions(progress=False, report=False))
     ours = scan(out)
     assert ours.tensors.keys() == ref.tensors.keys()
@@ -224,25 +263,48 @@ def test_mix_bytes_equal_llama_quantize(models, tmp_path, variant, mix):
     assert out.stat().st_size == describe_plan(build_plan(src, options))["file_bytes"]
 
 
+def imatrix_entries(src: Path, with_mtp: bool) -> dict:
+    """Statistics for llama-imatrix's set of tensors (one expert never routed), and the MTP block's if asked:
+    llama-imatrix does not run that block, but the mixes that need an imatrix cannot do without them."""
+    shapes = {e.name: e.shape for e in build_plan(src, ConvertOptions(qtype="F32")).entries
+              if e.name.startswith("blk.") and (with_mtp or int(e.name.split(".")[1]) < 8) and len(e.shape) >= 2
+              and "conv1d" not in e.name}
+    return random_entries(shapes, seed=7, zero_counts={"blk.2.ffn_up_exps.weight": [5]})
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mix", ["Q4_K_M", "Q2_K"])
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q2_K", *(mix for mix in LLAMA_MIXES if needs_imatrix(mix))])
 def test_mix_bytes_with_imatrix_equal_llama_quantize(models, tmp_path, mix):
     """With an imatrix (one expert never routed), every tensor's bytes equal llama_model_quantize's given
     the importance llama-quantize derives from the same file: the per-expert slices, the neutral
     weights of an expert without data, and which tensors get none."""
     src, bf16 = models["8-experts-mtp"]
-    shapes = {e.name: e.shape for e in build_plan(src, ConvertOptions(qtype="F32")).entries  # llama-imatrix's set
-              if e.name.startswith("blk.") and int(e.name.split(".")[1]) < 8 and len(e.shape) >= 2
-              and "conv1d" not in e.name}
-    entries = random_entries(shapes, seed=7, zero_counts={"blk.2.ffn_up_exps.weight": [5]})
+    entries = imatrix_entries(src, with_mtp=needs_imatrix(mix))
     path = write_gguf_imatrix(tmp_path / "imatrix.gguf", entries, ["calibration.txt"], chunk_count=4)
+    options = ConvertOptions(qtype=mix, imatrix=path)
     importance = {n: gguf_importance(e) for n, e in entries.items()}
     ref = scan(llama_quantize(bf16, tmp_path / "llama.gguf", LLAMA_MIXES[mix].file_type, importance=importance))
-    (out,) = convert(src, tmp_path / "ours.gguf", ConvertOptions(qtype=mix, imatrix=path), RunOptions(progress=False, report=False))
+    (out,) = convert(src, tmp_path / "ours.gguf", options, RunOptions(progress=False, report=False))
     ours = scan(out)
     assert ours.tensors.keys() == ref.tensors.keys()
     differ = [n for n, r in ref.tensors.items() if (ours.tensors[n].qtype, ours.tensors[n].data) != (r.qtype, r.data)]
     assert not differ, f"{len(differ)} tensors differ from llama_model_quantize --imatrix: {differ[:5]}"
+
+
+@pytest.mark.slow
+def test_mix_needing_an_imatrix_refuses_one_without_the_mtp_block(models, tmp_path):
+    """llama-imatrix does not run the MTP block; llama-quantize then refuses an IQ2_XXS of a model with one,
+    naming the tensor, and so does `rioquant convert`, before writing anything."""
+    src, bf16 = models["8-experts-mtp"]
+    entries = imatrix_entries(src, with_mtp=False)
+    path = write_gguf_imatrix(tmp_path / "imatrix.gguf", entries, ["calibration.txt"], chunk_count=4)
+    importance = {n: gguf_importance(e) for n, e in entries.items()}
+    with pytest.raises(RuntimeError, match=r"Missing importance matrix for tensor blk\.8\."):
+        llama_quantize(bf16, tmp_path / "llama.gguf", LlamaFileType.MOSTLY_IQ2_XXS, importance=importance)
+    options = ConvertOptions(qtype="IQ2_XXS", imatrix=path)
+    with pytest.raises(ImatrixError, match=r"no entry for blk\.8\..*--no-mtp") as err:
+        convert(src, tmp_path / "ours.gguf", options, RunOptions(progress=False, report=False))
+    assert "\n" not in str(err.value) and not (tmp_path / "ours.gguf").exists()
 
 
 @pytest.mark.slow

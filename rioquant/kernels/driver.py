@@ -19,10 +19,22 @@ from rioquant.kernels.common import f32_as_i32
 
 
 @njit(parallel=True)
-def quantize_rows(row_kernel, x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> None:
-    """Quantize each row of x (rows, n) into out (rows, row_bytes); importance is (n,) or (0,)."""
-    for r in prange(x.shape[0]):
-        row_kernel(x[r], importance, out[r])
+def quantize_rows(row_kernel, x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> int:
+    """Quantize each row of x (rows, n) into out (rows, row_bytes); importance is (n,) or (0,).
+
+    Returns the index of the first row holding NaN or ±Inf, or -1. Such rows are not handed to the
+    kernel (their bytes are left unwritten). Checking each row just before its kernel runs reads it
+    into the cache for the kernel and saves a separate parallel pass over the matrix, whose thread
+    start-up costs the fastest quantizers (Q3_K, the legacy types) a tenth of their time.
+    """
+    rows = x.shape[0]
+    bad = np.zeros(rows, dtype=np.bool_)
+    for r in prange(rows):
+        if row_is_finite(x[r]):
+            row_kernel(x[r], importance, out[r])
+        else:
+            bad[r] = True
+    return _first_true(bad)
 
 
 @njit(parallel=True)
@@ -32,22 +44,33 @@ def dequantize_rows(row_kernel, data: np.ndarray, out: np.ndarray) -> None:
         row_kernel(data[r], out[r])
 
 
-@njit(parallel=True, cache=True)
-def first_nonfinite_row(x: np.ndarray) -> int:
-    """Index of the first row holding NaN or ±Inf, or -1.
+@njit(cache=True, inline="always")
+def row_is_finite(row: np.ndarray) -> bool:
+    """No NaN or ±Inf in the row.
 
-    NaN and Inf are exactly the floats whose exponent field is all ones, so each row reduces to the
+    NaN and Inf are exactly the floats whose exponent field is all ones, so the row reduces to the
     max of its exponent fields: a branch-free loop the compiler vectorises (an early `break` would
     not), which keeps this check a small fraction of the fastest quantizers' time.
     """
+    top = 0
+    for v in row:
+        top = max(top, f32_as_i32(v) & 0x7F800000)
+    return top != 0x7F800000
+
+
+@njit(cache=True)
+def _first_true(flags: np.ndarray) -> int:
+    for r in range(flags.size):
+        if flags[r]:
+            return r
+    return -1
+
+
+@njit(parallel=True, cache=True)
+def first_nonfinite_row(x: np.ndarray) -> int:
+    """Index of the first row holding NaN or ±Inf, or -1 (for the element types, which have no kernel)."""
     rows = x.shape[0]
     bad = np.zeros(rows, dtype=np.bool_)
     for r in prange(rows):
-        top = 0
-        for v in x[r]:
-            top = max(top, f32_as_i32(v) & 0x7F800000)
-        bad[r] = top == 0x7F800000
-    for r in range(rows):
-        if bad[r]:
-            return r
-    return -1
+        bad[r] = not row_is_finite(x[r])
+    return _first_true(bad)

@@ -11,11 +11,19 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from rioquant.errors import NonFiniteRowError, QuantInputError
+from rioquant.errors import BadRowError, NonFiniteRowError, QuantInputError
 from rioquant.files.gguf_file import nbytes
 from rioquant.kernels import floats
 from rioquant.kernels.driver import dequantize_rows, first_nonfinite_row, quantize_rows
-from rioquant.quant.types import BLOCK_KERNELS, FLOAT_TYPES, block_geometry, parse_qtype
+from rioquant.quant.types import (
+    BLOCK_KERNELS,
+    FLOAT_TYPES,
+    LATTICE_MAGNITUDE_LIMIT,
+    LATTICE_TYPES,
+    REQUIRES_IMATRIX,
+    block_geometry,
+    parse_qtype,
+)
 
 _NO_IMPORTANCE = np.zeros(0, dtype=np.float32)
 
@@ -45,9 +53,19 @@ def _check_rows(x: np.ndarray, qtype: GGMLQuantizationType) -> None:
         raise QuantInputError(
             f"row length {x.shape[1]} is not a multiple of {qtype.name}'s block size {block}"
         )
-    bad_row = first_nonfinite_row(x)
-    if bad_row >= 0:
-        raise NonFiniteRowError(bad_row)
+    if qtype in FLOAT_TYPES:  # the block types' driver finds NaN/Inf rows itself
+        bad_row = first_nonfinite_row(x)
+        if bad_row >= 0:
+            raise NonFiniteRowError(bad_row)
+    if qtype in LATTICE_TYPES and x.size:
+        peaks = np.max(np.abs(x), axis=1)
+        beyond = np.isfinite(peaks) & (peaks > LATTICE_MAGNITUDE_LIMIT)  # NaN/Inf rows: the driver names them
+        row = int(np.argmax(beyond))
+        if beyond[row]:
+            raise BadRowError(
+                row, f"holds |x| up to {peaks[row]:.3g}, beyond the {LATTICE_MAGNITUDE_LIMIT:.0e} that {qtype.name}'s "
+                "float32 lattice search handles (ggml aborts on such rows): choose another type for this tensor",
+            )
 
 
 def _check_importance(imatrix: np.ndarray, n_per_row: int) -> np.ndarray:
@@ -68,9 +86,14 @@ def quantize(
     """Quantize float32 rows to ggml blocks: uint8 (rows, row_bytes), byte-identical to ggml_quantize_chunk.
 
     With `imatrix` (importance per column) the K types take ggml's importance-weighted `*_impl`
-    search; element types and Q8_0 ignore it, as ggml does.
+    search; element types and Q8_0 ignore it, as ggml does. The REQUIRES_IMATRIX types refuse to
+    run without one, as llama-quantize does.
     """
     qtype = parse_qtype(qtype)
+    if imatrix is None and qtype in REQUIRES_IMATRIX:
+        raise QuantInputError(
+            f"{qtype.name} needs an importance matrix, as in llama.cpp: pass imatrix= (convert: --imatrix FILE)"
+        )
     _check_rows(x, qtype)
     x = np.ascontiguousarray(x)
     if qtype in FLOAT_TYPES:
@@ -78,7 +101,9 @@ def quantize(
     importance = _NO_IMPORTANCE if imatrix is None else _check_importance(imatrix, x.shape[1])
     out = np.empty((x.shape[0], nbytes(qtype, (x.shape[1],))), dtype=np.uint8)
     with numba_threads(threads):
-        quantize_rows(BLOCK_KERNELS[qtype].quantize_row, x, importance, out)
+        bad_row = quantize_rows(BLOCK_KERNELS[qtype].quantize_row, x, importance, out)
+    if bad_row >= 0:
+        raise NonFiniteRowError(bad_row)
     return out
 
 

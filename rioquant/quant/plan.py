@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType
 from rioquant.errors import PlanError
 from rioquant.files.gguf_file import block_index, nbytes
 from rioquant.quant.recipes import ModelFacts, Recipe, RecipeSource
-from rioquant.quant.types import block_geometry
+from rioquant.quant.types import REQUIRES_IMATRIX, block_geometry
 
 T = GGMLQuantizationType
 
@@ -30,7 +30,12 @@ ROW_FALLBACK: dict[GGMLQuantizationType, GGMLQuantizationType] = {
     T.Q4_K: T.Q5_0,
     T.Q5_K: T.Q5_1,
     T.Q6_K: T.Q8_0,
+    **dict.fromkeys((T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ4_XS), T.IQ4_NL),
 }
+
+# llama-quantize writes the REQUIRES_IMATRIX types without importance data only for these two
+# (tensor_requires_imatrix)
+IMATRIX_EXEMPT = ("token_embd.weight", "output.weight")
 
 
 class Origin(Enum):
@@ -80,6 +85,17 @@ def fit_row_length(qtype: GGMLQuantizationType, n_per_row: int) -> tuple[GGMLQua
     if n_per_row % block_geometry(fallback)[0] != 0:
         fallback = T.F16
     return fallback, True
+
+
+def needs_imatrix(entry: PlanEntry) -> bool:
+    """Whether llama-quantize would refuse this tensor without an imatrix (tensor_requires_imatrix)."""
+    return T[entry.qtype] in REQUIRES_IMATRIX and entry.name not in IMATRIX_EXEMPT
+
+
+def recipe_needs_imatrix(recipe: Recipe) -> bool:
+    """Whether the recipe names a type of REQUIRES_IMATRIX: a mix to make with --imatrix (on a given model all
+    such tensors may still fall back to types that need none, as on rows that fit no 256-block)."""
+    return any(T[t] in REQUIRES_IMATRIX for t in (recipe.default, *(r.qtype for r in recipe.rules)))
 
 
 def plan_fingerprint(entries: Sequence[PlanEntry], options: dict) -> str:

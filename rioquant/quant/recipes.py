@@ -14,10 +14,15 @@ Conditions a rule may carry, all of which must hold:
   llama.cpp indexes attn_v-like rules by a counter of attn_v-like tensors visited in (block, name)
   order, and ffn_down rules by the block in the name; qwen35moe has exactly one attn_v-like tensor per
   block (attn_qkv in linear-attention blocks, attn_v in full-attention ones), so both are the block index.
-- `experts`: the model has exactly this many experts (llama.cpp special-cases 8).
+  The one exception is the ffn_down rule of the lowest-bit i-quant mixes (IQ1_*, IQ2_*), which counts
+  ffn_down tensors as visited: two per block here, ffn_down_exps before ffn_down_shexp, so the k-th is
+  2i or 2i+1, written "2*i < n/8" and "2*i+1 < n/8" (the left side may be "A*i+B").
+- `experts`: the model has exactly this many experts (llama.cpp special-cases 8); `min_experts`: at least.
 - `min_gqa`: n_head / n_head_kv is at least this.
 - `row_misfit`: the row length is not a multiple of the default type's block (llama.cpp then gives
   output.weight Q8_0 instead of Q6_K).
+- `imatrix`: an importance matrix is given (True) or not (False): llama.cpp's `has_imatrix`, which a few
+  i-quant and legacy mixes look at.
 
 Patterns are Python regular expressions searched in the GGUF tensor name (`re.search`, like
 llama-quantize's `std::regex_search`). The llama.cpp categories are substrings, reproduced exactly:
@@ -51,9 +56,12 @@ class ModelFacts:
     n_gqa: int  # n_head // n_head_kv
     n_blocks: int  # transformer blocks including MTP (NextN) blocks: llama.cpp's n_layer_all
     keep_f32: tuple[str, ...] = ()  # the architecture's never-quantized name substrings (export.qwen35moe.KEEP_F32)
+    has_imatrix: bool = False  # --imatrix given: not a fact of the model, but llama.cpp's rules read it
 
 
-_LAYER_CONDITION = re.compile(r"^i\s*(<|<=|>|>=)\s*(?:(\d+)|(?:(\d+)\s*\*\s*)?n\s*/\s*(\d+)|n)$")
+_LAYER_CONDITION = re.compile(
+    r"^(?:(\d+)\s*\*\s*)?i(?:\s*\+\s*(\d+))?\s*(<|<=|>|>=)\s*(?:(\d+)|(?:(\d+)\s*\*\s*)?n\s*/\s*(\d+)|n)$"
+)
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -67,8 +75,9 @@ def layer_condition_holds(condition: str, i: int, n: int) -> bool:
         return use_more_bits(i, n)
     match = _LAYER_CONDITION.match(condition.strip())
     if match is None:
-        raise PlanError(f"layer condition {condition!r}: expected use_more_bits, 'i < K', 'i < n/D' or 'i >= M*n/D'")
-    op, const, mult, div = match.groups()
+        raise PlanError(f"layer condition {condition!r}: expected use_more_bits, 'i < K', 'i < n/D', 'i >= M*n/D' or 'A*i+B < n/D'")
+    scale, offset, op, const, mult, div = match.groups()
+    i = int(scale or 1) * i + int(offset or 0)
     if const is not None:
         bound = int(const)
     elif div is not None:
@@ -89,6 +98,8 @@ class Rule:
     experts: int | None = None
     min_gqa: int | None = None
     row_misfit: bool = False
+    min_experts: int | None = None
+    imatrix: bool | None = None
 
     def matches(self, name: str, block: int | None, row: int, default: str, facts: ModelFacts) -> bool:
         if not re.search(self.pattern, name):
@@ -96,6 +107,10 @@ class Rule:
         if self.experts is not None and facts.n_expert != self.experts:
             return False
         if self.min_gqa is not None and facts.n_gqa < self.min_gqa:
+            return False
+        if self.min_experts is not None and facts.n_expert < self.min_experts:
+            return False
+        if self.imatrix is not None and facts.has_imatrix != self.imatrix:
             return False
         if self.row_misfit and row % GGML_QUANT_SIZES[T[default]][0] == 0:
             return False
@@ -111,6 +126,8 @@ class Rule:
             self.experts is not None and f"{self.experts} experts",
             self.min_gqa is not None and f"n_gqa >= {self.min_gqa}",
             self.row_misfit and "row does not fit the default type",
+            self.min_experts is not None and f">= {self.min_experts} experts",
+            self.imatrix is not None and ("with an imatrix" if self.imatrix else "without an imatrix"),
         ) if c]
         return f"/{self.pattern}/" + (f" ({', '.join(conditions)})" if conditions else "") + f" → {self.qtype}"
 
@@ -151,10 +168,13 @@ ATTN_V_LIKE = r"attn_v\.weight|attn_qkv\.weight|attn_kv_b\.weight"
 ATTN_K = r"attn_k\.weight"
 ATTN_OUTPUT = r"attn_output\.weight"
 FFN_DOWN = r"ffn_down"
+ATTN_Q = r"attn_q\.weight"
+FFN_GATE_UP = r"ffn_gate|ffn_up"
 
 # output.weight: Q8_0 when its row does not fit the mix's block, else Q6_K (Q8_0 mixes keep Q8_0)
 OUTPUT_Q8_0_IF_MISFIT = Rule(OUTPUT, "Q8_0", "output: row does not fit the mix's block → Q8_0", row_misfit=True)
 OUTPUT_Q6_K = Rule(OUTPUT, "Q6_K", "output → Q6_K")
+OUTPUT_Q5_K = Rule(OUTPUT, "Q5_K", "output → Q5_K")  # the lowest-bit i-quant mixes
 # "for the 8-expert model, bumping this to Q8_0 trades just ~128MB" (llama-quant.cpp)
 EIGHT_EXPERTS = (
     Rule(ATTN_V_LIKE, "Q8_0", "8-expert model: attn_v/attn_qkv → Q8_0", experts=8),
@@ -163,9 +183,31 @@ EIGHT_EXPERTS = (
 EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K = Rule(ATTN_OUTPUT, "Q5_K", "8-expert model: attn_output → Q5_K", experts=8)
 
 
-def _llama(name: str, default: str, file_type: LlamaFileType, summary: str, *rules: Rule) -> Recipe:
-    output = (OUTPUT_Q8_0_IF_MISFIT,) if default == "Q8_0" else (OUTPUT_Q8_0_IF_MISFIT, OUTPUT_Q6_K)
+def _llama(name: str, default: str, file_type: LlamaFileType, summary: str, *rules: Rule,
+           output_rule: Rule = OUTPUT_Q6_K) -> Recipe:
+    output = (OUTPUT_Q8_0_IF_MISFIT,) if default == "Q8_0" else (OUTPUT_Q8_0_IF_MISFIT, output_rule)
     return Recipe(name, default, file_type, (*output, *EIGHT_EXPERTS, *rules), summary)
+
+
+def _llama_lowest(name: str, default: str, file_type: LlamaFileType, summary: str, *, token_embd: str, low: str,
+                  attn_output: str | None) -> Recipe:
+    """llama.cpp's branch for IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S and IQ2_M, which replaces the shared
+    rules: output Q5_K, no 8-expert Q8_0, and `low` (Q2_K or IQ3_S) for the first n/8 ffn_down tensors
+    as visited (two per block: see the module docstring)."""
+    rules = (
+        OUTPUT_Q8_0_IF_MISFIT,
+        OUTPUT_Q5_K,
+        Rule(TOKEN_EMBD, token_embd, f"token_embd → {token_embd}"),
+        Rule(ATTN_V_LIKE, "Q4_K", "attn_v/attn_qkv → Q4_K (n_head/n_head_kv >= 4)", min_gqa=4),
+        Rule(ATTN_V_LIKE, "Q4_K", "attn_v/attn_qkv → Q4_K (>= 4 experts)", min_experts=4),
+        Rule(ATTN_V_LIKE, low, f"attn_v/attn_qkv → {low}"),
+        Rule(ATTN_K, "Q4_K", "8-expert model: attn_k → Q4_K", experts=8),
+        Rule(r"ffn_down_exps", low, f"ffn_down among the first n/8 ffn_down tensors → {low}", layers="2*i < n/8"),
+        Rule(r"ffn_down_shexp", low, f"ffn_down among the first n/8 ffn_down tensors → {low}", layers="2*i+1 < n/8"),
+        EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K,
+        *((Rule(ATTN_OUTPUT, attn_output, f"attn_output → {attn_output}"),) if attn_output else ()),
+    )
+    return Recipe(name, default, file_type, rules, summary)
 
 
 LLAMA_MIXES: dict[str, Recipe] = {r.name: r for r in (
@@ -203,6 +245,71 @@ LLAMA_MIXES: dict[str, Recipe] = {r.name: r for r in (
            Rule(ATTN_V_LIKE, "Q3_K", "attn_v/attn_qkv → Q3_K"),
            Rule(FFN_DOWN, "Q3_K", "ffn_down → Q3_K"),
            Rule(ATTN_OUTPUT, "Q3_K", "attn_output → Q3_K")),
+    # legacy 32-weight blocks; with an imatrix llama.cpp guards the first ffn_down blocks of Q4_0/Q5_0
+    _llama("Q5_1", "Q5_1", F.MOSTLY_Q5_1, "everything Q5_1"),
+    _llama("Q5_0", "Q5_0", F.MOSTLY_Q5_0, "Q5_0; with an imatrix Q5_1 for ffn_down in the first n/8 blocks",
+           Rule(FFN_DOWN, "Q5_1", "ffn_down in the first n/8 blocks → Q5_1 (with an imatrix)", layers="i < n/8",
+                imatrix=True)),
+    _llama("Q4_1", "Q4_1", F.MOSTLY_Q4_1, "everything Q4_1"),
+    _llama("Q4_0", "Q4_0", F.MOSTLY_Q4_0, "Q4_0; with an imatrix Q4_1 for ffn_down in the first n/8 blocks",
+           Rule(FFN_DOWN, "Q4_1", "ffn_down in the first n/8 blocks → Q4_1 (with an imatrix)", layers="i < n/8",
+                imatrix=True)),
+    # i-quants: IQ4_NL/IQ4_XS/IQ3_S/IQ3_M need no imatrix; the others are refused without one (plan.py)
+    _llama("IQ4_XS", "IQ4_XS", F.MOSTLY_IQ4_XS, "IQ4_XS; Q5_K for attn_v-like (GQA >= 4) and, without an imatrix, "
+           "the first n/8 ffn_down blocks",
+           EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K,
+           Rule(ATTN_V_LIKE, "Q5_K", "attn_v/attn_qkv → Q5_K (n_head/n_head_kv >= 4)", min_gqa=4),
+           Rule(FFN_DOWN, "Q5_K", "ffn_down in the first n/8 blocks → Q5_K (without an imatrix)", layers="i < n/8",
+                imatrix=False)),
+    _llama("IQ4_NL", "IQ4_NL", F.MOSTLY_IQ4_NL, "IQ4_NL; Q5_K for attn_v-like (GQA >= 4) and, without an imatrix, "
+           "the first n/8 ffn_down blocks",
+           EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K,
+           Rule(ATTN_V_LIKE, "Q5_K", "attn_v/attn_qkv → Q5_K (n_head/n_head_kv >= 4)", min_gqa=4),
+           Rule(FFN_DOWN, "Q5_K", "ffn_down in the first n/8 blocks → Q5_K (without an imatrix)", layers="i < n/8",
+                imatrix=False)),
+    _llama("IQ3_M", "IQ3_S", F.MOSTLY_IQ3_M, "IQ3_S; Q4_K for attn_v-like, attn_output and the first ffn_down blocks",
+           EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K,
+           Rule(ATTN_V_LIKE, "Q4_K", "attn_v/attn_qkv → Q4_K"),
+           Rule(FFN_DOWN, "Q4_K", "ffn_down in the first n/8 blocks → Q4_K", layers="i < n/8"),
+           Rule(FFN_DOWN, "Q4_K", "8-expert model: ffn_down in use_more_bits blocks → Q4_K", layers="use_more_bits",
+                experts=8),
+           Rule(ATTN_OUTPUT, "Q4_K", "attn_output → Q4_K")),
+    _llama("IQ3_S", "IQ3_S", F.MOSTLY_IQ3_S, "IQ3_S; Q4_K for attn_v-like (GQA >= 4)",
+           EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K,
+           Rule(ATTN_V_LIKE, "Q4_K", "attn_v/attn_qkv → Q4_K (n_head/n_head_kv >= 4)", min_gqa=4)),
+    _llama("IQ3_XS", "IQ3_S", F.MOSTLY_IQ3_XS, "IQ3_S; IQ3_XXS for attn_q, attn_k and the middle blocks' ffn_gate/ffn_up",
+           EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K,
+           Rule(ATTN_V_LIKE, "Q4_K", "attn_v/attn_qkv → Q4_K (n_head/n_head_kv >= 4)", min_gqa=4),
+           Rule(ATTN_K, "IQ3_XXS", "attn_k → IQ3_XXS"),
+           Rule(ATTN_Q, "IQ3_XXS", "attn_q → IQ3_XXS"),
+           Rule(FFN_GATE_UP, "IQ3_S", "ffn_gate/ffn_up in the first n/8 blocks keep IQ3_S", layers="i < n/8"),
+           Rule(FFN_GATE_UP, "IQ3_S", "ffn_gate/ffn_up in the last n/8 blocks keep IQ3_S", layers="i >= 7*n/8"),
+           Rule(FFN_GATE_UP, "IQ3_XXS", "ffn_gate/ffn_up in the middle blocks → IQ3_XXS")),
+    _llama("IQ3_XXS", "IQ3_XXS", F.MOSTLY_IQ3_XXS, "IQ3_XXS; IQ3_S/Q4_K for token_embd, attn_v-like, attn_output; "
+           "IQ2_S for attn_q, attn_k",
+           EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K,
+           Rule(TOKEN_EMBD, "IQ3_S", "token_embd → IQ3_S"),
+           Rule(ATTN_V_LIKE, "Q4_K", "attn_v/attn_qkv → Q4_K (n_head/n_head_kv >= 4)", min_gqa=4),
+           Rule(ATTN_V_LIKE, "IQ3_S", "attn_v/attn_qkv → IQ3_S (without an imatrix)", imatrix=False),
+           Rule(ATTN_K, "IQ2_S", "attn_k → IQ2_S"),
+           Rule(ATTN_Q, "IQ2_S", "attn_q → IQ2_S"),
+           Rule(FFN_DOWN, "Q4_K", "ffn_down in the first n/8 blocks → Q4_K (without an imatrix)", layers="i < n/8",
+                imatrix=False),
+           Rule(FFN_DOWN, "Q3_K", "ffn_down → Q3_K (without an imatrix)", imatrix=False),
+           Rule(ATTN_OUTPUT, "IQ3_S", "attn_output → IQ3_S"),
+           output_rule=OUTPUT_Q5_K),
+    _llama_lowest("IQ2_M", "IQ2_S", F.MOSTLY_IQ2_M, "IQ2_S; IQ3_S/Q4_K/Q5_K for embeddings, attention, first ffn_down",
+                  token_embd="IQ3_S", low="IQ3_S", attn_output="IQ3_S"),
+    _llama_lowest("IQ2_S", "IQ2_XS", F.MOSTLY_IQ2_S, "IQ2_XS; IQ3_S/Q4_K/Q5_K for embeddings, attention, first ffn_down",
+                  token_embd="IQ3_S", low="IQ3_S", attn_output="IQ3_S"),
+    _llama_lowest("IQ2_XS", "IQ2_XS", F.MOSTLY_IQ2_XS, "IQ2_XS; Q2_K/Q4_K/Q5_K for embeddings, attention, first ffn_down",
+                  token_embd="Q2_K", low="Q2_K", attn_output=None),
+    _llama_lowest("IQ2_XXS", "IQ2_XXS", F.MOSTLY_IQ2_XXS, "IQ2_XXS; Q2_K/Q4_K/Q5_K for embeddings, attention, "
+                  "first ffn_down", token_embd="Q2_K", low="Q2_K", attn_output=None),
+    _llama_lowest("IQ1_M", "IQ1_M", F.MOSTLY_IQ1_M, "IQ1_M; Q2_K/IQ2_XXS/Q4_K/Q5_K for embeddings, attention, "
+                  "first ffn_down", token_embd="Q2_K", low="Q2_K", attn_output="IQ2_XXS"),
+    _llama_lowest("IQ1_S", "IQ1_S", F.MOSTLY_IQ1_S, "IQ1_S; Q2_K/IQ2_XXS/Q4_K/Q5_K for embeddings, attention, "
+                  "first ffn_down", token_embd="Q2_K", low="Q2_K", attn_output="IQ2_XXS"),
 )}
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +401,7 @@ def parse_tensor_type(text: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------
 # User recipes: TOML with the same fields as Rule.
 
-_RULE_KEYS = {"pattern", "type", "why", "layers", "experts", "min_gqa", "row_misfit"}
+_RULE_KEYS = {"pattern", "type", "why", "layers", "experts", "min_gqa", "row_misfit", "min_experts", "imatrix"}
 _TOP_KEYS = {"name", "base", "default", "file_type", "summary", "rules"}
 
 
@@ -317,6 +424,7 @@ def _rule_from_toml(raw: Mapping, where: str) -> Rule:
     return Rule(
         pattern=raw["pattern"], qtype=check_type(str(raw["type"]), where), why=str(raw.get("why", "")),
         layers=layers, experts=raw.get("experts"), min_gqa=raw.get("min_gqa"), row_misfit=bool(raw.get("row_misfit", False)),
+        min_experts=raw.get("min_experts"), imatrix=raw.get("imatrix"),
     )
 
 
@@ -364,11 +472,12 @@ def load_recipe(path: Path) -> Recipe:
 
 
 def default_file_type(default: str) -> LlamaFileType:
-    """llama.cpp's file type for a recipe whose default type is `default` (the nearest named mix)."""
-    for recipe in (*UNIFORM.values(), *LLAMA_MIXES.values()):
+    """llama.cpp's file type for a recipe whose default type is `default` (the mix of that name if its
+    default is that type, else the first mix whose default it is)."""
+    for recipe in sorted((*UNIFORM.values(), *LLAMA_MIXES.values()), key=lambda r: r.name != default):
         if recipe.default == default:
             return recipe.file_type
-    return {"Q4_0": F.MOSTLY_Q4_0, "Q5_0": F.MOSTLY_Q5_0, "Q5_1": F.MOSTLY_Q5_1}.get(default, F.GUESSED)
+    return F.GUESSED
 
 
 __all__ = [

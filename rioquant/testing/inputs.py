@@ -47,6 +47,16 @@ def _negative_zero_blocks(rng: np.random.Generator, rows: int, n: int) -> np.nda
     return x
 
 
+def _signed_zero_extremes(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
+    """Blocks whose min (first half of the row) or max (second half) is zero, reached by +0.0 and -0.0
+    in random order: ggml keeps the first zero it meets, and Q4_1/Q5_1 store its sign."""
+    x = np.abs(rng.standard_normal((rows, n))).astype(F32)
+    x[:, n // 2 :] *= -1
+    zeros = rng.random((rows, n)) < 0.1
+    x[zeros] = np.where(rng.random(zeros.sum()) < 0.5, F32(0.0), F32(-0.0))
+    return x
+
+
 def _constant(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
     return np.repeat(rng.standard_normal((rows, 1)).astype(F32), n, axis=1)
 
@@ -99,6 +109,7 @@ INPUTS: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
     "rare_outliers": _rare_outliers,
     "zero_blocks": _zero_blocks,
     "negative_zero_blocks": _negative_zero_blocks,
+    "signed_zero_extremes": _signed_zero_extremes,
     "constant_rows": _constant,
     "tiny_values": _tiny,
     "bf16_grid": _bf16_grid,

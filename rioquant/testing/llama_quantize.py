@@ -4,7 +4,9 @@
   GGUF): the file to compare rioquant's output with, tensor by tensor (rioquant/testing/gguf_scan.py).
 - `llama_dry_run(src, ftype, ...)` runs the same function with `dry_run` set: llama.cpp decides every
   tensor's type exactly as when quantizing, quantizes nothing and logs one line per tensor, which is
-  parsed here. Seconds instead of a minute, for the decision-only comparisons.
+  parsed here. Seconds instead of a minute, for the decision-only comparisons. Its decisions look only at
+  whether an imatrix is given (`imatrix=True` hands over a placeholder), and it reports whether the real
+  run would refuse to go on without one.
 
 Both take llama-quantize's overrides (`--tensor-type`, `--output-tensor-type`, `--token-embedding-type`);
 `llama_quantize` also takes the importance llama-quantize derives from an imatrix file (name → float32
@@ -105,21 +107,30 @@ def llama_quantize(
     return out
 
 
+class DryRun(dict[str, GGMLQuantizationType]):
+    """Tensor name → the type llama_model_quantize chose; `needs_imatrix`: its warning that quantizing for
+    real would require an importance matrix (tensor_requires_imatrix held for some tensor)."""
+
+    needs_imatrix: bool = False
+
+
 def llama_dry_run(
     src: Path, ftype: LlamaFileType, tensor_types: Sequence[tuple[str, str]] = (),
-    output_type: str | None = None, token_embd_type: str | None = None,
-) -> dict[str, GGMLQuantizationType]:
+    output_type: str | None = None, token_embd_type: str | None = None, imatrix: bool = False,
+) -> DryRun:
     """The type llama_model_quantize gives every tensor of `src`, from its --dry-run log."""
     import llama_cpp
 
     keep: list = []
-    params = _params(ftype, tensor_types, output_type, token_embd_type, True, keep)
+    placeholder = {"placeholder.weight": np.ones(1, dtype=np.float32)} if imatrix else None
+    params = _params(ftype, tensor_types, output_type, token_embd_type, True, keep, placeholder)
     with _captured_log() as log:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), b"/dev/null", ctypes.byref(params))
     text = "".join(log)
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize --dry-run {ftype.name} failed ({rc}):\n" + text[-3000:])
-    decisions = {m[1]: GGMLQuantizationType[(m[3] or m[2]).upper()] for m in _LINE.finditer(text)}
+    decisions = DryRun((m[1], GGMLQuantizationType[(m[3] or m[2]).upper()]) for m in _LINE.finditer(text))
     if not decisions:
         raise RuntimeError(f"no tensor lines in llama_model_quantize's dry-run log:\n{text[-3000:]}")
+    decisions.needs_imatrix = "will require an imatrix" in text
     return decisions

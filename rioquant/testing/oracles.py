@@ -41,11 +41,20 @@ class GgmlOracle:
             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
         ]
         self.lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+        self.lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+        self.lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
         self.lib.ggml_row_size.restype = ctypes.c_size_t
         self.lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
 
     def quantize(self, x: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
-        """ggml's bytes for x (rows, n_per_row) float32, one row of output per input row."""
+        """ggml's bytes for x (rows, n_per_row) float32, one row of output per input row.
+
+        A type ggml requires an imatrix for raises here: ggml would abort the whole test process.
+        ggml_quantize_init builds the i-quants' grids and neighbour maps (ggml_quantize_chunk calls it
+        too; calling it first keeps that one-time cost out of timed calls).
+        """
+        if imatrix is None and self.requires_imatrix(qtype):
+            raise ValueError(f"ggml aborts on {qtype.name} without an imatrix")
         x = np.ascontiguousarray(x, dtype=np.float32)
         rows, n_per_row = x.shape
         row_bytes = self.lib.ggml_row_size(int(qtype), n_per_row)
@@ -60,6 +69,10 @@ class GgmlOracle:
         written = self.lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, n_per_row, qw)
         assert written == out.nbytes
         return out
+
+    def requires_imatrix(self, qtype: GGMLQuantizationType) -> bool:
+        """ggml_quantize_requires_imatrix: the types ggml_quantize_chunk asserts an imatrix for."""
+        return bool(self.lib.ggml_quantize_requires_imatrix(int(qtype)))
 
 
 # ---------------------------------------------------------------------------------------------
