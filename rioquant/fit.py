@@ -10,7 +10,9 @@ requantize them; the file itself is measured too).
 weight on this model, except that a rioquant dynamic mix ranks with the llama.cpp mix it stands in
 for (same `general.file_type`, e.g. Q4_K_XL with Q4_K_M) and just above it — each is measured below
 llama.cpp's frontier and is no larger than that mix (docs/recipes.md). Bits above 16 rank as 16:
-wider than the checkpoint's BF16 buys nothing, so F32 never beats the smaller BF16/F16.
+wider than the checkpoint's BF16 buys nothing, so F32 never beats the smaller BF16/F16. The legacy
+mixes (Q4_0, Q4_1, Q5_0, Q5_1: one scale or scale+min per 32 weights) come after every other mix that
+fits: llama.cpp keeps them for old runtimes, and a K- or i-quant mix of the same size is better.
 """
 
 from dataclasses import asdict, dataclass
@@ -34,6 +36,7 @@ from rioquant.quant.memory import (
 )
 from rioquant.quant.plan import recipe_entries
 from rioquant.quant.recipes import RECIPES, ModelFacts, Recipe
+from rioquant.quant.types import LEGACY_TYPES
 
 T = GGMLQuantizationType
 MAX_USEFUL_BITS = 16.0  # the checkpoint's own BF16
@@ -173,7 +176,8 @@ def quality_order(sizes: list[MixSize]) -> list[MixSize]:
         stand_in = next((r.name for r in RECIPES.values() if r.source == "llama.cpp" and r.file_type == recipe.file_type),
                         None) if recipe.source == "rioquant" else None
         bits = min(bpw.get(stand_in, size.bpw), MAX_USEFUL_BITS)
-        return (-bits, stand_in is None, size.file_bytes, index[size.mix])
+        legacy = T[recipe.default] in LEGACY_TYPES
+        return (legacy, -bits, stand_in is None, size.file_bytes, index[size.mix])
 
     return sorted(sizes, key=key)
 

@@ -111,12 +111,13 @@ def test_plan_prints_the_breakdown(measured, capsys):
 
 
 def test_best_is_the_highest_quality():
-    """A dynamic mix ranks just above the llama.cpp mix it stands in for; nothing ranks above 16 bits."""
+    """A dynamic mix ranks just above the llama.cpp mix it stands in for; nothing ranks above 16 bits; a
+    legacy mix comes after the others, though it has more bits."""
     from rioquant.fit import MixSize
 
     sizes = [MixSize("Q4_K_M", 100, 90, 4.85), MixSize("Q4_K_XL", 99, 89, 4.79), MixSize("Q5_K_S", 110, 100, 5.5),
-             MixSize("F32", 400, 390, 32.0), MixSize("BF16", 200, 190, 16.0)]
-    assert [s.mix for s in quality_order(sizes)] == ["BF16", "F32", "Q5_K_S", "Q4_K_XL", "Q4_K_M"]
+             MixSize("F32", 400, 390, 32.0), MixSize("BF16", 200, 190, 16.0), MixSize("Q4_1", 105, 95, 5.01)]
+    assert [s.mix for s in quality_order(sizes)] == ["BF16", "F32", "Q5_K_S", "Q4_K_XL", "Q4_K_M", "Q4_1"]
 
 
 @pytest.mark.parametrize("text,value", [

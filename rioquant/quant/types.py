@@ -62,6 +62,10 @@ BLOCK_KERNELS: dict[GGMLQuantizationType, KernelPair] = {
 
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 
+# ggml's first block types (32 weights, one fp16 scale, or scale and min): kept for old runtimes, and
+# beaten by K- and i-quants of the same size; also the fallbacks for rows that no 256-block fits
+LEGACY_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1})
+
 # Types quantized only with an importance matrix. ggml itself aborts without one for IQ2_XXS, IQ2_XS
 # and IQ1_S (`ggml_quantize_requires_imatrix`); llama-quantize refuses the rest too
 # (`tensor_requires_imatrix` in llama-quant.cpp), except on token_embd/output, which no mix gives
