@@ -7,33 +7,24 @@ set RIOQUANT_DEBUG=1 to see the traceback instead.
 import json
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
 import click
 
+from rioquant.cli_options import (
+    SizeType,
+    convert_options,
+    engine_options,
+    eval_options,
+    json_option,
+    no_progress_option,
+    output_options,
+    recipe_options,
+    run_options,
+    run_settings,
+)
 from rioquant.errors import RioquantError
-
-SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-
-
-def parse_size(text: str) -> int:
-    """'50G' and '50GB' → 50_000_000_000 (decimal units, as llama.cpp's gguf-split and --split-max-size
-    use); '64GiB' → 64 × 2³⁰ (binary units only when spelled with i)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT]?)B?|([KMGT])IB)\s*", text.upper())
-    if not match:
-        raise click.BadParameter(f"{text!r}: expected a size like 50G, 96GB, 64GiB, 500M or 2000000000")
-    number, decimal, binary = match.groups()
-    scale = 1024 ** (" KMGT".index(binary)) if binary else SIZE_UNITS[decimal or ""]
-    return int(float(number) * scale)
-
-
-class SizeType(click.ParamType):
-    name = "size"
-
-    def convert(self, value, param, ctx):
-        return value if isinstance(value, int) else parse_size(value)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,87 +40,6 @@ def cli(verbose: bool) -> None:
       rioquant kld --base ./Rio-3.5-Open-397B --quant rio-Q4_K_M.gguf --text wiki.test.raw
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-
-def options(*decorators):
-    """One decorator from many click options, so a group of options is declared once and shared."""
-    def apply(command):
-        for decorator in reversed(decorators):
-            command = decorator(command)
-        return command
-
-    return apply
-
-
-# The options that decide every tensor's type, shared by `convert` and `plan`.
-recipe_options = options(
-    click.option("--type", "qtype", default=None, metavar="MIX",
-                 help="Q8_0 (default), Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, "
-                      "Q5_1, Q5_0, Q4_1, Q4_0, IQ4_XS, IQ4_NL, IQ3_M, IQ3_S, IQ3_XS, IQ3_XXS, IQ2_M, IQ2_S, "
-                      "IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S (llama.cpp's mixes), Q4_K_XL, Q3_K_XL, Q2_K_XL (rioquant's), "
-                      "or uniform F32, F16, BF16, Q5_K, Q4_K, Q3_K."),
-    click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
-                 help="Type of the tensors whose name matches REGEX (repeatable; first match wins)."),
-    click.option("--output-tensor-type", default=None, metavar="TYPE", help="Type of output.weight."),
-    click.option("--token-embedding-type", default=None, metavar="TYPE", help="Type of token_embd.weight."),
-    click.option("--recipe", type=click.Path(path_type=Path), default=None, metavar="FILE.toml",
-                 help="A recipe of your own (TOML rules, see docs/recipes.md) instead of --type."),
-    click.option("--target-size", type=SizeType(), default=None,
-                 help="Raise the worst-measured tensors until the output is this big (e.g. 230G)."),
-    click.option("--target-bpw", type=float, default=None,
-                 help="Raise the worst-measured tensors up to this many bits per weight."),
-    click.option("--imatrix", "imatrix", type=click.Path(path_type=Path), default=None,
-                 help="llama.cpp importance matrix (GGUF from llama-imatrix or `rioquant imatrix`, or legacy "
-                      ".dat). IQ1_*, IQ2_*, IQ3_XXS and IQ3_XS need one; IQ4_*, Q4_0 and Q5_0 choose some "
-                      "types by whether one is given (all `plan` looks at)."),
-)
-
-# What goes into the file besides the types (which tensors, how split, the metadata), shared by
-# `convert` and `plan`: the metadata changes the header's size, so `plan` takes it too.
-output_options = options(
-    click.option("--no-mtp", is_flag=True, help="Drop the multi-token-prediction (NextN) layer."),
-    click.option("--split-max-size", type=SizeType(), default=0, help="Split into shards of at most this size (e.g. 50G)."),
-    click.option("--split-max-tensors", type=int, default=0, help="Split into shards of at most N tensors."),
-    click.option("--base-model", "base_models", multiple=True, metavar="ORG/REPO",
-                 help="A model this one derives from (repeat for each parent of a merge)."),
-    click.option("--name", default=None, help="general.name (default: from the model card or directory)."),
-    click.option("--quantized-by", default=None, help="general.quantized_by."),
-)
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-
-# How llama.cpp will run the model, shared by `fit` and `plan` (rioquant.quant.memory.RunSettings).
-run_options = options(
-    click.option("--ctx", type=int, default=4096, show_default=True,
-                 help="Context in tokens, all sequences together (llama.cpp's -c)."),
-    click.option("--cache-type", type=click.Choice(["f16", "q8_0"]), default="f16", show_default=True,
-                 help="KV cache type (llama.cpp's -ctk/-ctv)."),
-    click.option("--parallel", type=int, default=1, show_default=True, help="Sequences decoded at once (-np)."),
-    click.option("--kv-unified", is_flag=True, help="One KV cache shared by all sequences (llama.cpp's -kvu)."),
-)
-
-
-def _run_settings(ctx, cache_type, parallel, kv_unified):
-    from rioquant.quant.memory import RunSettings
-
-    return RunSettings(ctx=ctx, cache_type=cache_type, parallel=parallel, kv_unified=kv_unified)
-no_progress_option = click.option("--no-progress", is_flag=True, help="No progress bar.")
-
-
-def _convert_options(qtype, tensor_types, output_tensor_type, token_embedding_type, recipe, target_size, target_bpw,
-                     imatrix, no_mtp, split_max_size, split_max_tensors, base_models, name, quantized_by):
-    """ConvertOptions from recipe_options' and output_options' values."""
-    from rioquant.convert import ConvertOptions, MetadataOptions, SplitOptions
-    from rioquant.errors import PlanError
-
-    if recipe is not None and qtype is not None:
-        raise PlanError('--recipe and --type: give one (a recipe extends a mix with base = "Q4_K_M")')
-    return ConvertOptions(
-        qtype=qtype or "Q8_0", recipe=recipe, tensor_types=tuple(tensor_types), output_tensor_type=output_tensor_type,
-        token_embedding_type=token_embedding_type, target_size=target_size, target_bpw=target_bpw,
-        imatrix=imatrix, with_mtp=not no_mtp, split=SplitOptions(split_max_size, split_max_tensors),
-        metadata=MetadataOptions(tuple(base_models), name, quantized_by),
-    )
 
 
 @cli.command()
@@ -156,7 +66,7 @@ def convert(src, out, resume, force, threads, no_progress, no_report, **values) 
     from rioquant.convert import convert as run_convert
 
     run = RunOptions(resume=resume, force=force, threads=threads, progress=not no_progress, report=not no_report)
-    for path in run_convert(src, out, _convert_options(**values), run):
+    for path in run_convert(src, out, convert_options(**values), run):
         click.echo(str(path))
 
 
@@ -181,9 +91,9 @@ def plan(src, as_json, ctx, cache_type, parallel, kv_unified, **values) -> None:
     from rioquant.convert import build_plan, describe_plan
     from rioquant.fit import plan_memory
 
-    built = build_plan(src, _convert_options(**values), weights_optional=True)
+    built = build_plan(src, convert_options(**values), weights_optional=True)
     summary = describe_plan(built)
-    summary["memory"] = plan_memory(built, _run_settings(ctx, cache_type, parallel, kv_unified))
+    summary["memory"] = plan_memory(built, run_settings(ctx, cache_type, parallel, kv_unified))
     click.echo(json.dumps(summary, indent=2) if as_json else render.plan_table(summary))
 
 
@@ -209,7 +119,7 @@ def fit_command(src, memory, as_json, **run) -> None:
     from rioquant import render
     from rioquant.fit import fit
 
-    result = fit(src, memory, _run_settings(**run))
+    result = fit(src, memory, run_settings(**run))
     click.echo(json.dumps(result, indent=2) if as_json else render.fit_table(result))
 
 
@@ -369,36 +279,6 @@ def lineage(child, parents, parent_repos, out, as_json, top, no_plots, threads, 
                 click.echo(f"figure: {path}", err=as_json)
 
 
-# Shared by `ppl`, `kld` and `imatrix`: text, context, and where and how the model runs.
-eval_options = options(
-    click.option("--text", type=click.Path(path_type=Path), required=True, help="UTF-8 evaluation text."),
-    click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per chunk (llama.cpp's -c)."),
-    click.option("--chunks", type=int, default=None, help="Use at most N chunks (default: all)."),
-    click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N)."),
-    click.option("--threads", type=int, default=None, help="CPU threads (default: torch's)."),
-    click.option("--numerics", type=click.Choice(["auto", "exact", "ggml"]), default="auto", show_default=True,
-                 help="ggml: round activations as llama.cpp's CPU backend does (auto: for a GGUF); "
-                      "exact: float32 on the dequantized weights."),
-    click.option("--max-memory", type=SizeType(), default=0,
-                 help="Host memory for activations and one layer (e.g. 200G); activations beyond it go to --tmp-dir."),
-    click.option("--tmp-dir", type=click.Path(path_type=Path), default=None, help="Where spilled activations go."),
-    click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
-                 help="tokenizer.json to use instead of the model's own."),
-    click.option("--profile", "profile_out", type=click.Path(path_type=Path), default=None,
-                 help="Write per-layer time and memory as JSON here."),
-    json_option,
-    no_progress_option,
-)
-
-
-def _engine_options(device, threads, numerics, max_memory, tmp_dir, no_progress):
-    """EngineOptions from eval_options' values (the ones about where and how the model runs)."""
-    from rioquant.evaluate.engine import EngineOptions
-
-    return EngineOptions(device=device, threads=threads, numerics=numerics, max_memory=max_memory, tmp_dir=tmp_dir,
-                         progress=not no_progress)
-
-
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @eval_options
@@ -413,7 +293,7 @@ def ppl(model, text, ctx, chunks, tokenizer, profile_out, as_json, **engine) -> 
     from rioquant import render
     from rioquant.evaluate.pipelines import perplexity
 
-    result = perplexity(model, text, ctx, chunks, _engine_options(**engine), tokenizer, profile_out)
+    result = perplexity(model, text, ctx, chunks, engine_options(**engine), tokenizer, profile_out)
     click.echo(json.dumps(result, indent=2) if as_json else render.perplexity(result))
 
 
@@ -435,7 +315,7 @@ def kld(base, quant, base_states, text, ctx, chunks, tokenizer, profile_out, as_
     from rioquant import render
     from rioquant.evaluate.pipelines import kl_divergence
 
-    result = kl_divergence(base, quant, text, ctx, chunks, _engine_options(**engine), tokenizer, base_states, profile_out)
+    result = kl_divergence(base, quant, text, ctx, chunks, engine_options(**engine), tokenizer, base_states, profile_out)
     click.echo(json.dumps(result, indent=2) if as_json else render.kl_divergence(result))
 
 
@@ -455,7 +335,7 @@ def imatrix_command(src, out, process_output, text, ctx, chunks, tokenizer, prof
     from rioquant import render
     from rioquant.evaluate.pipelines import collect_imatrix
 
-    result = collect_imatrix(src, text, out, ctx, chunks, _engine_options(**engine), tokenizer, process_output,
+    result = collect_imatrix(src, text, out, ctx, chunks, engine_options(**engine), tokenizer, process_output,
                              profile_out)
     click.echo(json.dumps(result, indent=2) if as_json else render.imatrix_collected(result))
 

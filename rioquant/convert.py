@@ -42,8 +42,9 @@ from rioquant.quant import budget, quantize
 from rioquant.quant.imatrix import Imatrix, check_fit, read_imatrix, uses_importance
 from rioquant.quant.metrics import TensorErrorTracker
 from rioquant.quant.plan import Overrides, PlanEntry, needs_imatrix, plan_fingerprint, recipe_entries
-from rioquant.quant.recipes import ModelFacts, Recipe, check_type, get_recipe, load_recipe, parse_tensor_type
+from rioquant.quant.recipes import check_type, get_recipe, load_recipe, parse_tensor_type
 from rioquant.quant.report import build_report, write_report
+from rioquant.quant.rules import ModelFacts, Recipe
 
 log = logging.getLogger(__name__)
 T = gguf.GGMLQuantizationType

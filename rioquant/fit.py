@@ -35,7 +35,8 @@ from rioquant.quant.memory import (
     max_context,
 )
 from rioquant.quant.plan import recipe_entries
-from rioquant.quant.recipes import RECIPES, ModelFacts, Recipe
+from rioquant.quant.recipes import RECIPES
+from rioquant.quant.rules import ModelFacts, Recipe
 from rioquant.quant.types import LEGACY_TYPES
 
 T = GGMLQuantizationType

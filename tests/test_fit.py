@@ -20,7 +20,8 @@ import click
 import gguf
 import pytest
 
-from rioquant.cli import main, parse_size
+from rioquant.cli import main
+from rioquant.cli_options import parse_size
 from rioquant.convert import ConvertOptions, RunOptions, build_plan, convert
 from rioquant.fit import fit, plan_memory, quality_order
 from rioquant.quant.memory import RunSettings

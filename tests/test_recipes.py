@@ -21,17 +21,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from rioquant.convert import ConvertOptions, RunOptions, build_plan, convert, describe_plan
 from rioquant.errors import ImatrixError, PlanError
 from rioquant.quant.plan import recipe_needs_imatrix
-from rioquant.quant.recipes import (
-    LLAMA_MIXES,
-    RECIPES,
-    XL_MIXES,
-    ModelFacts,
-    get_recipe,
-    layer_condition_holds,
-    load_recipe,
-    parse_tensor_type,
-    use_more_bits,
-)
+from rioquant.quant.recipes import LLAMA_MIXES, RECIPES, XL_MIXES, get_recipe, load_recipe, parse_tensor_type
+from rioquant.quant.rules import ModelFacts, layer_condition_holds, use_more_bits
 from rioquant.testing.checkpoints import KQUANT, TINY, build_checkpoint
 from rioquant.testing.gguf_scan import scan
 from rioquant.testing.imatrix_files import gguf_importance, random_entries, write_gguf_imatrix

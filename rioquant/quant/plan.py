@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType
 
 from rioquant.errors import PlanError
 from rioquant.files.gguf_file import block_index, nbytes
-from rioquant.quant.recipes import ModelFacts, Recipe, RecipeSource
+from rioquant.quant.rules import ModelFacts, Recipe, RecipeSource
 from rioquant.quant.types import REQUIRES_IMATRIX, block_geometry
 
 T = GGMLQuantizationType
