@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rioquant.files.gguf_file import nbytes
 from rioquant.kernels.driver import quantize_rows
 from rioquant.kernels.iq_lattice import grid_levels
 from rioquant.quant import dequantize, quantize
-from rioquant.quant.api import row_bytes
 from rioquant.quant.types import BLOCK_KERNELS
 from rioquant.testing.inputs import IMPORTANCE_KINDS, INPUTS, random_importance
 from tests.test_kernels import assert_same_bytes
@@ -37,7 +37,7 @@ def ours(x: np.ndarray, qtype: T, qw: np.ndarray | None) -> np.ndarray:
     as llama-quantize does, but ggml_quantize_chunk takes it, so that path is ggml's too)."""
     if qw is not None:
         return quantize(x, qtype, imatrix=qw)
-    out = np.empty((x.shape[0], row_bytes(qtype, x.shape[1])), dtype=np.uint8)
+    out = np.empty((x.shape[0], nbytes(qtype, (x.shape[1],))), dtype=np.uint8)
     quantize_rows(BLOCK_KERNELS[qtype].quantize_row, x, np.zeros(0, dtype=np.float32), out)
     return out
 
