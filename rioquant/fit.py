@@ -15,15 +15,17 @@ mixes (Q4_0, Q4_1, Q5_0, Q5_1: one scale or scale+min per 32 weights) come after
 fits: llama.cpp keeps them for old runtimes, and a K- or i-quant mix of the same size is better.
 """
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gguf import GGMLQuantizationType
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
 
 from rioquant.convert import ConversionPlan, ConvertOptions, build_plan, model_facts, planned_sizes
 from rioquant.errors import PlanError
 from rioquant.export.gguf_out import OutputTensor, layout_writer
 from rioquant.export.qwen35moe import KEEP_F32, ModelArgs
+from rioquant.files.gguf_file import align_up
 from rioquant.files.gguf_set import GGUFSet, open_set
 from rioquant.quant.memory import (
     LlamaShape,
@@ -111,13 +113,13 @@ def _report(memory: MemoryBreakdown, settings: RunSettings) -> dict:
 def _mixes(tensors: list[tuple[str, tuple[int, ...]]], facts: ModelFacts, header_bytes: int, n_layer: int,
            alignment: int = 32) -> list[MixSize]:
     """Every mix of the table for these tensors (GGUF names, numpy shapes, file order), in one file."""
-    n_params = sum(_elements(shape) for _, shape in tensors)
+    n_params = sum(math.prod(shape) for _, shape in tensors)
     loaded = is_trunk_tensor(n_layer)
     sizes = []
     for name, recipe in RECIPES.items():
         entries = recipe_entries(tensors, recipe, facts)
         weights = loaded_weight_bytes([[(e.name, e.nbytes) for e in entries]], loaded, alignment)
-        sizes.append(MixSize(name, header_bytes + sum(_pad(e.nbytes, alignment) for e in entries), weights,
+        sizes.append(MixSize(name, header_bytes + sum(align_up(e.nbytes, alignment) for e in entries), weights,
                              8 * sum(e.nbytes for e in entries) / n_params))
     return sizes
 
@@ -128,7 +130,7 @@ def _checkpoint_mixes(src: Path) -> tuple[LlamaShape, list[MixSize]]:
     The plan is built once; its header (metadata, vocabulary, tensor infos) is the same size for
     every mix, which differ only in general.file_type's value and the tensor types."""
     plan = build_plan(src, ConvertOptions(qtype=next(iter(RECIPES))), weights_optional=True)
-    header = sum(planned_sizes(plan)) - sum(_pad(e.nbytes) for e in plan.entries)
+    header = sum(planned_sizes(plan)) - sum(align_up(e.nbytes, GGUF_DEFAULT_ALIGNMENT) for e in plan.entries)
     args = plan.args
     facts = model_facts(args, plan.n_mtp_layers, has_imatrix=True)  # as published: the i-quants need one
     tensors = [(e.name, e.shape) for e in plan.entries]
@@ -147,24 +149,13 @@ def _gguf_mixes(gguf: GGUFSet, shape: LlamaShape) -> list[MixSize]:
     )
     tensors = [(t.name, t.shape) for h in gguf.headers for t in h.tensors]
     alignment = gguf.first.alignment
-    return _mixes(tensors, facts, _pad(gguf.first.data_offset, alignment), shape.n_layer, alignment)
+    return _mixes(tensors, facts, align_up(gguf.first.data_offset, alignment), shape.n_layer, alignment)
 
 
 def _gguf_itself(gguf: GGUFSet, shape: LlamaShape) -> MixSize:
     files = [[(t.name, t.nbytes) for t in h.tensors] for h in gguf.headers]
     weights = loaded_weight_bytes(files, is_trunk_tensor(shape.n_layer), gguf.first.alignment)
     return MixSize(gguf.path.name, gguf.size, weights, gguf.bits_per_weight)
-
-
-def _pad(n: int, to: int = 32) -> int:
-    return -(-n // to) * to
-
-
-def _elements(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def quality_order(sizes: list[MixSize]) -> list[MixSize]:

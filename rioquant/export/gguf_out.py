@@ -22,6 +22,7 @@ import numpy as np
 
 from rioquant.errors import OutputError, PlanError
 from rioquant.export.qwen35moe import ARCH
+from rioquant.files.gguf_file import align_up
 
 JOURNAL = "journal.jsonl"
 
@@ -40,10 +41,6 @@ class SplitOptions:
 
     max_size: int = 0
     max_tensors: int = 0
-
-
-def _pad(n: int, align: int) -> int:
-    return (n + align - 1) // align * align
 
 
 class DiskFullError(OutputError):
@@ -151,14 +148,14 @@ class ShardedGGUFOutput:
         """
         handle = self.handles[self.shard_of[name]]
         try:
-            handle.write(b"\0" * (_pad(handle.tell(), self.alignment) - handle.tell()))
+            handle.write(b"\0" * (align_up(handle.tell(), self.alignment) - handle.tell()))
             start = handle.tell()
             for chunk in chunks:
                 handle.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
             written = handle.tell() - start
             if written != self.nbytes[name]:
                 raise AssertionError(f"tensor {name}: wrote {written} bytes, plan says {self.nbytes[name]}")
-            handle.write(b"\0" * (_pad(written, self.alignment) - written))
+            handle.write(b"\0" * (align_up(written, self.alignment) - written))
             handle.flush()
             self.fs.fsync(handle.fileno())
             record = {"tensor": name, "end": handle.tell(), **({"note": note()} if note else {})}
@@ -197,7 +194,7 @@ class ShardedGGUFOutput:
 
 def expected_total_bytes(tensors: Sequence[OutputTensor], alignment: int = 32) -> int:
     """Tensor data bytes including alignment padding (headers add a few MB at most)."""
-    return sum(_pad(t.nbytes, alignment) for t in tensors)
+    return sum(align_up(t.nbytes, alignment) for t in tensors)
 
 
 def layout_writer(
@@ -229,6 +226,6 @@ def planned_file_sizes(
     writer.write_ti_data_to_file()
     sizes = []
     for fout, shard in zip(writer.fout, writer.tensors, strict=True):
-        data = sum(_pad(ti.nbytes, writer.data_alignment) for ti in shard.values())
-        sizes.append(_pad(fout.tell(), writer.data_alignment) + data)
+        data = sum(align_up(ti.nbytes, writer.data_alignment) for ti in shard.values())
+        sizes.append(align_up(fout.tell(), writer.data_alignment) + data)
     return sizes

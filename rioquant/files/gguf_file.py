@@ -43,6 +43,11 @@ def tensor_kind(name: str) -> str:
     return match["kind"] if match else name
 
 
+def align_up(n: int, alignment: int) -> int:
+    """n rounded up to a multiple of alignment: where the next GGUF tensor (or llama.cpp buffer) starts."""
+    return -(-n // alignment) * alignment
+
+
 def nbytes(qtype: GGMLQuantizationType, shape: Sequence[int]) -> int:
     """Bytes of a tensor of `shape` (numpy order, rows last) stored as `qtype`: whole blocks per row.
 

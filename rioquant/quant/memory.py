@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from rioquant.errors import PlanError
-from rioquant.files.gguf_file import block_index, nbytes
+from rioquant.files.gguf_file import align_up, block_index, nbytes
 
 T = GGMLQuantizationType
 
@@ -43,10 +43,6 @@ N_UBATCH = 512  # llama.cpp's default physical batch
 BUFFER_ALIGNMENT = 32  # ggml's CPU buffer alignment (TENSOR_ALIGNMENT); each cache tensor is padded to it
 HEAD_HIDDEN_TENSORS = 5  # hidden-state-sized F32 tensors alive beside the logits at the compute peak
 CACHE_TYPES = ("f16", "q8_0")  # --cache-type: llama.cpp's -ctk/-ctv names
-
-
-def _pad(n: int, to: int) -> int:
-    return -(-n // to) * to
 
 
 @dataclass(frozen=True)
@@ -121,10 +117,10 @@ class MemoryBreakdown:
 
 def kv_layout(ctx: int, settings: RunSettings) -> tuple[int, int]:
     """(cells per stream, streams) as llama_context sets them up for -c ctx."""
-    n_ctx = _pad(ctx, CTX_PAD)
+    n_ctx = align_up(ctx, CTX_PAD)
     if settings.kv_unified:
         return n_ctx, 1
-    return _pad(n_ctx // settings.parallel, CTX_PAD), settings.parallel
+    return align_up(n_ctx // settings.parallel, CTX_PAD), settings.parallel
 
 
 def kv_cache_bytes(shape: LlamaShape, ctx: int, settings: RunSettings) -> int:
@@ -135,19 +131,19 @@ def kv_cache_bytes(shape: LlamaShape, ctx: int, settings: RunSettings) -> int:
         raise PlanError(f"--cache-type {settings.cache_type}: its blocks do not divide the heads of {shape.head_dim} "
                         "(llama.cpp refuses it); use f16")
     row = nbytes(cache_type, (shape.n_embd_kv_gqa,))
-    return shape.n_attention_layers * 2 * _pad(row * cells * streams, BUFFER_ALIGNMENT)
+    return shape.n_attention_layers * 2 * align_up(row * cells * streams, BUFFER_ALIGNMENT)
 
 
 def recurrent_bytes(shape: LlamaShape, settings: RunSettings) -> int:
     """Conv and delta states of every Gated DeltaNet block, F32, one row per sequence."""
     rows = max(1, settings.parallel)
-    per_layer = _pad(4 * shape.n_embd_r * rows, BUFFER_ALIGNMENT) + _pad(4 * shape.n_embd_s * rows, BUFFER_ALIGNMENT)
+    per_layer = align_up(4 * shape.n_embd_r * rows, BUFFER_ALIGNMENT) + align_up(4 * shape.n_embd_s * rows, BUFFER_ALIGNMENT)
     return shape.n_recurrent_layers * per_layer
 
 
 def compute_bytes(shape: LlamaShape, ctx: int, settings: RunSettings) -> int:
     """The compute buffer's estimate (see the module docstring): the LM head's peak for T tokens."""
-    tokens = min(_pad(ctx, CTX_PAD), settings.n_ubatch)
+    tokens = min(align_up(ctx, CTX_PAD), settings.n_ubatch)
     return 4 * tokens * (shape.n_vocab + HEAD_HIDDEN_TENSORS * shape.n_embd)
 
 
@@ -171,7 +167,7 @@ def loaded_weight_bytes(
             if is_loaded(name):
                 first = offset if first is None else first
                 last = offset + size
-            offset += _pad(size, alignment)
+            offset += align_up(size, alignment)
         total += 0 if first is None else last - first
     return total
 

@@ -76,6 +76,14 @@ def _llama_lowest(name: str, default: str, file_type: LlamaFileType, summary: st
     return Recipe(name, default, file_type, rules, summary)
 
 
+# IQ4_XS and IQ4_NL share every rule (llama.cpp treats the two ftypes alike)
+IQ4_RULES = (
+    EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K,
+    Rule(ATTN_V_LIKE, "Q5_K", "attn_v/attn_qkv → Q5_K (n_head/n_head_kv >= 4)", min_gqa=4),
+    Rule(FFN_DOWN, "Q5_K", "ffn_down in the first n/8 blocks → Q5_K (without an imatrix)", layers="i < n/8",
+         imatrix=False),
+)
+
 LLAMA_MIXES: dict[str, Recipe] = {r.name: r for r in (
     _llama("Q8_0", "Q8_0", F.MOSTLY_Q8_0, "everything Q8_0"),
     _llama("Q6_K", "Q6_K", F.MOSTLY_Q6_K, "everything Q6_K"),
@@ -121,18 +129,9 @@ LLAMA_MIXES: dict[str, Recipe] = {r.name: r for r in (
            Rule(FFN_DOWN, "Q4_1", "ffn_down in the first n/8 blocks → Q4_1 (with an imatrix)", layers="i < n/8",
                 imatrix=True)),
     # i-quants: IQ4_NL/IQ4_XS/IQ3_S/IQ3_M need no imatrix; the others are refused without one (plan.py)
-    _llama("IQ4_XS", "IQ4_XS", F.MOSTLY_IQ4_XS, "IQ4_XS; Q5_K for attn_v-like (GQA >= 4) and, without an imatrix, "
-           "the first n/8 ffn_down blocks",
-           EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K,
-           Rule(ATTN_V_LIKE, "Q5_K", "attn_v/attn_qkv → Q5_K (n_head/n_head_kv >= 4)", min_gqa=4),
-           Rule(FFN_DOWN, "Q5_K", "ffn_down in the first n/8 blocks → Q5_K (without an imatrix)", layers="i < n/8",
-                imatrix=False)),
-    _llama("IQ4_NL", "IQ4_NL", F.MOSTLY_IQ4_NL, "IQ4_NL; Q5_K for attn_v-like (GQA >= 4) and, without an imatrix, "
-           "the first n/8 ffn_down blocks",
-           EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K,
-           Rule(ATTN_V_LIKE, "Q5_K", "attn_v/attn_qkv → Q5_K (n_head/n_head_kv >= 4)", min_gqa=4),
-           Rule(FFN_DOWN, "Q5_K", "ffn_down in the first n/8 blocks → Q5_K (without an imatrix)", layers="i < n/8",
-                imatrix=False)),
+    *(_llama(t, t, file_type, f"{t}; Q5_K for attn_v-like (GQA >= 4) and, without an imatrix, the first n/8 "
+             "ffn_down blocks", *IQ4_RULES)
+      for t, file_type in (("IQ4_XS", F.MOSTLY_IQ4_XS), ("IQ4_NL", F.MOSTLY_IQ4_NL))),
     _llama("IQ3_M", "IQ3_S", F.MOSTLY_IQ3_M, "IQ3_S; Q4_K for attn_v-like, attn_output and the first ffn_down blocks",
            EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K,
            Rule(ATTN_V_LIKE, "Q4_K", "attn_v/attn_qkv → Q4_K"),
