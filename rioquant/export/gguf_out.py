@@ -72,12 +72,13 @@ class ShardedGGUFOutput:
         resume: bool = False,
         force: bool = False,
         fs: OutputFS = OutputFS(),
+        arch: str = ARCH,
     ) -> None:
         self.out_path = out_path
         self.fs = fs
         self.workdir = out_path.parent / f".{out_path.name}.partial"
         self.fingerprint = fingerprint
-        writer = layout_writer(self.workdir / out_path.name, tensors, add_metadata, split)
+        writer = layout_writer(self.workdir / out_path.name, tensors, add_metadata, split, arch)
         self.alignment = writer.data_alignment
         self.shard_of: dict[str, int] = {n: i for i, shard in enumerate(writer.tensors) for n in shard}
         self.nbytes = {t.name: t.nbytes for t in tensors}
@@ -199,10 +200,11 @@ def expected_total_bytes(tensors: Sequence[OutputTensor], alignment: int = 32) -
 
 def layout_writer(
     path: Path, tensors: Sequence[OutputTensor], add_metadata: Callable[[gguf.GGUFWriter], None],
-    split: SplitOptions = SplitOptions(),
+    split: SplitOptions = SplitOptions(), arch: str = ARCH,
 ) -> gguf.GGUFWriter:
-    """A GGUFWriter holding the metadata and every tensor info, shards assigned; nothing written yet."""
-    writer = gguf.GGUFWriter(path, ARCH, split_max_tensors=split.max_tensors, split_max_size=split.max_size)
+    """A GGUFWriter holding the metadata and every tensor info, shards assigned; nothing written yet.
+    `arch` is general.architecture: the text model's, or `clip` for the vision projector."""
+    writer = gguf.GGUFWriter(path, arch, split_max_tensors=split.max_tensors, split_max_size=split.max_size)
     add_metadata(writer)
     for t in tensors:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
@@ -211,14 +213,14 @@ def layout_writer(
 
 def planned_file_sizes(
     tensors: Sequence[OutputTensor], add_metadata: Callable[[gguf.GGUFWriter], None],
-    split: SplitOptions = SplitOptions(),
+    split: SplitOptions = SplitOptions(), arch: str = ARCH,
 ) -> list[int]:
     """The exact size of every file the output will have: header, metadata, tensor infos, aligned data.
 
     gguf-py lays the header out itself, into memory instead of a file (the same writer state machine
     ShardedGGUFOutput drives), so the split keys and per-shard tensor infos are counted as written.
     """
-    writer = layout_writer(Path("plan.gguf"), tensors, add_metadata, split)
+    writer = layout_writer(Path("plan.gguf"), tensors, add_metadata, split, arch)
     writer.fout = [io.BytesIO() for _ in writer.tensors]  # type: ignore[misc]
     writer.state = gguf.gguf_writer.WriterState.EMPTY
     writer.write_header_to_file()

@@ -18,6 +18,11 @@ from rioquant.export.checkpoint import SourceTensor
 
 ShapeFn = Callable[[Any], tuple[int, ...]]  # the architecture's ModelArgs → HF (torch) shape
 
+# Where multimodal checkpoints keep the vision tower: transformers writes `model.visual.`, other exports
+# `visual.` or `model.language_model.visual.` (llama.cpp's converter writes an empty mmproj for the last).
+# The text GGUF leaves all of them out; export/qwen35moe_vision.py reads them into the mmproj.
+VISION_PREFIXES = ("model.visual.", "visual.", "model.language_model.visual.")
+
 
 @dataclass(frozen=True)
 class TensorRule:
@@ -62,12 +67,12 @@ class SourceNames:
     """Source tensors with the language-model prefix removed; tracks which ones were consumed.
 
     Hugging Face's multimodal checkpoints nest the text model under `model.language_model.` and keep
-    the vision tower under `model.visual.`; the tower goes to the mmproj file, not the text GGUF."""
+    the vision tower under one of VISION_PREFIXES; the tower goes to the mmproj file, not the text GGUF."""
 
     def __init__(self, tensors: dict[str, SourceTensor]) -> None:
         self.by_name: dict[str, SourceTensor] = {}
         for name, tensor in tensors.items():
-            if name.startswith("model.visual.") or name.startswith("visual."):
+            if name.startswith(VISION_PREFIXES):
                 continue
             short = re.sub(r"^model\.(language_model\.)?", "", name)
             self.by_name[short] = tensor

@@ -83,6 +83,9 @@ class TinySpec:
     vocab_size: int = VOCAB_SIZE
     expert_layout: ExpertLayout = "per_expert"
     with_vision: bool = False  # Qwen3_5MoeForConditionalGeneration with a tiny vision tower
+    # Where the tower's tensors are stored: transformers writes `model.visual.`; some exports write
+    # `visual.` or `model.language_model.visual.` (the mmproj converter must read all three)
+    vision_prefix: str = "model.visual."
     mtp: bool = False  # add one synthesised MTP layer (mtp.*)
     dtype: DType = "bfloat16"
     shards: int = 1  # 1: model.safetensors; N: model-0000i-of-0000N.safetensors + index
@@ -139,18 +142,28 @@ KQUANT = TinySpec(
 
 # A vision tower just big enough to have every tensor kind of the real one (Conv3D patch embed,
 # position embeddings, blocks with qkv bias, the 2x2 merger); out_hidden_size is set to the text hidden.
+# intermediate_size 48 does not divide by 32, like the real 4304: the mmproj's Q8_0 falls back to F16
+# on ffn_down. 64 positions = an 8x8 grid of 16-pixel patches: a 128x128 image needs no interpolation.
 _VISION = dict(
-    depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
-    temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16,
+    depth=2, hidden_size=32, intermediate_size=48, num_heads=2, in_channels=3, patch_size=16,
+    temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64,
     hidden_act="gelu_pytorch_tanh", deepstack_visual_indexes=[],
 )
+
+# Qwen3.5's preprocessor_config.json (Qwen2-VL image processor), with the tiny tower's patch and merge sizes
+_PREPROCESSOR = {
+    "image_processor_type": "Qwen2VLImageProcessorFast", "processor_class": "Qwen3VLProcessor",
+    "size": {"longest_edge": 16777216, "shortest_edge": 65536},
+    "patch_size": _VISION["patch_size"], "temporal_patch_size": _VISION["temporal_patch_size"],
+    "merge_size": _VISION["spatial_merge_size"], "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+}
 
 
 def build_checkpoint(spec: TinySpec, out_dir: Path | str) -> Path:
     """Write a complete HF checkpoint for `spec` into out_dir (created; existing files overwritten).
 
     Files: config.json, generation_config.json, model.safetensors (or shards + index),
-    tokenizer.json, tokenizer_config.json, chat_template.jinja.
+    tokenizer.json, tokenizer_config.json, chat_template.jinja; preprocessor_config.json with vision.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,6 +172,8 @@ def build_checkpoint(spec: TinySpec, out_dir: Path | str) -> Path:
     _write_safetensors(tensors, out, spec.shards)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(_GENERATION_CONFIG, indent=2) + "\n")
+    if spec.with_vision:
+        (out / "preprocessor_config.json").write_text(json.dumps(_PREPROCESSOR, indent=2) + "\n")
     tok_dir = tokenizer_files()
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copyfile(tok_dir / name, out / name)
@@ -360,7 +375,7 @@ def _state_dict(spec: TinySpec) -> dict[str, torch.Tensor]:
             for e in range(shape[0]):
                 out[f"{base}{e}.down_proj.weight"] = w[e].to(dtype).contiguous()  # (H, I)
         else:
-            out[name] = w.to(dtype).contiguous()
+            out[name.replace("model.visual.", spec.vision_prefix, 1)] = w.to(dtype).contiguous()
     return out
 
 
