@@ -18,6 +18,7 @@ from rioquant.cli_options import (
     engine_options,
     eval_options,
     json_option,
+    mmproj_option,
     no_progress_option,
     output_options,
     recipe_options,
@@ -25,6 +26,7 @@ from rioquant.cli_options import (
     run_settings,
 )
 from rioquant.errors import RioquantError
+from rioquant.export.qwen35moe_vision import MMPROJ_TYPES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,36 +49,70 @@ def cli(verbose: bool) -> None:
 @click.option("-o", "--outfile", "out", type=click.Path(path_type=Path), required=True, help="Output .gguf path.")
 @recipe_options
 @output_options
+@mmproj_option
 @click.option("--resume", is_flag=True, help="Continue an interrupted conversion of the same plan.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--threads", type=int, default=None, help="Quantization threads (default: all cores).")
 @no_progress_option
 @click.option("--no-report", is_flag=True, help="Skip the per-tensor/per-expert error report (NAME.report.json/.csv).")
-def convert(src, out, resume, force, threads, no_progress, no_report, **values) -> None:
-    """Convert the Hugging Face checkpoint SRC into a GGUF.
+def convert(src, out, mmproj, resume, force, threads, no_progress, no_report, **values) -> None:
+    """Convert the Hugging Face checkpoint SRC into a GGUF (and, with --mmproj, its vision projector).
 
     \b
     Examples:
       rioquant convert ./Rio-3.5-Open-397B -o rio-Q4_K_M.gguf --type Q4_K_M --split-max-size 50G
+      rioquant convert ./Rio-3.5-Open-397B -o release/rio-Q4_K_M.gguf --type Q4_K_M --mmproj
       rioquant convert ./ckpt -o out.gguf --type Q4_K_M --tensor-type 'ffn_down_exps=Q5_K' --target-size 250G
       rioquant convert ./ckpt -o out.gguf --type BF16 --base-model Qwen/Qwen3.5-397B-A17B
       rioquant convert ./ckpt -o out-Q4_K.gguf --type Q4_K --imatrix imatrix.gguf
     """
     from rioquant.convert import RunOptions
     from rioquant.convert import convert as run_convert
+    from rioquant.mmproj import convert_with_mmproj
 
     run = RunOptions(resume=resume, force=force, threads=threads, progress=not no_progress, report=not no_report)
-    for path in run_convert(src, out, convert_options(**values), run):
+    options = convert_options(**values)
+    files = run_convert(src, out, options, run) if mmproj is None else convert_with_mmproj(src, out, options, mmproj, run)
+    for path in files:
         click.echo(str(path))
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--outfile", "out", type=click.Path(path_type=Path), default=None,
+              help="Output path (default: mmproj-TYPE.gguf in the current folder).")
+@click.option("--type", "qtype", type=click.Choice(MMPROJ_TYPES, case_sensitive=False), default="F16",
+              show_default=True, help="Type of the projector's matrices (llama.cpp's converter's rules for the rest).")
+@click.option("--base-model", "base_models", multiple=True, metavar="ORG/REPO",
+              help="A model this one derives from (repeat for each parent of a merge).")
+@click.option("--name", default=None, help="general.name (default: from the model card or directory).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted write of the same plan.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@no_progress_option
+def mmproj(src, out, qtype, base_models, name, resume, force, no_progress) -> None:
+    """Write the vision projector of SRC alone: the mmproj GGUF llama.cpp (--mmproj) and Ollama load.
+
+    \b
+    Examples:
+      rioquant mmproj ./Rio-3.5-Open-397B -o release/mmproj-F16.gguf
+      rioquant mmproj ./Rio-3.5-Open-397B -o release/mmproj-Q8_0.gguf --type Q8_0
+    """
+    from rioquant.convert import MetadataOptions, RunOptions
+    from rioquant.mmproj import build_mmproj_plan, mmproj_filename, write_mmproj
+
+    plan = build_mmproj_plan(src, qtype, MetadataOptions(tuple(base_models), name))
+    run = RunOptions(resume=resume, force=force, progress=not no_progress)
+    click.echo(str(write_mmproj(plan, out or Path(mmproj_filename(plan.qtype)), run)))
 
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @recipe_options
 @output_options
+@mmproj_option
 @run_options
 @json_option
-def plan(src, as_json, ctx, cache_type, parallel, kv_unified, **values) -> None:
+def plan(src, as_json, mmproj, ctx, cache_type, parallel, kv_unified, **values) -> None:
     """Print what `convert` would write, writing nothing: each tensor's type, the rule that chose it, its
     bytes, and the exact file size; then the memory llama.cpp needs to run it at --ctx (as `fit`).
     SRC may hold only config.json and the tokenizer files (no weights).
@@ -86,13 +122,18 @@ def plan(src, as_json, ctx, cache_type, parallel, kv_unified, **values) -> None:
       rioquant plan ./Rio-3.5-Open-397B --type Q4_K_M
       rioquant plan ./Rio-3.5-Open-397B --type Q4_K_XL --ctx 131072 --cache-type q8_0
       rioquant plan ./Rio-3.5-Open-397B --type Q4_K_XL --split-max-size 50G --json > plan.json
+      rioquant plan ./Rio-3.5-Open-397B --type Q4_K_M --mmproj F16
     """
     from rioquant import render
     from rioquant.convert import build_plan, describe_plan
     from rioquant.fit import plan_memory
+    from rioquant.mmproj import build_mmproj_plan, describe_mmproj
 
-    built = build_plan(src, convert_options(**values), weights_optional=True)
+    options = convert_options(**values)
+    built = build_plan(src, options, weights_optional=True)
     summary = describe_plan(built)
+    if mmproj is not None:
+        summary["mmproj"] = describe_mmproj(build_mmproj_plan(src, mmproj, options.metadata, weights_optional=True))
     summary["memory"] = plan_memory(built, run_settings(ctx, cache_type, parallel, kv_unified))
     click.echo(json.dumps(summary, indent=2) if as_json else render.plan_table(summary))
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from rioquant.export.qwen35moe_vision import MMPROJ_TYPES
+
 SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
 
@@ -71,6 +73,12 @@ output_options = options(
     click.option("--name", default=None, help="general.name (default: from the model card or directory)."),
     click.option("--quantized-by", default=None, help="general.quantized_by."),
 )
+
+# The vision projector beside the model, shared by `convert` and `plan`: `--mmproj` alone means F16
+mmproj_option = click.option(
+    "--mmproj", "mmproj", type=click.Choice(MMPROJ_TYPES, case_sensitive=False), is_flag=False, flag_value="F16",
+    default=None, help="Also write the vision projector mmproj-TYPE.gguf beside the model (--mmproj alone: F16), "
+                       "for llama.cpp's --mmproj and Ollama.")
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 

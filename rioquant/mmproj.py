@@ -8,6 +8,7 @@ so a bad input (no vision tower, an unknown type) fails before a byte is written
 
 import json
 import logging
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -136,6 +137,7 @@ def describe_mmproj(plan: MmprojPlan) -> dict:
     return {
         "file": mmproj_filename(plan.qtype), "type": plan.qtype, "file_bytes": mmproj_size(plan),
         "tensor_bytes": plan.total_bytes, "parameters": parameter_count(plan.specs),
+        "types": dict(sorted(Counter(e.qtype for e in plan.entries).items())),
         "tensors": [{"name": e.name, "shape": list(e.shape), "type": e.qtype, "bytes": e.nbytes, "rule": e.rule}
                     for e in plan.entries],
     }

@@ -27,6 +27,11 @@ def plan_table(summary: dict) -> str:
         + (f" in {len(summary['shard_bytes'])} shards: " + ", ".join(f"{s:,}" for s in summary["shard_bytes"])
            if len(summary["shard_bytes"]) > 1 else ""),
     ]
+    if "mmproj" in summary:
+        m = summary["mmproj"]
+        types = ", ".join(f"{n} {t}" for t, n in m["types"].items())
+        lines.append(f"mmproj     {m['file']}: {m['file_bytes']:,} bytes ({m['file_bytes'] / 1e9:.2f} GB), "
+                     f"{m['parameters']:,} parameters, {len(m['tensors'])} tensors ({types})")
     if "memory" in summary:
         lines += ["", *memory_breakdown(summary["memory"])]
     return "\n".join(lines)
