@@ -28,6 +28,7 @@ from rioquant.export.qwen35moe_vision import (
     VisionArgs,
     add_clip_metadata,
     config_vision_tensors,
+    has_vision,
     load_vision_tensor,
     parameter_count,
     tensor_type,
@@ -94,7 +95,8 @@ def build_mmproj_plan(src: Path, qtype: str = "F16", metadata: MetadataOptions |
         raise CheckpointError(f"{src}: not a directory")
     config = read_config(src)
     from_config = weights_optional and not any(src.glob("*.safetensors"))
-    args = vision_args(config, _preprocessor(src, required=not from_config), src)
+    preprocessor = _preprocessor(src, required=not from_config) if has_vision(config) else None
+    args = vision_args(config, preprocessor, src)  # first: a checkpoint without a tower is refused
     tensors = config_vision_tensors(args, src / "config.json") if from_config else scan_tensors(src)
     specs = vision_specs(tensors, args, src)
     entries = []

@@ -3,7 +3,8 @@
 - `GgmlOracle`: ggml's C quantizers via ctypes, from llama-cpp-python's own `libggml-base.so` (the
   pinned 0.3.36 build). If it cannot be loaded, `GgmlOracle()` raises: tests that need it fail
   loudly instead of skipping.
-- `run_reference_converter`: llama.cpp's own convert_hf_to_gguf.py (from `rioquant.testing.llama_src`).
+- `run_reference_converter`: llama.cpp's own convert_hf_to_gguf.py (from `rioquant.testing.llama_src`);
+  `run_reference_mmproj`: the same with `--mmproj` (the vision projector). Image oracles: testing/vision.py.
 - `llama_logits` / `transformers_logits`: a model's logits through llama.cpp and through transformers.
 """
 
@@ -94,7 +95,7 @@ def run_reference_converter(
     converter uses its own gguf package (gguf 0.19.0 on PyPI lacks the qwen35moe NEXTN tensors).
     mtp: None adds `--no-mtp` when the checkpoint has no `mtp.*` tensors (without it the reference
     converter asserts on such a checkpoint), False always adds it (drop the MTP layer), True never.
-    The text GGUF only: the vision tower is skipped (`--mmproj` would write the projector instead).
+    The text GGUF only: the vision tower is skipped (`run_reference_mmproj` writes the projector).
     """
     from rioquant.testing.llama_src import llama_cpp_source
 
@@ -112,6 +113,15 @@ def run_reference_converter(
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
         raise RuntimeError(f"reference converter failed on {src_dir} (exit {proc.returncode}):\n{tail}")
     return out_path
+
+
+def run_reference_mmproj(src_dir: Path | str, out_path: Path | str, outtype: str = "f16") -> Path:
+    """llama.cpp's converter with `--mmproj`: the vision projector (Qwen3VLVisionModel) as it writes it.
+
+    It reads the tower under `model.visual.` or `visual.` only (one under `model.language_model.visual.`
+    gives it an empty file); MTP flags do not apply to the projector, so none is passed.
+    """
+    return run_reference_converter(src_dir, out_path, outtype, extra_args=["--mmproj"], mtp=True)
 
 
 def _has_mtp_tensors(src_dir: Path) -> bool:

@@ -1,7 +1,7 @@
 """Vision oracles: an image through llama.cpp's multimodal library (libmtmd, as llama-server and
 llama-mtmd-cli run it) and through transformers, on the same pixels.
 
-- `test_image`: a deterministic RGB picture (uint8, H x W x 3).
+- `sample_image`: a deterministic RGB picture (uint8, H x W x 3).
 - `LlamaVision`: the text GGUF + mmproj loaded by llama-cpp-python's `mtmd_cpp` bindings; `image_embeddings`
   (what the projector hands the language model) and `prompt_logits` (an image+text prompt decoded by
   `mtmd_helper_eval_chunks`, the last position's logits), plus the token ids llama.cpp built.
@@ -25,7 +25,7 @@ import numpy as np
 MEDIA_MARKER = "<__media__>"  # mtmd's default marker: where the image goes in the prompt
 
 
-def test_image(height: int = 128, width: int = 128, seed: int = 0) -> np.ndarray:
+def sample_image(height: int = 128, width: int = 128, seed: int = 0) -> np.ndarray:
     """Smooth colour gradients plus noise: uint8 (height, width, 3), the same for a given seed."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
