@@ -221,19 +221,24 @@ def inspect(file, as_json) -> None:
 @click.option("--num-ctx", type=int, default=None, help="PARAMETER num_ctx (context window in tokens).")
 @click.option("--license-file", type=click.Path(path_type=Path), default=None,
               help="LICENSE text from this file (default: the licence id and link in the GGUF).")
-def modelfile(gguf, out, legacy_template, preset, num_ctx, license_file) -> None:
-    """Write an Ollama Modelfile for GGUF (any shard of a split set; FROM names the first).
+@click.option("--mmproj", type=click.Path(path_type=Path), default=None,
+              help="Vision projector for a second FROM (default: mmproj-F16.gguf or another mmproj*.gguf beside GGUF).")
+@click.option("--no-mmproj", is_flag=True, help="Leave the vision projector out (text only).")
+def modelfile(gguf, out, legacy_template, preset, num_ctx, license_file, mmproj, no_mmproj) -> None:
+    """Write an Ollama Modelfile for GGUF (any shard of a split set; FROM names the first, then the
+    vision projector found beside it).
 
     \b
     Examples:
       rioquant modelfile rio-Q4_K.gguf -o Modelfile && ollama create rio -f Modelfile
       rioquant modelfile rio-Q4_K-00002-of-00005.gguf --num-ctx 32768 --preset coding
       rioquant modelfile rio-Q4_K.gguf --legacy-template -o Modelfile.legacy
+      rioquant modelfile rio-Q4_K.gguf --mmproj mmproj-Q8_0.gguf -o Modelfile
     """
     from rioquant.publish.modelfile import write_modelfile
 
     text = write_modelfile(gguf, out, legacy_template=legacy_template, preset=preset, num_ctx=num_ctx,
-                           license_file=license_file)
+                           license_file=license_file, mmproj=mmproj, no_mmproj=no_mmproj)
     click.echo(text if out is None else str(out), nl=out is not None)
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import replace
@@ -165,3 +166,19 @@ def test_llama_cpp_image_embeddings_and_logits_match_transformers(vision_checkpo
     expected = transformers_prompt_logits(vision_checkpoint, layout, image, IMAGE_ID)
     assert logits.argmax() == expected.argmax()
     assert np.abs(logits - expected).max() < 3e-3 * max(1.0, float(np.abs(expected).max()) / 10)
+
+
+@pytest.mark.slow
+def test_modelfile_and_card_carry_the_projector(release, capsys):
+    code, out, err = run_cli_output(["modelfile", release / "Tiny-VL-F32.gguf", "-o", release / "Modelfile"], capsys)
+    assert code == 0, err
+    froms = [line for line in (release / "Modelfile").read_text().splitlines() if line.startswith("FROM ")]
+    assert froms == ["FROM ./Tiny-VL-F32.gguf", "FROM ./mmproj-F32.gguf"]
+    code, out, err = run_cli_output(["modelfile", release / "Tiny-VL-F32.gguf", "--no-mmproj"], capsys)
+    assert code == 0 and "mmproj" not in out
+    code, out, err = run_cli_output(["publish", "me/Tiny-VL-GGUF", release, "--dry-run", "--no-progress"], capsys)
+    assert code == 0, err
+    digest = hashlib.sha256((release / "mmproj-F32.gguf").read_bytes()).hexdigest()
+    assert "| `mmproj-F32.gguf` | " in out and f"`{digest}` |" in out
+    assert "--mmproj mmproj-F32.gguf" in out and "pipeline_tag: image-text-to-text" in out
+    assert "| F32 | `Tiny-VL-F32.gguf` |" in out  # the projector is no quant of its own

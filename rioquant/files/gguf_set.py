@@ -94,6 +94,11 @@ class GGUFSet:
     def is_imatrix(self) -> bool:
         return self.meta.get("general.type") == "imatrix"
 
+    @property
+    def is_projector(self) -> bool:
+        """A multimodal projector (mmproj): llama.cpp's `--mmproj` file, Ollama's projector layer."""
+        return self.meta.get("general.type") == "mmproj"
+
 
 def _read_in_file(path: Path) -> GGUFHeader:
     """A header whose tensors all end inside the file (a truncated file is refused before any read)."""

@@ -174,14 +174,16 @@ def usage_tag(quants: list[QuantCard]) -> str:
     return next((t for t in labels if t == "Q4_K_M"), next((t for t in labels if "Q4_K" in t), labels[0]))
 
 
-def front_matter(license: str | None, base_models: list[str], imatrix: bool, relation: str = "quantized") -> str:
-    tags = ["gguf", ARCH, "llama.cpp", "ollama", "quantized"] + (["imatrix"] if imatrix else [])
+def front_matter(license: str | None, base_models: list[str], imatrix: bool, relation: str = "quantized",
+                 vision: bool = False) -> str:
+    tags = ["gguf", ARCH, "llama.cpp", "ollama", "quantized"] + (["imatrix"] if imatrix else []) \
+        + (["vision", "mmproj"] if vision else [])
     data = ModelCardData(
         license=license,
         base_model=base_models or None,
         base_model_relation=relation if base_models else None,
         tags=tags,
-        pipeline_tag="text-generation",
+        pipeline_tag="image-text-to-text" if vision else "text-generation",
     )
     return f"---\n{data.to_yaml()}\n---\n"
 
@@ -195,15 +197,19 @@ def render_card(
     has_template: bool = True,
     merge_parents: tuple[str, ...] = (),
     lineage_lines: tuple[str, ...] = (),
+    projectors: list[str] | None = None,
 ) -> str:
     """README.md text. `files`: every uploaded path in the repo → (size, sha256), README excepted.
-    `merge_parents` (base_model of a merge) and `lineage_lines` (Markdown): from a lineage report."""
+    `merge_parents` (base_model of a merge) and `lineage_lines` (Markdown): from a lineage report.
+    `projectors`: the repo paths of the vision projectors (mmproj), F16 first when there is one."""
+    projectors = sorted(projectors or [], key=lambda p: (not p.endswith("-F16.gguf"), p))
     headers = [q.qset.first for q in quants]
     bases = lineage(headers, base_models)
     licence = next((str(h.metadata["general.license"]) for h in headers if h.metadata.get("general.license")), None)
     name = str(headers[0].metadata.get("general.name") or quants[0].qset.stem)
     relation = "merge" if merge_parents else "quantized"
-    lines = [front_matter(licence, list(merge_parents) or bases, any(q.imatrix for q in quants), relation), GENERATED_MARK, "",
+    lines = [front_matter(licence, list(merge_parents) or bases, any(q.imatrix for q in quants), relation, bool(projectors)),
+             GENERATED_MARK, "",
              f"# {name} GGUF", ""]
     source = f"[{bases[0]}](https://huggingface.co/{bases[0]})" if bases else name
     lines.append(f"GGUF quants of {source} (llama.cpp architecture `{ARCH}`) for llama.cpp and Ollama, "
@@ -222,6 +228,12 @@ def render_card(
     notes = [f"{q.label}: {q.eval_note}" for q in quants if q.eval_note]
     lines += ["", "Bits per weight: all tensor bytes × 8 / all weights. PPL and KLD where measured "
               "(llama-perplexity's method; lower is better)" + (": " + "; ".join(notes) if notes else "; — not measured") + "."]
+    if projectors:
+        lines += ["", "## Vision projector", "",
+                  "Image input: the vision tower and merger as llama.cpp's multimodal projector (`clip`, "
+                  "`qwen3vl_merger`), one file that goes with every quant.", "",
+                  "| Projector | Size | SHA-256 |", "|---|---|---|"]
+        lines += [f"| `{path}` | {_gb(files[path][0])} | `{files[path][1]}` |" for path in projectors]
     lines += ["", "## Recipes", "", "Types per tensor kind, read from each GGUF's tensor infos."]
     for q in quants:
         lines += ["", f"### {q.label}", ""]
@@ -234,13 +246,20 @@ def render_card(
               f"llama-cli -hf {repo_id}:{tag}",
               f"llama-server -hf {repo_id}:{tag} --port 8080",
               "```", "",
-              "`-hf` downloads every shard of a split quant; with local files pass the first shard to `-m`.",
+              "`-hf` downloads every shard of a split quant; with local files pass the first shard to `-m`."
+              + (" `-hf` also fetches the vision projector; with local files add it with `--mmproj`:" if projectors else ""),
+              *(["", "```", f"llama-mtmd-cli -m {quants[0].qset.files[0].name} --mmproj {projectors[0]} "
+                 "--image picture.jpg -p 'Describe this image.'",
+                 f"llama-server -m {quants[0].qset.files[0].name} --mmproj {projectors[0]} --port 8080", "```"]
+                if projectors else []),
               "", "### Ollama", "", "```", f"ollama run hf.co/{repo_id}:{tag}", "```", "",
               "Needs Ollama 0.30 or newer (it runs qwen35moe through llama.cpp and joins split GGUFs). "
               + ("The repository's `template` (Qwen3.5's chat template in Go) and `params` files set the prompt "
                  "format and these parameters:" if has_template else "The repository's `params` file sets these parameters:"),
               "", "```json", json.dumps(params, indent=2, ensure_ascii=False), "```", "",
-              "For a local Modelfile: `rioquant modelfile FILE.gguf -o Modelfile`."]
+              "For a local Modelfile: `rioquant modelfile FILE.gguf -o Modelfile`"
+              + (f" (it adds `FROM ./{projectors[0]}` after the model: Ollama makes it the projector layer)."
+                 if projectors else ".")]
     lines += ["", "## Files", "", "| File | Size | SHA-256 |", "|---|---|---|"]
     lines += [f"| `{path}` | {_gb(size)} | `{digest}` |" for path, (size, digest) in sorted(files.items())]
     lines += ["", "Check a download with `sha256sum -c SHA256SUMS`.", ""]

@@ -6,6 +6,8 @@ values convert copied from generation_config.json (`general.sampling.*`), the co
 licence (`general.license*`). Ollama >= 0.30 has Qwen3.5's prompt format built in (`RENDERER` /
 `PARSER qwen3.5`); `--legacy-template` writes the Go `TEMPLATE` of rioquant.publish.gotemplate
 instead, for older releases. The same parameters are the Hub's `params` file (see card.py).
+A vision projector beside the model (`mmproj-F16.gguf`, as `convert --mmproj` writes it) is a second
+`FROM` after the model's: current Ollama makes a projector layer of a GGUF whose general.type is mmproj.
 """
 
 import logging
@@ -51,6 +53,10 @@ GGUF_SAMPLING: tuple[tuple[str, str], ...] = (
     ("general.sampling.penalty_repeat", "repeat_penalty"),
     ("general.sampling.penalty_last_n", "repeat_last_n"),
 )
+
+# Projector files by preference when a folder holds several: F16 is what releases ship and what
+# llama.cpp's `-hf` picks, then the other types `convert --mmproj` writes
+PROJECTOR_PREFERENCE = ("F16", "BF16", "F32", "Q8_0")
 
 END_TOKEN_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 # Texts llama.cpp ends generation on whatever the ids say (llama-vocab.cpp's EOG list), for ChatML vocabularies
@@ -148,8 +154,13 @@ def modelfile_text(
     preset: str = "auto",
     num_ctx: int | None = None,
     license_file: Path | None = None,
+    mmproj: Path | None = None,
+    no_mmproj: bool = False,
 ) -> str:
-    """The Modelfile for `gguf` (any shard of a split set), to be written at `out` (None: stdout)."""
+    """The Modelfile for `gguf` (any shard of a split set), to be written at `out` (None: stdout).
+
+    `mmproj`: the vision projector's FROM (default: `find_projector` beside the model; `no_mmproj`: none).
+    """
     first = first_shard(gguf)
     header = read_header(first)
     arch = header.metadata.get("general.architecture")
@@ -172,7 +183,14 @@ def modelfile_text(
         if legacy_template else
         "# RENDERER/PARSER qwen3.5 need Ollama >= 0.30; for older releases: rioquant modelfile --legacy-template"
     )
-    lines.append(f"FROM {_quote(_from_path(first, out.parent if out else Path.cwd()))}")
+    folder = out.parent if out else Path.cwd()
+    lines.append(f"FROM {_quote(_from_path(first, folder))}")
+    projector = None if no_mmproj else mmproj or find_projector(first.parent)
+    if projector is not None:
+        kind = read_header(projector).metadata.get("general.type") if projector.is_file() else None
+        if kind != "mmproj":
+            raise PublishError(f"--mmproj {projector}: not a projector GGUF (general.type {kind!r}, expected 'mmproj')")
+        lines.append(f"FROM {_quote(_from_path(projector, folder))}")
     if legacy_template:
         lines.append(f"TEMPLATE {_quote(QWEN35_GO_TEMPLATE)}")
     else:
@@ -186,6 +204,18 @@ def modelfile_text(
     else:
         log.warning("%s: no general.license in the GGUF; pass --license-file to add a LICENSE", first)
     return "\n".join(lines) + "\n"
+
+
+def find_projector(folder: Path) -> Path | None:
+    """The vision projector among `folder`'s `mmproj*.gguf` files (general.type mmproj), F16 first."""
+    found = [p for p in sorted(folder.glob("mmproj*.gguf"))
+             if p.is_file() and read_header(p).metadata.get("general.type") == "mmproj"]
+
+    def rank(path: Path) -> int:
+        label = path.stem.upper().removeprefix("MMPROJ-")
+        return PROJECTOR_PREFERENCE.index(label) if label in PROJECTOR_PREFERENCE else len(PROJECTOR_PREFERENCE)
+
+    return min(found, key=rank) if found else None
 
 
 def _model_tag(first: Path) -> str:

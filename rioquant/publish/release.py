@@ -3,7 +3,7 @@
 Nothing is uploaded until every GGUF in the folder has passed verify.py. The release is planned in
 full first (files, sizes, sha256, generated texts); the same plan is the dry run and the upload.
 Uploaded: every quant (file or split set) with its companions `NAME.*` (error report, figures,
-`NAME.eval.json`), imatrix files, and four generated files: README.md (card.py), `template` and
+`NAME.eval.json`), imatrix files, vision projectors (`mmproj-*.gguf`), and four generated files: README.md (card.py), `template` and
 `params` (what the Hub's Ollama integration reads), SHA256SUMS. Other files in the folder stay local.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rioquant.errors import PublishError
 from rioquant.export.qwen35moe import ARCH
+from rioquant.export.qwen35moe_vision import ARCH as PROJECTOR_ARCH
 from rioquant.files.disk import write_atomic
 from rioquant.files.gguf_set import GGUFSet
 from rioquant.publish.card import GENERATED_MARK, describe, render_card
@@ -80,13 +81,18 @@ def _companions(folder: Path, sets: list[GGUFSet]) -> list[Path]:
 def plan_release(repo_id: str, folder: Path, options: PublishOptions) -> Release:
     """Verify every GGUF, hash every file and write the generated texts (in memory)."""
     sets = find_sets(folder)
-    quants = [s for s in sets if not s.is_imatrix]
+    quants = [s for s in sets if not s.is_imatrix and not s.is_projector]
+    projectors = [s for s in sets if s.is_projector]
     if not quants:
-        raise PublishError(f"{folder}: no model GGUF to publish (only imatrix files)")
+        raise PublishError(f"{folder}: no model GGUF to publish (only imatrix or projector files)")
     for q in quants:
         arch = q.meta.get("general.architecture")
         if arch != ARCH:
             raise PublishError(f"{q.files[0]}: architecture {arch!r}; rioquant publishes {ARCH} quants only")
+    for p in projectors:
+        arch = p.meta.get("general.architecture")
+        if arch != PROJECTOR_ARCH:
+            raise PublishError(f"{p.files[0]}: a projector of architecture {arch!r}; expected {PROJECTOR_ARCH}")
     readme = folder / README
     if readme.is_file() and GENERATED_MARK not in readme.read_text(errors="replace") and not options.force:
         raise PublishError(f"{readme}: exists and was not written by rioquant; move it away or pass --force")
@@ -108,7 +114,8 @@ def plan_release(repo_id: str, folder: Path, options: PublishOptions) -> Release
     generated[SUMS] = "".join(f"{digest}  {path}\n" for path, (_, digest) in sorted(listed.items()))
     cards = [describe(q) for q in quants]
     generated[README] = render_card(repo_id, cards, listed, params, options.base_models, "template" in generated,
-                                    options.merge_parents, options.lineage_lines)
+                                    options.merge_parents, options.lineage_lines,
+                                    [p.files[0].relative_to(folder).as_posix() for p in projectors])
 
     taken = {*files, *generated, HASH_CACHE}
     skipped = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
