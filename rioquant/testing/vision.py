@@ -3,8 +3,9 @@ llama-mtmd-cli run it) and through transformers, on the same pixels.
 
 - `sample_image`: a deterministic RGB picture (uint8, H x W x 3).
 - `LlamaVision`: the text GGUF + mmproj loaded by llama-cpp-python's `mtmd_cpp` bindings; `image_embeddings`
-  (what the projector hands the language model) and `prompt_logits` (an image+text prompt decoded by
-  `mtmd_helper_eval_chunks`, the last position's logits), plus the token ids llama.cpp built.
+  (what the projector hands the language model), `prompt_logits` (an image+text prompt decoded by
+  `mtmd_helper_eval_chunks`, the last position's logits, plus the token ids llama.cpp built) and
+  `generate` (a greedy answer, for `make demo`).
 - `transformers_image_embeddings` / `transformers_prompt_logits`: Qwen3_5MoeForConditionalGeneration in
   float32 with transformers' own image processor.
 
@@ -23,6 +24,16 @@ from pathlib import Path
 import numpy as np
 
 MEDIA_MARKER = "<__media__>"  # mtmd's default marker: where the image goes in the prompt
+_QUIET = None  # the no-op log callback handed to libmtmd: kept alive here, ctypes does not own it
+
+
+def _silence_mtmd(mtmd_cpp, llama_cpp) -> None:
+    """libmtmd logs every image it encodes to stderr (and its helper re-points libllama's log there)."""
+    global _QUIET
+    if _QUIET is None:
+        _QUIET = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    mtmd_cpp.mtmd_log_set(_QUIET, None)
+    mtmd_cpp.mtmd_helper_log_set(_QUIET, None)
 
 
 def sample_image(height: int = 128, width: int = 128, seed: int = 0) -> np.ndarray:
@@ -43,6 +54,7 @@ class LlamaVision:
         from rioquant.testing.oracles import plain_cpu_buffers
 
         self.llama_cpp, self.mtmd = llama_cpp, mtmd_cpp
+        _silence_mtmd(mtmd_cpp, llama_cpp)
         with plain_cpu_buffers():
             self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                                        n_gpu_layers=0, n_threads=n_threads, verbose=False)
@@ -101,9 +113,9 @@ class LlamaVision:
         finally:
             m.mtmd_input_chunks_free(chunks)
 
-    def prompt_logits(self, prompt: str, image: np.ndarray) -> tuple[np.ndarray, list[list[int] | int]]:
-        """Decode the whole prompt (image at MEDIA_MARKER): the last position's logits, float32 (n_vocab,),
-        and the chunk layout llama.cpp built (text ids / image token counts)."""
+    def _decode_prompt(self, prompt: str, image: np.ndarray) -> tuple[list[list[int] | int], int]:
+        """Clear the memory and decode the whole prompt (image at MEDIA_MARKER) with the last position's
+        logits: (the chunk layout llama.cpp built, the next position)."""
         m, llama_cpp = self.mtmd, self.llama_cpp
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
         chunks = self._chunks(prompt, image)
@@ -113,10 +125,39 @@ class LlamaVision:
             if m.mtmd_helper_eval_chunks(self.ctx, self.llm.ctx, chunks, 0, 0, self.llm.n_batch, True,
                                          ctypes.byref(n_past)) != 0:
                 raise RuntimeError("mtmd_helper_eval_chunks failed")
-            logits = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-            return np.ctypeslib.as_array(logits, shape=(self.llm.n_vocab(),)).copy(), layout
+            return layout, int(n_past.value)
         finally:
             m.mtmd_input_chunks_free(chunks)
+
+    def _last_logits(self) -> np.ndarray:
+        logits = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(logits, shape=(self.llm.n_vocab(),)).copy()
+
+    def prompt_logits(self, prompt: str, image: np.ndarray) -> tuple[np.ndarray, list[list[int] | int]]:
+        """The last position's logits for an image+text prompt, float32 (n_vocab,), and the chunk layout
+        llama.cpp built (text ids / image token counts)."""
+        layout, _ = self._decode_prompt(prompt, image)
+        return self._last_logits(), layout
+
+    def generate(self, prompt: str, image: np.ndarray, max_tokens: int = 12) -> str:
+        """Greedy answer to an image+text prompt, decoded as llama-mtmd-cli does (one token at a time)."""
+        llama_cpp = self.llama_cpp
+        _, n_past = self._decode_prompt(prompt, image)
+        batch, answer = llama_cpp.llama_batch_init(1, 0, 1), []
+        try:
+            for _ in range(max_tokens):
+                token = int(self._last_logits().argmax())
+                if llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token):
+                    break
+                answer.append(token)
+                batch.n_tokens, batch.token[0], batch.pos[0], batch.n_seq_id[0], batch.logits[0] = 1, token, n_past, 1, True
+                batch.seq_id[0][0] = 0
+                if llama_cpp.llama_decode(self.llm.ctx, batch) != 0:
+                    raise RuntimeError("llama_decode failed")
+                n_past += 1
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        return self.llm.detokenize(answer).decode("utf-8", errors="replace")
 
     def close(self) -> None:
         self.mtmd.mtmd_free(self.ctx)
