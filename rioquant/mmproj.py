@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rioquant.convert import ConvertHooks, ConvertOptions, MetadataOptions, RunOptions, convert
-from rioquant.errors import CheckpointError, PlanError
+from rioquant.errors import CheckpointError, PlanError, QuantInputError
 from rioquant.export.checkpoint import read_config, read_float32, scan_tensors
 from rioquant.export.gguf_out import OutputTensor, ShardedGGUFOutput, expected_total_bytes, planned_file_sizes
 from rioquant.export.metadata import general_metadata
@@ -145,6 +145,17 @@ def describe_mmproj(plan: MmprojPlan) -> dict:
     }
 
 
+def _quantized(spec: TensorSpec, entry: PlanEntry, args: VisionArgs, threads: int | None) -> np.ndarray:
+    """One tower tensor's bytes; a row the quantizer refuses (NaN, Inf) is named by file and tensor."""
+    values = load_vision_tensor(spec, args, read_float32)
+    rows = np.ascontiguousarray(values.reshape(-1, values.shape[-1]), dtype=np.float32)
+    try:
+        return quantize(rows, T[entry.qtype], threads=threads)
+    except QuantInputError as err:
+        source = spec.pieces[0].source
+        raise CheckpointError(f"{source.file.name}: tensor {source.name}: {err}") from None
+
+
 def write_mmproj(plan: MmprojPlan, out: Path, run: RunOptions | None = None, hooks: ConvertHooks | None = None) -> Path:
     """quantize → write: each tower tensor read, transformed, typed and appended; returns the file."""
     run, hooks = run or RunOptions(), hooks or ConvertHooks()
@@ -163,9 +174,7 @@ def write_mmproj(plan: MmprojPlan, out: Path, run: RunOptions | None = None, hoo
         for spec, entry in zip(plan.specs, plan.entries, strict=True):
             if not output.is_done(entry.name):
                 hooks.on_tensor(entry)
-                values = load_vision_tensor(spec, plan.args, read_float32)
-                rows = np.ascontiguousarray(values.reshape(-1, values.shape[-1]), dtype=np.float32)
-                output.write_tensor(entry.name, iter([quantize(rows, T[entry.qtype], threads=run.threads)]))
+                output.write_tensor(entry.name, iter([_quantized(spec, entry, plan.args, run.threads)]))
             bar.update(entry.nbytes)
         (path,) = output.finish()
     except BaseException:
