@@ -27,12 +27,12 @@ F = LlamaFileType
 
 
 def _xl(name: str, default: str, file_type: LlamaFileType, summary: str, *, attention: str, ssm_out: str,
-        shared: str, token_embd: str, down_first: str, down_more: str, down: str | None = None,
+        shared: str, token_embd: str, down_first: str, down_more: str | None, down: str | None = None,
         output: str = "Q6_K") -> Recipe:
     """The XL shape: every non-expert matrix held high; ffn_down_exps raised in the first n/8 blocks
     (the ablation: the first block's down projections carry most of the experts' error) and in
-    llama.cpp's use_more_bits blocks; `down` (default: the mix's default) elsewhere, `default` for the
-    gate/up experts."""
+    llama.cpp's use_more_bits blocks (unless `down_more` is None); `down` (default: the mix's default)
+    elsewhere, `default` for the gate/up experts."""
     down = down or default
     rules = (
         OUTPUT_Q8_0_IF_MISFIT,
@@ -45,7 +45,8 @@ def _xl(name: str, default: str, file_type: LlamaFileType, summary: str, *, atte
         Rule(SHARED_EXPERT, shared, f"shared expert → {shared}: every token uses it"),
         Rule(DOWN_EXPS, down_first, f"ffn_down_exps in the first n/8 blocks → {down_first}: the most sensitive experts",
              layers="i < n/8"),
-        Rule(DOWN_EXPS, down_more, f"ffn_down_exps in use_more_bits blocks → {down_more}", layers="use_more_bits"),
+        *((Rule(DOWN_EXPS, down_more, f"ffn_down_exps in use_more_bits blocks → {down_more}", layers="use_more_bits"),)
+          if down_more else ()),
         Rule(DOWN_EXPS, down, f"ffn_down_exps → {down} elsewhere"),
     )
     return Recipe(name, default, file_type, rules, summary, source=RecipeSource.RIOQUANT)
@@ -70,8 +71,8 @@ XL_MIXES: dict[str, Recipe] = {r.name: r for r in (
         attention="Q6_K", ssm_out="Q8_0", shared="Q6_K", token_embd="Q4_K", down_first="IQ3_S", down_more="IQ2_S",
         down="IQ2_XS"),
     _xl("IQ1_XL", "IQ1_M", F.MOSTLY_IQ1_M,
-        "gate/up experts IQ1_M, down IQ2_XXS (IQ3_XXS/IQ2_XS first/use_more_bits); attention Q5_K, ssm_out Q6_K",
-        attention="Q5_K", ssm_out="Q6_K", shared="Q5_K", token_embd="Q4_K", down_first="IQ3_XXS", down_more="IQ2_XS",
+        "gate/up experts IQ1_M, down IQ2_XXS (IQ3_XXS in the first blocks); attention, ssm_out Q5_K",
+        attention="Q5_K", ssm_out="Q5_K", shared="Q5_K", token_embd="Q3_K", down_first="IQ3_XXS", down_more=None,
         down="IQ2_XXS", output="Q5_K"),
 )}
 
