@@ -1,18 +1,24 @@
 """`make fidelity`: size against KL divergence for every mix, on a trained nano Qwen3.5-MoE.
 
-    python -m bench.fidelity [--out DIR] [--fresh]
+    python -m bench.fidelity [--nano a|b] [--out DIR] [--fresh]
 
-1. The nano model (bench/nano: trained once, then cached), its BF16 GGUF (`rioquant convert`), and an
+1. A nano model (bench/nano: trained once, then cached; `--nano b` is the second shape), its BF16 GGUF (`rioquant convert`), and an
    importance matrix collected by `rioquant imatrix` on the calibration split.
-2. llama.cpp's ten standard mixes quantized by llama.cpp itself (`llama_model_quantize`), without and
-   with that imatrix (passed as llama.cpp's own `llama_model_imatrix_data`); rioquant's file of each
+2. llama.cpp's whole menu (K, legacy and i-quant mixes) quantized by llama.cpp itself
+   (`llama_model_quantize`), without and with that imatrix (passed as llama.cpp's own
+   `llama_model_imatrix_data`; the i-quant mixes that need one only with it); rioquant's file of each
    of them is checked byte for byte against llama.cpp's.
-3. rioquant's XL mixes, without and with the imatrix.
+3. rioquant's dynamic mixes (K-quant and i-quant XL), without and with the imatrix where allowed.
 4. Every file scored against the BF16 GGUF on the evaluation split (a split no training or calibration
-   text came from) by `rioquant kld`: mean KLD, 99.9 % KLD, same-top-p, PPL; sizes as bits per weight.
-5. The frontier: llama.cpp's Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, log-KLD linearly interpolated in bits per
-   weight (extended linearly beyond its ends); each XL mix is compared with the frontier of the same
-   imatrix setting at its own bpw. A table (markdown + JSON) and a PNG of both statistics.
+   text came from) by `rioquant kld`, twice: chunks starting at the text's start, then chunks starting
+   half a chunk later, so that every token is scored once with at least half a chunk of context
+   (~2× the tokens of one pass: the 99.9 % KLD is a tail statistic and needs them). Mean KLD and
+   99.9 % KLD over all scored tokens, the 99.9 % of each half of the text (its spread), same-top-p,
+   PPL; sizes as bits per weight.
+5. The frontier: the lower envelope of llama.cpp's menu at the same imatrix setting (each statistic
+   separately: the mixes no smaller mix beats), log-KLD linearly interpolated in bits per weight and
+   extended along its last segment beyond its ends; each rioquant mix is compared with it at its own
+   bpw. A table (markdown + JSON) and a PNG of both statistics.
 
 Results are kept per file (keyed by the file's sha256), so a re-run after changing one recipe measures
 only what changed. The 397B's sizes for each mix come from `rioquant plan` on its config alone.
@@ -32,22 +38,21 @@ from pathlib import Path
 import numpy as np
 
 from bench.nano.corpus import load_corpus
-from bench.nano.train import ensure_nano
+from bench.nano.train import VARIANTS, ensure_nano
 from rioquant.convert import ConvertOptions, RunOptions, build_plan, convert, describe_plan
 from rioquant.evaluate.engine import EngineOptions
 from rioquant.evaluate.pipelines import collect_imatrix, kl_divergence
+from rioquant.evaluate.stats import mean_and_uncertainty, percentile
 from rioquant.files.gguf_file import read_header
 from rioquant.quant.plan import recipe_needs_imatrix
 from rioquant.quant.recipes import LLAMA_MIXES, XL_MIXES
+from rioquant.quant.rules import Recipe
 from rioquant.testing.gguf_scan import scan
 from rioquant.testing.imatrix_files import RawEntry, gguf_importance
 from rioquant.testing.llama_quantize import llama_quantize
 from rioquant.testing.llama_src import CACHE_DIR
 from rioquant.testing.tokenizer import tokenizer_files
 
-# llama.cpp's frontier: below Q3_K_M it is extended along the Q3_K_M–Q4_K_M slope, which asks more of a
-# smaller mix than Q2_K's own point would (Q2_K lies far above that line)
-FRONTIER_MIXES = ("Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K")
 RIO_397B_CONFIG = Path(__file__).resolve().parent.parent / "tests" / "data" / "rio-3.5-open-397b"
 CTX = 512
 
@@ -98,11 +103,16 @@ def assert_same_tensors(ours: Path, llama: Path) -> None:
         raise AssertionError(f"{ours.name}: {len(differ)} tensors differ from llama_model_quantize's {llama.name}: {differ[:5]}")
 
 
-def build_quants(work: Path, nano: Path, bf16: Path, imatrix: Path) -> list[Quant]:
+def imatrix_settings(recipe: Recipe, imatrix_only: bool) -> tuple[bool, ...]:
+    """With and without the imatrix, or only with it where the mix needs one or `imatrix_only` asks."""
+    return (True,) if imatrix_only or recipe_needs_imatrix(recipe) else (False, True)
+
+
+def build_quants(work: Path, nano: Path, bf16: Path, imatrix: Path, imatrix_only: bool) -> list[Quant]:
     importance = llama_importance(imatrix)
     quants = []
     for mix, recipe in LLAMA_MIXES.items():
-        for with_imatrix in (True,) if recipe_needs_imatrix(recipe) else (False, True):
+        for with_imatrix in imatrix_settings(recipe, imatrix_only):
             path = work / f"nano-{mix}{'-imat' if with_imatrix else ''}-llama.gguf"
             if not path.is_file():
                 _log(f"llama_model_quantize {mix}{' with imatrix' if with_imatrix else ''}")
@@ -112,8 +122,8 @@ def build_quants(work: Path, nano: Path, bf16: Path, imatrix: Path) -> list[Quan
             assert_same_tensors(ours, path)
             ours.unlink()
             quants.append(Quant(mix, "llama.cpp", with_imatrix, path))
-    for mix in XL_MIXES:
-        for with_imatrix in (False, True):
+    for mix, recipe in XL_MIXES.items():
+        for with_imatrix in imatrix_settings(recipe, imatrix_only):
             path = work / f"nano-{mix}{'-imat' if with_imatrix else ''}.gguf"
             _log(f"rioquant convert {mix}{' with imatrix' if with_imatrix else ''}")
             convert(nano, path, ConvertOptions(qtype=mix, imatrix=imatrix if with_imatrix else None), RunOptions(force=True, progress=False, report=False))
@@ -127,17 +137,54 @@ def bits_per_weight(path: Path) -> float:
     return sum(t.nbytes for t in header.tensors) * 8 / sum(t.n_elements for t in header.tensors)
 
 
-def measure(quant: Quant, bf16: Path, text: Path, states: Path, cache: dict) -> dict:
-    digest = _sha256(quant.path)
-    if digest not in cache:
+@dataclass(frozen=True)
+class Scoring:
+    """The two passes over the evaluation text (see the module docstring): (text, base states) each."""
+
+    passes: tuple[tuple[Path, Path], ...]
+
+    @classmethod
+    def prepare(cls, work: Path, text: str, bf16: Path) -> Scoring:
+        from rioquant.evaluate.source import open_source
+        from rioquant.evaluate.text import load_tokenizer
+
+        offsets = load_tokenizer(open_source(bf16)).encode(text, add_special_tokens=False).offsets
+        shifted = text[offsets[CTX // 2][0]:]
+        passes = []
+        for name, body in (("evaluation", text), ("evaluation-shifted", shifted)):
+            path = work / f"{name}.txt"
+            path.write_text(body, encoding="utf-8")
+            passes.append((path, work / f"base-states-{name}.npy"))
+        return cls(tuple(passes))
+
+
+def measure(quant: Quant, bf16: Path, scoring: Scoring, cache: dict) -> dict:
+    key = f"{_sha256(quant.path)} two-pass ctx {CTX}"
+    if key not in cache:
         _log(f"kld {quant.label}")
         options = EngineOptions(threads=None, progress=False)
-        result = kl_divergence(bf16, quant.path, text, CTX, None, options, base_states=states)
-        cache[digest] = {"kld": result["kld"], "kld_stderr": result["kld_stderr"],
-                         "kld_99_9": result["kld_percentiles"]["99.9%"], "same_top_p": result["same_top_p"],
-                         "ppl": result["ppl_q"], "ppl_base": result["ppl_base"], "tokens": result["tokens_scored"]}
+        results, tokens = [], []
+        for text, states in scoring.passes:
+            per_token = quant.path.with_suffix(".kld.npy")
+            results.append(kl_divergence(bf16, quant.path, text, CTX, None, options, base_states=states,
+                                         tokens_out=per_token))
+            tokens.append(np.load(per_token))
+            per_token.unlink()
+        everything = np.concatenate(tokens)
+        halves = [np.concatenate([t[: len(t) // 2] for t in tokens]), np.concatenate([t[len(t) // 2:] for t in tokens])]
+        kld, kld_stderr = mean_and_uncertainty(everything)
+        n = [r["tokens_scored"] for r in results]
+        cache[key] = {"kld": kld, "kld_stderr": kld_stderr, "kld_99_9": _p999(everything),
+                      "kld_99_9_halves": [_p999(h) for h in halves],
+                      "same_top_p": sum(r["same_top_p"] * k for r, k in zip(results, n, strict=True)) / sum(n),
+                      "ppl": results[0]["ppl_q"], "ppl_base": results[0]["ppl_base"], "tokens": sum(n)}
     return {**asdict(quant), "path": quant.path.name, "label": quant.label, "bytes": quant.path.stat().st_size,
-            "bpw": bits_per_weight(quant.path), **cache[digest], "size_397b_gb": size_397b(quant.mix, imatrix=quant.imatrix)}
+            "bpw": bits_per_weight(quant.path), **cache[key], "size_397b_gb": size_397b(quant.mix, imatrix=quant.imatrix)}
+
+
+def _p999(kld: np.ndarray) -> float:
+    """llama-perplexity's 99.9 % KLD (its percentile of the float32-sorted values)."""
+    return percentile(np.sort(kld.astype(np.float32)), 0.999)
 
 
 _SIZES_397B: dict[str, float] = {}
@@ -166,10 +213,20 @@ def size_397b(mix: str, tensor_types: tuple[str, ...] = (), recipe: Path | None 
     return _SIZES_397B[key]
 
 
+def frontier_points(rows: list[dict], imatrix: bool, key: str) -> list[tuple[float, float]]:
+    """llama.cpp's frontier for one statistic: its mixes (of this imatrix setting) that no smaller mix
+    beats, as (bpw, log KLD), smallest first."""
+    points = sorted((r["bpw"], math.log(r[key])) for r in rows if r["producer"] == "llama.cpp" and r["imatrix"] == imatrix)
+    envelope: list[tuple[float, float]] = []
+    for bpw, log_kld in points:
+        if not envelope or log_kld < envelope[-1][1]:
+            envelope.append((bpw, log_kld))
+    return envelope
+
+
 def frontier_log_kld(rows: list[dict], imatrix: bool, key: str, bpw: float) -> float:
-    """llama.cpp's frontier at `bpw`: log KLD linear in bpw between its mixes, extended beyond its ends."""
-    points = sorted((r["bpw"], math.log(r[key])) for r in rows
-                    if r["producer"] == "llama.cpp" and r["imatrix"] == imatrix and r["mix"] in FRONTIER_MIXES)
+    """The frontier at `bpw`: log KLD linear in bpw between its points, extended beyond its ends."""
+    points = frontier_points(rows, imatrix, key)
     xs = [x for x, _ in points]
     i = min(max(int(np.searchsorted(xs, bpw)), 1), len(xs) - 1)
     (x0, y0), (x1, y1) = points[i - 1], points[i]
@@ -186,6 +243,7 @@ def verdicts(rows: list[dict]) -> list[dict]:
             frontier = math.exp(frontier_log_kld(rows, r["imatrix"], key, r["bpw"]))
             entry[f"{key}_frontier"] = frontier
             entry[f"{key}_ratio"] = r[key] / frontier
+        entry["kld_99_9_halves_ratio"] = [h / entry["kld_99_9_frontier"] for h in r["kld_99_9_halves"]]
         entry["below"] = entry["kld_ratio"] < 1 and entry["kld_99_9_ratio"] < 1
         out.append(entry)
     return out
@@ -197,18 +255,21 @@ def markdown(rows: list[dict], checks: list[dict], nano: dict) -> str:
         f"BF16 PPL on the evaluation split {rows[0]['ppl_base']:.2f}, uniform {nano['token_ids']}); "
         f"KLD against the BF16 GGUF over {rows[0]['tokens']} scored tokens (ctx {CTX}).",
         "",
-        "| mix | imatrix | by | nano MB | bpw | mean KLD | 99.9 % KLD | same top p | PPL | 397B GB |",
+        "| mix | imatrix | by | nano MB | bpw | mean KLD | 99.9 % KLD (halves) | same top p | PPL | 397B GB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["imatrix"], r["bpw"])):
         lines.append(f"| {r['mix']} | {'yes' if r['imatrix'] else 'no'} | {r['producer']} | {r['bytes'] / 1e6:.2f} | "
-                     f"{r['bpw']:.3f} | {r['kld']:.5f} ± {r['kld_stderr']:.5f} | {r['kld_99_9']:.4f} | {100 * r['same_top_p']:.2f} % | "
+                     f"{r['bpw']:.3f} | {r['kld']:.5f} ± {r['kld_stderr']:.5f} | {r['kld_99_9']:.4f} "
+                     f"({' / '.join(f'{h:.4f}' for h in r['kld_99_9_halves'])}) | {100 * r['same_top_p']:.2f} % | "
                      f"{r['ppl']:.3f} | {r['size_397b_gb']:.1f} |")
-    lines += ["", "Against llama.cpp's frontier (Q3_K_M, Q4_K_M, Q5_K_M, Q6_K of the same imatrix setting, "
-              "log-KLD interpolated at the mix's bpw; ratio < 1 is below the frontier):", "",
-              "| mix | bpw | mean KLD / frontier | 99.9 % KLD / frontier | below |", "|---|---|---|---|---|"]
+    lines += ["", "Against llama.cpp's frontier (the lower envelope of its whole menu at the same imatrix setting, "
+              "log-KLD interpolated at the mix's bpw; ratio < 1 is below the frontier; in brackets the 99.9 % "
+              "ratio of each half of the text):", "",
+              "| mix | bpw | mean KLD / frontier | 99.9 % KLD / frontier (halves) | below |", "|---|---|---|---|---|"]
     for c in checks:
-        lines.append(f"| {c['label']} | {c['bpw']:.3f} | {c['kld_ratio']:.3f} | {c['kld_99_9_ratio']:.3f} | "
+        halves = " / ".join(f"{h:.3f}" for h in c["kld_99_9_halves_ratio"])
+        lines.append(f"| {c['label']} | {c['bpw']:.3f} | {c['kld_ratio']:.3f} | {c['kld_99_9_ratio']:.3f} ({halves}) | "
                      f"{'yes' if c['below'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 
@@ -222,39 +283,38 @@ def plot(rows: list[dict], png: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(14, 6), constrained_layout=True)
     styles = {("llama.cpp", False): ("#9e9e9e", "o", "llama.cpp mixes"),
               ("llama.cpp", True): ("#1f77b4", "o", "llama.cpp mixes + imatrix"),
-              ("rioquant", False): ("#ff9f43", "D", "rioquant XL"),
-              ("rioquant", True): ("#d62728", "D", "rioquant XL + imatrix")}
+              ("rioquant", False): ("#ff9f43", "D", "rioquant dynamic"),
+              ("rioquant", True): ("#d62728", "D", "rioquant dynamic + imatrix")}
     for ax, key, title in ((axes[0], "kld", "mean KLD"), (axes[1], "kld_99_9", "99.9 % KLD")):
         for (producer, imatrix), (colour, marker, name) in styles.items():
             group = sorted((r for r in rows if r["producer"] == producer and r["imatrix"] == imatrix), key=lambda r: r["bpw"])
             ax.scatter([r["bpw"] for r in group], [r[key] for r in group], color=colour, marker=marker, label=name, zorder=3)
             for r in group:
                 ax.annotate(r["mix"], (r["bpw"], r[key]), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
-            front = [r for r in group if producer == "llama.cpp" and r["mix"] in FRONTIER_MIXES]
-            if front:
-                ax.plot([r["bpw"] for r in front], [r[key] for r in front], color=colour, lw=1, zorder=2)
+            if producer == "llama.cpp" and group:
+                front = frontier_points(rows, imatrix, key)
+                ax.plot([x for x, _ in front], [math.exp(y) for _, y in front], color=colour, lw=1, zorder=2)
         ax.set_yscale("log")
         ax.set_xlabel("bits per weight (nano model)")
         ax.set_ylabel(f"{title} vs BF16 (nats)")
         ax.set_title(f"{title}: lower left is better")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend()
-    fig.suptitle("Size vs KL divergence, nano Qwen3.5-MoE (lines: llama.cpp's Q3_K_M/Q4_K_M/Q5_K_M/Q6_K frontier)")
+    fig.suptitle("Size vs KL divergence, nano Qwen3.5-MoE (lines: llama.cpp's frontier, the lower envelope of its mixes)")
     fig.savefig(png, dpi=120)
     plt.close(fig)
 
 
-def run(out: Path, fresh: bool = False) -> dict:
-    nano = ensure_nano(log=_log)
+def run(out: Path, variant: str = "a", fresh: bool = False, imatrix_only: bool = False) -> dict:
+    nano = ensure_nano(variant, log=_log)
     work = out / nano.name  # a retrained nano model gets its own folder
     if fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     provenance = json.loads((nano / "nano.json").read_text())
     corpus = load_corpus()
-    calibration, evaluation = work / "calibration.txt", work / "evaluation.txt"
+    calibration = work / "calibration.txt"
     calibration.write_text(corpus.calibration, encoding="utf-8")
-    evaluation.write_text(corpus.evaluation, encoding="utf-8")
     bf16 = work / "nano-BF16.gguf"
     if not bf16.is_file():
         convert(nano, bf16, ConvertOptions(qtype="BF16"), RunOptions(force=True, progress=False, report=False))
@@ -262,12 +322,13 @@ def run(out: Path, fresh: bool = False) -> dict:
     if not imatrix.is_file():
         _log("rioquant imatrix on the calibration split")
         collect_imatrix(nano, calibration, imatrix, CTX, None, EngineOptions(progress=False))
-    quants = build_quants(work, nano, bf16, imatrix)
+    scoring = Scoring.prepare(work, corpus.evaluation, bf16)
+    quants = build_quants(work, nano, bf16, imatrix, imatrix_only)
     cache_path = work / "measurements.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     rows = []
     for quant in quants:
-        rows.append(measure(quant, bf16, evaluation, work / "base-states.npy", cache))
+        rows.append(measure(quant, bf16, scoring, cache))
         cache_path.write_text(json.dumps(cache, indent=1))
     checks = verdicts(rows)
     table = markdown(rows, checks, provenance)
@@ -281,10 +342,13 @@ def run(out: Path, fresh: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nano", choices=VARIANTS, default="a", help="Which trained nano model (bench/nano/train.py).")
     parser.add_argument("--out", type=Path, default=CACHE_DIR / "fidelity", help="Work and result folder.")
     parser.add_argument("--fresh", action="store_true", help="Start over: the BF16 GGUF, the imatrix, every file and measurement.")
+    parser.add_argument("--imatrix-only", action="store_true",
+                        help="Only the files made with the imatrix (half the time; the published way to make them).")
     args = parser.parse_args(argv)
-    run(args.out, args.fresh)
+    run(args.out, args.nano, args.fresh, args.imatrix_only)
 
 
 if __name__ == "__main__":

@@ -349,8 +349,10 @@ def ppl(model, text, ctx, chunks, tokenizer, profile_out, as_json, **engine) -> 
 @click.option("--quant", type=click.Path(path_type=Path), required=True, help="The GGUF to measure.")
 @click.option("--base-states", type=click.Path(path_type=Path), default=None,
               help="Keep the base run's stored states here (.npy) and reuse them on the next quant.")
+@click.option("--tokens-out", type=click.Path(path_type=Path), default=None,
+              help="Write every scored token's KLD here (.npy, text order), for plots or merging runs.")
 @eval_options
-def kld(base, quant, base_states, text, ctx, chunks, tokenizer, profile_out, as_json, **engine) -> None:
+def kld(base, quant, base_states, tokens_out, text, ctx, chunks, tokenizer, profile_out, as_json, **engine) -> None:
     """KL divergence of --quant from --base, and llama-perplexity's other --kl-divergence statistics.
 
     \b
@@ -361,7 +363,8 @@ def kld(base, quant, base_states, text, ctx, chunks, tokenizer, profile_out, as_
     from rioquant import render
     from rioquant.evaluate.pipelines import kl_divergence
 
-    result = kl_divergence(base, quant, text, ctx, chunks, engine_options(**engine), tokenizer, base_states, profile_out)
+    result = kl_divergence(base, quant, text, ctx, chunks, engine_options(**engine), tokenizer, base_states, profile_out,
+                           tokens_out)
     click.echo(json.dumps(result, indent=2) if as_json else render.kl_divergence(result))
 
 

@@ -67,7 +67,7 @@ def test_recipe_table_names():
     assert list(LLAMA_MIXES) == ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K",
                                  "Q5_1", "Q5_0", "Q4_1", "Q4_0", "IQ4_XS", "IQ4_NL", "IQ3_M", "IQ3_S", "IQ3_XS",
                                  "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"]
-    assert list(XL_MIXES) == ["Q4_K_XL", "Q3_K_XL", "Q2_K_XL"]
+    assert list(XL_MIXES) == ["Q4_K_XL", "Q3_K_XL", "Q2_K_XL", "IQ3_XL", "IQ2_XL", "IQ1_XL"]
     for uniform in ("F32", "F16", "BF16", "Q5_K", "Q4_K", "Q3_K"):
         assert RECIPES[uniform].rules == ()
     assert get_recipe("q4_k_m") is LLAMA_MIXES["Q4_K_M"]
@@ -301,10 +301,21 @@ def test_mix_needing_an_imatrix_refuses_one_without_the_mtp_block(models, tmp_pa
 @pytest.mark.slow
 @pytest.mark.parametrize("mix", list(XL_MIXES))
 def test_xl_mixes_load_in_llama_cpp(models, tmp_path, mix):
-    """Our own mixes: llama.cpp loads the file and computes finite logits."""
-    src, _ = models["tiny-fallbacks-mtp"]
-    (out,) = convert(src, tmp_path / f"{mix}.gguf", ConvertOptions(qtype=mix), RunOptions(progress=False, report=False))
+    """Our own mixes: llama.cpp loads the file and computes finite logits. The K-quant ones on the model whose
+    rows fall back (ssm_out and output rows of 64 → Q8_0); the i-quant ones, refused without an imatrix, on
+    the model whose rows fit the 256-blocks, so that llama.cpp reads the lattice types themselves."""
+    recipe = XL_MIXES[mix]
+    needs = recipe_needs_imatrix(recipe)
+    src, _ = models["8-experts-mtp" if needs else "tiny-fallbacks-mtp"]
+    imatrix = None
+    if needs:
+        with pytest.raises(PlanError, match=r"needs an importance matrix.*give --imatrix FILE"):
+            build_plan(src, ConvertOptions(qtype=mix))
+        imatrix = write_gguf_imatrix(tmp_path / "imatrix.gguf", imatrix_entries(src, with_mtp=True), ["calibration.txt"],
+                                     chunk_count=4)
+    options = ConvertOptions(qtype=mix, imatrix=imatrix)
+    (out,) = convert(src, tmp_path / f"{mix}.gguf", options, RunOptions(progress=False, report=False))
     types = {t.qtype.name for t in scan(out).tensors.values()}
-    assert "Q8_0" in types  # ssm_out (and output: its row of 64 does not fit Q6_K's block)
+    assert (recipe.default if needs else "Q8_0") in types
     logits = llama_logits(out, [248045, 846, 198, 9707])
     assert logits.shape[0] == 4 and bool((abs(logits) < 1e4).all())

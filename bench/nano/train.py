@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +64,14 @@ class TrainSettings:
     router_aux_loss_coef: float = 0.01  # keeps every expert in use, so the imatrix has data for all
     threads: int = 2
     bpe_vocab: int = 4096
+
+
+# The trained models the fidelity bench measures. "a" is the reference; "b" has another shape, vocabulary
+# and seed, so that a mix tuned on "a" is checked on a model it was not fitted to.
+VARIANTS: dict[str, tuple[TrainSettings, NanoShape]] = {
+    "a": (TrainSettings(), NanoShape()),
+    "b": (TrainSettings(seed=1, bpe_vocab=8192), NanoShape(num_experts=32, num_experts_per_tok=4)),
+}
 
 
 def default_dir(settings: TrainSettings, shape: NanoShape, corpus_digest: str) -> Path:
@@ -171,9 +179,9 @@ def train(out: Path, settings: TrainSettings = TrainSettings(), shape: NanoShape
     return out
 
 
-def ensure_nano(log=print) -> Path:
-    """The cached nano checkpoint, trained first if missing."""
-    settings, shape = TrainSettings(), NanoShape()
+def ensure_nano(variant: str = "a", log=print) -> Path:
+    """The cached nano checkpoint of `variant` (VARIANTS), trained first if missing."""
+    settings, shape = VARIANTS[variant]
     out = default_dir(settings, shape, load_corpus().digest)
     if (out / "nano.json").is_file():
         return out
@@ -182,13 +190,15 @@ def ensure_nano(log=print) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", choices=VARIANTS, default="a", help="Which nano model (shape, vocabulary, seed).")
     parser.add_argument("--out", type=Path, default=None, help="Checkpoint folder (default: the cache).")
-    parser.add_argument("--steps", type=int, default=TrainSettings.steps)
-    parser.add_argument("--seed", type=int, default=TrainSettings.seed)
+    parser.add_argument("--steps", type=int, default=None, help="Training steps (default: the variant's).")
     args = parser.parse_args(argv)
-    settings = TrainSettings(seed=args.seed, steps=args.steps)
-    out = args.out or default_dir(settings, NanoShape(), load_corpus().digest)
-    print(train(out, settings))
+    settings, shape = VARIANTS[args.variant]
+    if args.steps is not None:
+        settings = replace(settings, steps=args.steps)
+    out = args.out or default_dir(settings, shape, load_corpus().digest)
+    print(train(out, settings, shape))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from rioquant.evaluate.imatrix_collect import ImatrixCollector
 from rioquant.evaluate.source import HeadWeights, ModelSource, open_source
 from rioquant.evaluate.stats import kld_summary, perplexity_summary
 from rioquant.evaluate.text import tokenize_text
+from rioquant.files.disk import replacing
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,12 @@ def _base_states(base: ModelSource, tokens: np.ndarray, options: EngineOptions, 
 
 def kl_divergence(base: Path, quant: Path, text: Path, ctx: int = 512, chunks: int | None = None,
                   options: EngineOptions = DEFAULT_OPTIONS, tokenizer: Path | None = None,
-                  base_states: Path | None = None, profile_out: Path | None = None) -> dict:
-    """KL divergence and token statistics of `quant` against `base`, as `llama-perplexity --kl-divergence`."""
+                  base_states: Path | None = None, profile_out: Path | None = None,
+                  tokens_out: Path | None = None) -> dict:
+    """KL divergence and token statistics of `quant` against `base`, as `llama-perplexity --kl-divergence`.
+
+    `tokens_out` keeps every scored token's KLD (float64 .npy, in text order): the tail statistics
+    (99.9 %) of several texts or runs are only exact from the tokens themselves."""
     if base is None or not Path(base).exists():
         raise EvaluationError(f"--base {base}: no such model (a checkpoint directory or a GGUF)")
     base_src, quant_src = open_source(base), open_source(quant)
@@ -163,6 +168,9 @@ def kl_divergence(base: Path, quant: Path, text: Path, ctx: int = 512, chunks: i
         del states
     profiles["quant"] = engine.profile
     _write_profile(profile_out, profiles)
+    if tokens_out is not None:
+        with replacing(Path(tokens_out)) as tmp, open(tmp, "wb") as f:
+            np.save(f, per_token["kld"])
     return {**kld_summary(**per_token), "chunks": tokens.shape[0], "ctx": ctx, "base": str(base), "quant": str(quant),
             "text": str(text)}
 
