@@ -160,8 +160,8 @@ def direct_kld(base: np.ndarray, quant: np.ndarray, chunks: np.ndarray) -> dict[
 def test_kld_equals_direct_full_vocabulary_computation(m, tmp_path):
     from rioquant.evaluate.stats import kld_summary
 
-    states = tmp_path / "base-states.npy"
-    result = kl_divergence(m.hf, m.q8, m.text, CTX, 4, QUIET, base_states=states)
+    states, per_token = tmp_path / "base-states.npy", tmp_path / "kld.npy"
+    result = kl_divergence(m.hf, m.q8, m.text, CTX, 4, QUIET, base_states=states, tokens_out=per_token)
     base = chunk_logits(m.hf, m.chunks, QUIET)[:, FIRST:]
     quant = chunk_logits(m.q8, m.chunks, QUIET)[:, FIRST:]
     ref = kld_summary(**direct_kld(base, quant, m.chunks))
@@ -170,6 +170,8 @@ def test_kld_equals_direct_full_vocabulary_computation(m, tmp_path):
         assert result[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-9), key
     for label, value in ref["kld_percentiles"].items():
         assert result["kld_percentiles"][label] == pytest.approx(value, rel=1e-3, abs=1e-7), label
+    direct = direct_kld(base, quant, m.chunks)["kld"]  # --tokens-out: every scored token's KLD, in text order
+    assert np.load(per_token) == pytest.approx(direct, rel=1e-3, abs=1e-7)
     assert states.stat().st_size < 4 * (CTX - FIRST - 1) * SPEC.hidden_size * 4 + 1024  # hidden × 4 bytes per token
     again = kl_divergence(m.hf, m.q8, m.text, CTX, 4, QUIET, base_states=states)  # reuses the stored base run
     assert again["kld"] == result["kld"]

@@ -75,21 +75,25 @@ def test_other_pre_tokenizers_are_still_refused(nano, tmp_path):
         convert(copy, tmp_path / "x.gguf", ConvertOptions(qtype="F32"), RunOptions(progress=False, report=False))
 
 
-def test_frontier_interpolates_log_kld_in_bpw_and_extends_past_its_ends():
-    from bench.fidelity import frontier_log_kld, verdicts
+def test_frontier_is_the_lower_envelope_of_llama_cpps_menu_interpolated_in_log_kld():
+    from bench.fidelity import frontier_log_kld, frontier_points, verdicts
 
     def row(mix, bpw, kld, producer="llama.cpp", imatrix=True):
-        return {"mix": mix, "bpw": bpw, "kld": kld, "kld_99_9": 10 * kld, "producer": producer, "imatrix": imatrix,
-                "label": mix}
+        return {"mix": mix, "bpw": bpw, "kld": kld, "kld_99_9": 10 * kld, "kld_99_9_halves": [9 * kld, 11 * kld],
+                "producer": producer, "imatrix": imatrix, "label": mix}
 
-    rows = [row("Q3_K_M", 3.0, 0.1), row("Q4_K_M", 4.0, 0.01), row("Q5_K_M", 5.0, 0.001), row("Q6_K", 7.0, 0.0001),
-            row("Q3_K_S", 3.5, 1e-9), row("Q2_K", 2.0, 1.0),  # not frontier mixes: ignored
-            row("Q4_K_M", 5.0, 1.0, imatrix=False)]  # other imatrix setting: ignored
+    rows = [row("Q2_K", 2.0, 1.0), row("Q3_K_M", 3.0, 0.1), row("Q4_K_M", 4.0, 0.01), row("Q5_K_M", 5.0, 0.001),
+            row("Q6_K", 7.0, 0.0001),
+            row("Q3_K_S", 3.5, 0.5), row("IQ4_XS", 4.25, 0.02),  # beaten by a smaller mix: not on the frontier
+            row("Q4_K_M", 5.0, 1e-9, imatrix=False)]  # other imatrix setting: ignored
+    assert [bpw for bpw, _ in frontier_points(rows, True, "kld")] == [2.0, 3.0, 4.0, 5.0, 7.0]
     assert math.exp(frontier_log_kld(rows, True, "kld", 4.5)) == pytest.approx(10 ** -2.5)
     assert math.exp(frontier_log_kld(rows, True, "kld", 6.0)) == pytest.approx(10 ** -3.5)
-    assert math.exp(frontier_log_kld(rows, True, "kld", 2.5)) == pytest.approx(10 ** -0.5)  # below the lowest mix
-    assert math.exp(frontier_log_kld(rows, True, "kld", 8.0)) == pytest.approx(10 ** -4.5)  # above the highest
+    assert math.exp(frontier_log_kld(rows, True, "kld", 2.5)) == pytest.approx(10 ** -0.5)
+    assert math.exp(frontier_log_kld(rows, True, "kld", 1.5)) == pytest.approx(10 ** 0.5)  # below the smallest mix
+    assert math.exp(frontier_log_kld(rows, True, "kld", 8.0)) == pytest.approx(10 ** -4.5)  # above the largest
     xl = [row("Q4_K_XL", 4.5, 0.002, "rioquant"), row("Q3_K_XL", 4.0, 0.02, "rioquant")]
     (a, b) = verdicts(rows + xl)
     assert a["below"] and a["kld_ratio"] == pytest.approx(0.002 / 10 ** -2.5)
+    assert a["kld_99_9_halves_ratio"] == pytest.approx([0.018 / 10 ** -1.5, 0.022 / 10 ** -1.5])
     assert not b["below"] and b["kld_99_9_ratio"] == pytest.approx(2.0)
