@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit
 
 from rioquant.kernels.common import F32, nearest_int
-from rioquant.kernels.search_affine import make_qp_quants
+from rioquant.kernels.search_qp import make_qp_quants
 
 GROUP = 8  # weights per lattice point
 K_MAX_Q = 3  # ggml's kMaxQ: levels 0..kMaxQ-1, positions 1, 3, 5
