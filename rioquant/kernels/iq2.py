@@ -22,6 +22,7 @@ from numba import njit
 
 from rioquant.kernels.common import F32, GROUP_MAX_EPS, load_fp16, store_fp16
 from rioquant.kernels.iq2_search import (
+    TERMS,
     block_weights,
     flip_to_even_parity,
     group_max,
@@ -43,11 +44,10 @@ IQ2_S_D_FACTOR = F32(0.9875)
 
 # Module-level tables become constants of the compiled kernels.
 _XXS, _XS, _S = lattice(T.IQ2_XXS), lattice(T.IQ2_XS), lattice(T.IQ2_S)
-XXS_KMAP, XXS_NEIGHBOURS, XXS_KEYS, XXS_GRID_F32 = _XXS.kmap, _XXS.neighbours, _XXS.neighbour_keys, _XXS.grid_f32
-XS_KMAP, XS_NEIGHBOURS, XS_KEYS, XS_GRID_F32 = _XS.kmap, _XS.neighbours, _XS.neighbour_keys, _XS.grid_f32
-S_KMAP, S_NEIGHBOURS, S_KEYS, S_GRID_F32 = _S.kmap, _S.neighbours, _S.neighbour_keys, _S.grid_f32
+XXS_KMAP, XXS_NEIGHBOURS, XXS_KEYS = _XXS.kmap, _XXS.neighbours, _XXS.neighbour_keys
+XS_KMAP, XS_NEIGHBOURS, XS_KEYS = _XS.kmap, _XS.neighbours, _XS.neighbour_keys
+S_KMAP, S_NEIGHBOURS, S_KEYS = _S.kmap, _S.neighbours, _S.neighbour_keys
 XXS_VALUES, XS_VALUES, S_VALUES = _XXS.values, _XS.values, _S.values
-LONGEST = max(_XXS.longest, _XS.longest, _S.longest)  # distances scratch of the neighbour searches
 KSIGNS = np.frombuffer(gguf.quants.IQ2_XXS.ksigns, dtype=np.uint8)  # 7-bit code → 8 signs of even parity
 
 
@@ -72,7 +72,7 @@ def quantize_row_iq2_xxs(x: np.ndarray, importance: np.ndarray, out: np.ndarray)
     L = np.zeros(32, dtype=np.int64)
     Laux = np.zeros(32, dtype=np.int64)
     Lqp = np.empty(32, dtype=np.uint8)
-    dist = np.empty(LONGEST, dtype=np.float32)
+    terms = np.empty(TERMS, dtype=np.float32)
     signs = np.empty(4, dtype=np.int64)
     scales = np.empty(8, dtype=np.float32)
     q2 = np.empty(16, dtype=np.int64)  # the block's 16 u32 words
@@ -89,7 +89,7 @@ def quantize_row_iq2_xxs(x: np.ndarray, importance: np.ndarray, out: np.ndarray)
             if group_max(xval) < GROUP_MAX_EPS:
                 scales[ib] = F32(0.0)
                 continue
-            scale, searched = search_32(XXS_KMAP, XXS_NEIGHBOURS, XXS_KEYS, XXS_GRID_F32, dist, xval, weight, waux, L, Laux, Lqp)
+            scale, searched = search_32(XXS_KMAP, XXS_NEIGHBOURS, XXS_KEYS, terms, xval, weight, waux, L, Laux, Lqp)
             if not searched:
                 scales[ib] = F32(0.0)
                 continue
@@ -125,7 +125,7 @@ def _quantize_row_16(x: np.ndarray, importance: np.ndarray, out: np.ndarray, iq2
     L = np.zeros(16, dtype=np.int64)
     Laux = np.zeros(16, dtype=np.int64)
     signs = np.empty(2, dtype=np.int64)
-    dist = np.empty(LONGEST, dtype=np.float32)
+    terms = np.empty(TERMS, dtype=np.float32)
     scales = np.empty(16, dtype=np.float32)
     for ibl in range(x.size // QK_K):
         xbl = x[ibl * QK_K : (ibl + 1) * QK_K]
@@ -158,9 +158,9 @@ def _quantize_row_16(x: np.ndarray, importance: np.ndarray, out: np.ndarray, iq2
                 scales[ib] = F32(0.0)
                 continue
             if iq2_s:
-                scale = search_16(S_KMAP, S_NEIGHBOURS, S_KEYS, S_GRID_F32, dist, xval, weight, waux, L, Laux, xmax)
+                scale = search_16(S_KMAP, S_NEIGHBOURS, S_KEYS, terms, xval, weight, waux, L, Laux, xmax)
             else:
-                scale = search_16(XS_KMAP, XS_NEIGHBOURS, XS_KEYS, XS_GRID_F32, dist, xval, weight, waux, L, Laux, xmax)
+                scale = search_16(XS_KMAP, XS_NEIGHBOURS, XS_KEYS, terms, xval, weight, waux, L, Laux, xmax)
             if scale < F32(0.0):  # never expected (ggml guards it the same way): flip every sign
                 scale = -scale
                 for k in range(2):

@@ -16,66 +16,59 @@ import numpy as np
 from numba import njit
 
 from rioquant.kernels.common import F32, nearest_int
-from rioquant.kernels.search_affine import make_qp_quants
+from rioquant.kernels.search_qp import make_qp_quants
 
 GROUP = 8  # weights per lattice point
 K_MAX_Q = 3  # ggml's kMaxQ: levels 0..kMaxQ-1, positions 1, 3, 5
 FLT_MAX = F32(3.4028234663852886e38)
-SHORT_LIST = 16  # neighbour lists shorter than this are searched point by point (measured best)
+TERMS = 4 * GROUP  # scratch of best_neighbour: (coordinate, level) terms, 4 levels per coordinate
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def best_neighbour(
-    neighbours: np.ndarray, neighbour_keys: np.ndarray, grid_f32: np.ndarray, start: int,
-    xval: np.ndarray, waux: np.ndarray, base: int, scale: np.float32, L: np.ndarray, dist: np.ndarray,
-) -> None:
+    neighbours: np.ndarray, neighbour_keys: np.ndarray, start: int,
+    xval: np.ndarray, waux: np.ndarray, base: int, scale: np.float32, L: np.ndarray, terms: np.ndarray,
+) -> int:
     """iq2_find_best_neighbour: the listed point nearest to xval[base:base+8] (first wins ties); its
-    levels go to L[base:base+8].
+    levels go to L[base:base+8] and its key is returned.
 
-    A long list is evaluated term by term across all its points, each point's positions unpacked from
-    its key, which the compiler vectorizes; each distance still sums its 8 terms in ggml's order. When no distance compares below FLT_MAX (inf/NaN weights) ggml aborts; the
-    API refuses rows that large before any kernel runs, so the first listed point stands in there.
+    Each term w·(scale·q − x)² of a distance depends only on (coordinate, level), so the 24 possible
+    terms are computed once (ggml's expression, so each is ggml's float) and each listed point's
+    distance adds its 8 in ggml's order: 8 loads and adds instead of 40 operations per point. When no
+    distance compares below FLT_MAX (inf/NaN weights) ggml aborts; the API refuses rows that large
+    before any kernel runs, so the first listed point stands in there.
     """
+    for i in range(GROUP):
+        x = xval[base + i]
+        w = waux[base + i]
+        for lv in range(K_MAX_Q):
+            diff = F32(F32(scale * F32(2 * lv + 1)) - x)
+            terms[4 * i + lv] = F32(F32(w * diff) * diff)
     count = np.int64(neighbours[start])
-    keys = neighbour_keys[start + 1 : start + 1 + count]
     best_d2 = FLT_MAX
-    best = 0
-    if count < SHORT_LIST:  # one distance after another, each point's positions one row of grid_f32
-        for j in range(count):
-            p = np.int64(neighbours[start + 1 + j])
-            d2 = F32(0.0)
-            for i in range(GROUP):
-                diff = F32(F32(scale * grid_f32[p, i]) - xval[base + i])
-                d2 = F32(d2 + F32(F32(waux[base + i] * diff) * diff))
-            if d2 < best_d2:
-                best_d2 = d2
-                best = j
-    else:
-        dist[:count] = F32(0.0)
-        for i in range(GROUP):  # term i of every distance, then term i + 1: each sum keeps ggml's order
-            x = xval[base + i]
-            w = waux[base + i]
-            shift = np.int32(2 * i)
-            for j in range(count):
-                q = F32(np.int32(2) * ((np.int32(keys[j]) >> shift) & np.int32(3)) + np.int32(1))
-                diff = F32(F32(scale * q) - x)
-                dist[j] = F32(dist[j] + F32(F32(w * diff) * diff))
-        for j in range(count):
-            if dist[j] < best_d2:
-                best_d2 = dist[j]
-                best = j
-    key = np.int64(keys[best])
+    best = start + 1
+    for j in range(start + 1, start + 1 + count):
+        key = np.int64(neighbour_keys[j])
+        d2 = F32(0.0)
+        for i in range(GROUP):
+            d2 = F32(d2 + terms[4 * i + ((key >> (2 * i)) & 3)])
+        if d2 < best_d2:
+            best_d2 = d2
+            best = j
+    key = np.int64(neighbour_keys[best])
     for i in range(GROUP):
         L[base + i] = (key >> (2 * i)) & 3
+    return key
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def snap_group(
-    kmap: np.ndarray, neighbours: np.ndarray, neighbour_keys: np.ndarray, grid_f32: np.ndarray,
-    xval: np.ndarray, waux: np.ndarray, base: int, inv_scale: np.float32, scale: np.float32, L: np.ndarray, dist: np.ndarray,
-) -> bool:
+    kmap: np.ndarray, neighbours: np.ndarray, neighbour_keys: np.ndarray,
+    xval: np.ndarray, waux: np.ndarray, base: int, inv_scale: np.float32, scale: np.float32, L: np.ndarray, terms: np.ndarray,
+) -> tuple[int, bool]:
     """Round xval[base:base+8] at 1/scale `inv_scale` to levels in L[base:base+8], moved to the best
-    neighbour when off the codebook. True when the rounded point was on the codebook."""
+    neighbour when off the codebook: (the key of the levels taken, whether the rounded point was on
+    the codebook)."""
     u = 0
     for i in range(GROUP):
         l = nearest_int(F32(F32(0.5) * F32(F32(inv_scale * xval[base + i]) - F32(1.0))))
@@ -84,9 +77,8 @@ def snap_group(
         u |= l << (2 * i)
     g = kmap[u]
     if g >= 0:
-        return True
-    best_neighbour(neighbours, neighbour_keys, grid_f32, -g - 1, xval, waux, base, scale, L, dist)
-    return False
+        return u, True
+    return best_neighbour(neighbours, neighbour_keys, -g - 1, xval, waux, base, scale, L, terms), False
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -140,7 +132,7 @@ def group_max(xval: np.ndarray) -> np.float32:
 
 @njit(cache=True, error_model="numpy")
 def search_32(
-    kmap: np.ndarray, neighbours: np.ndarray, neighbour_keys: np.ndarray, grid_f32: np.ndarray, dist: np.ndarray,
+    kmap: np.ndarray, neighbours: np.ndarray, neighbour_keys: np.ndarray, terms: np.ndarray,
     xval: np.ndarray, weight: np.ndarray, waux: np.ndarray, L: np.ndarray, Laux: np.ndarray, Lqp: np.ndarray,
 ) -> tuple[np.float32, bool]:
     """IQ2_XXS's search over 32 weights (4 points): (the scale, with the codebook levels in L, True),
@@ -152,11 +144,17 @@ def search_32(
     if eff_max <= F32(0.0):
         return F32(0.0), False
     best = F32(0.0)
+    last = -1
     for step in range(-6, 7):
         inv = F32(F32(F32(2 * K_MAX_Q - 1) + F32(F32(step) * F32(0.1))) / eff_max)
         this_scale = F32(F32(1.0) / inv)
+        points = 0
         for k in range(4):
-            snap_group(kmap, neighbours, neighbour_keys, grid_f32, xval, waux, GROUP * k, inv, this_scale, Laux, dist)
+            key, _ = snap_group(kmap, neighbours, neighbour_keys, xval, waux, GROUP * k, inv, this_scale, Laux, terms)
+            points |= key << (16 * k)
+        if points == last:  # the trial before's points: same sums, so same outcome (see search_16)
+            continue
+        last = points
         sumqx, sumq2 = fit_scale(xval, weight, Laux, 32)
         if sumq2 > F32(0.0) and F32(sumqx * sumqx) > F32(best * sumq2):
             scale = F32(sumqx / sumq2)
@@ -165,7 +163,7 @@ def search_32(
     if scale > F32(0.0):
         inv = F32(F32(1.0) / scale)
         for k in range(4):
-            snap_group(kmap, neighbours, neighbour_keys, grid_f32, xval, waux, GROUP * k, inv, scale, L, dist)
+            snap_group(kmap, neighbours, neighbour_keys, xval, waux, GROUP * k, inv, scale, L, terms)
         sumqx, sumq2 = fit_scale(xval, weight, L, 32)
         if sumq2 > F32(0.0):
             scale = F32(sumqx / sumq2)
@@ -174,7 +172,7 @@ def search_32(
 
 @njit(cache=True, error_model="numpy")
 def search_16(
-    kmap: np.ndarray, neighbours: np.ndarray, neighbour_keys: np.ndarray, grid_f32: np.ndarray, dist: np.ndarray,
+    kmap: np.ndarray, neighbours: np.ndarray, neighbour_keys: np.ndarray, terms: np.ndarray,
     xval: np.ndarray, weight: np.ndarray, waux: np.ndarray, L: np.ndarray, Laux: np.ndarray, xmax: np.float32,
 ) -> np.float32:
     """IQ2_XS's and IQ2_S's search over 16 weights (2 points) whose largest |x| is xmax: the scale,
@@ -184,11 +182,18 @@ def search_16(
     scale = F32(xmax / F32(2 * K_MAX_Q - 1))
     on_grid0 = True
     on_grid1 = True
+    last = -1
     for step in range(-9, 10):
         inv = F32(F32(F32(2 * K_MAX_Q - 1) + F32(F32(step) * F32(0.1))) / xmax)
         this_scale = F32(F32(1.0) / inv)
-        aux0 = snap_group(kmap, neighbours, neighbour_keys, grid_f32, xval, waux, 0, inv, this_scale, Laux, dist)
-        aux1 = snap_group(kmap, neighbours, neighbour_keys, grid_f32, xval, waux, GROUP, inv, this_scale, Laux, dist)
+        key0, aux0 = snap_group(kmap, neighbours, neighbour_keys, xval, waux, 0, inv, this_scale, Laux, terms)
+        key1, aux1 = snap_group(kmap, neighbours, neighbour_keys, xval, waux, GROUP, inv, this_scale, Laux, terms)
+        points = key0 | (key1 << 16) | (np.int64(aux0) << 32) | (np.int64(aux1) << 33)
+        # The trial before's points and flags give the same sums: had that trial won, this one would
+        # store the same values again; had it lost, best is unchanged and this one loses too.
+        if points == last:
+            continue
+        last = points
         sumqx, sumq2 = fit_scale(xval, weight, Laux, 16)
         if sumq2 > F32(0.0) and F32(sumqx * sumqx) > F32(best * sumq2):
             scale = F32(sumqx / sumq2)
@@ -199,9 +204,9 @@ def search_16(
     if (not on_grid0 or not on_grid1) and scale > F32(0.0):
         inv = F32(F32(1.0) / scale)
         if not on_grid0:
-            snap_group(kmap, neighbours, neighbour_keys, grid_f32, xval, waux, 0, inv, scale, L, dist)
+            snap_group(kmap, neighbours, neighbour_keys, xval, waux, 0, inv, scale, L, terms)
         if not on_grid1:
-            snap_group(kmap, neighbours, neighbour_keys, grid_f32, xval, waux, GROUP, inv, scale, L, dist)
+            snap_group(kmap, neighbours, neighbour_keys, xval, waux, GROUP, inv, scale, L, terms)
         sumqx, sumq2 = fit_scale(xval, weight, L, 16)
         if sumq2 > F32(0.0):
             scale = F32(sumqx / sumq2)

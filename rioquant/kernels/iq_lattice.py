@@ -66,12 +66,10 @@ class Lattice:
     """One codebook and ggml's lookup tables over it (see the module docstring for the layout)."""
 
     grid: np.ndarray  # int8 (G, dim): 2l+1 per coordinate
-    grid_f32: np.ndarray  # float32 (G, dim): the same positions as floats, as the neighbour searches read them
     values: np.ndarray  # float32 (G, dim): gguf-py's dequantization values of each point
     kmap: np.ndarray  # int32 (kmap_size,): index, -(offset+1), or NOT_BUILT for a key no quantizer forms
     neighbours: np.ndarray  # uint16 (total,): the lists of the keys the quantizer can form
     neighbour_keys: np.ndarray  # uint16 (total,): the key (packed levels) of each listed point; 0 at counts
-    longest: int  # the longest list
 
 
 def grid_levels(qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:
@@ -177,15 +175,13 @@ def _lattice_of_grid(name: str) -> Lattice:
     levels, values = grid_levels(T[name])
     grid = (2 * levels + 1).astype(np.int8)
     kmap, neighbours = neighbour_maps(levels, spec.bits, spec.kmap_size, spec.nwant, spec.max_level)
-    grid_f32 = grid.astype(np.float32)
     point_keys = (levels.astype(np.int64) << (spec.bits * np.arange(levels.shape[1]))).sum(axis=1)
     count_slots = -kmap[(kmap < 0) & (kmap != NOT_BUILT)].astype(np.int64) - 1
     is_count = np.zeros(neighbours.size, dtype=bool)
     is_count[count_slots] = True
     neighbour_keys = np.where(is_count, 0, point_keys[np.where(is_count, 0, neighbours)]).astype(np.uint16)
-    _frozen(grid, grid_f32, values, kmap, neighbours, neighbour_keys)
-    longest = int(neighbours[count_slots].max())
-    return Lattice(grid, grid_f32, values, kmap, neighbours, neighbour_keys, longest)
+    _frozen(grid, values, kmap, neighbours, neighbour_keys)
+    return Lattice(grid, values, kmap, neighbours, neighbour_keys)
 
 
 def lattice(qtype: GGMLQuantizationType) -> Lattice:

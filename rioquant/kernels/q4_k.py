@@ -18,7 +18,8 @@ import numpy as np
 from numba import njit
 
 from rioquant.kernels.common import F32, load_fp16, nearest_int, positive_max, store_fp16
-from rioquant.kernels.search_affine import make_qkx2_quants, make_qkx3_quants, make_qp_quants, new_scratch
+from rioquant.kernels.search_affine import make_qkx2_quants, make_qkx3_quants, new_scratch
+from rioquant.kernels.search_qp import make_qp_quants
 
 QK_K = 256
 SUB = 32  # weights per sub-block

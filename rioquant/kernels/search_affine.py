@@ -1,4 +1,4 @@
-"""ggml's scale searches for affine (scale + min) quants: make_qkx2/qkx3_quants and make_qp_quants.
+"""ggml's scale searches for affine (scale + min) quants: make_qkx2_quants and make_qkx3_quants.
 
 They must reproduce ggml's choices bit for bit, so every float op stays float32 and in ggml's order,
 and each group's reductions over its elements stay sequential. ggml tries `nstep + 1` candidate
@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit
 
-from rioquant.kernels.common import F32, GROUP_MAX_EPS, MAGIC_ROUND, f32_as_i32, nearest_int
+from rioquant.kernels.common import F32, MAGIC_ROUND, f32_as_i32, nearest_int
 
 MAX_BATCH = 16  # groups searched together: Q2_K's 16 sub-blocks, Q4_K/Q5_K's 8, Q5_1's 8 blocks
 MAX_GROUP = 32  # elements per group (a multiple of 4)
@@ -358,69 +358,3 @@ def make_qkx3_quants(
         for i in range(groups * n):
             weights[i] = F32(x[i] * x[i])
     _affine_search(groups, n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, scales, the_mins, scratch)
-
-
-@njit(cache=True, error_model="numpy")
-def make_qp_quants(n: int, nmax: int, x: np.ndarray, L: np.ndarray, quant_weights: np.ndarray) -> np.float32:
-    """ggml make_qp_quants: one positive scale for the non-negative x[0:n] (sub-block scales or mins).
-
-    A coarse scan of 9 scales, then up to 5 rounds of moving single levels while that raises the
-    weighted correlation. Levels are stored as uint8 as in ggml, so the modular truncation matches.
-    """
-    fmax = F32(0.0)
-    for i in range(n):
-        fmax = fmax if fmax > x[i] else x[i]
-    if fmax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return F32(0.0)
-    iscale = F32(F32(nmax) / fmax)
-    for i in range(n):
-        L[i] = np.uint8(nearest_int(F32(iscale * x[i])) & 0xFF)
-    scale = F32(F32(1.0) / iscale)
-    best_mse = F32(0.0)
-    for i in range(n):
-        diff = F32(x[i] - F32(scale * F32(L[i])))
-        best_mse = F32(best_mse + F32(F32(quant_weights[i] * diff) * diff))
-    for step in range(-4, 5):
-        if step == 0:
-            continue
-        iscale_is = F32(F32(F32(F32(0.1) * F32(step)) + F32(nmax)) / fmax)
-        scale_is = F32(F32(1.0) / iscale_is)
-        mse = F32(0.0)
-        for i in range(n):
-            l = min(nmax, nearest_int(F32(iscale_is * x[i])))
-            diff = F32(x[i] - F32(scale_is * F32(l)))
-            mse = F32(mse + F32(F32(quant_weights[i] * diff) * diff))
-        if mse < best_mse:
-            best_mse = mse
-            iscale = iscale_is
-    sumlx = F32(0.0)
-    suml2 = F32(0.0)
-    for i in range(n):
-        l = min(nmax, nearest_int(F32(iscale * x[i])))
-        L[i] = np.uint8(l & 0xFF)
-        w = quant_weights[i]
-        sumlx = F32(sumlx + F32(F32(w * x[i]) * F32(l)))
-        suml2 = F32(suml2 + F32(F32(w * F32(l)) * F32(l)))
-    for _ in range(5):
-        n_changed = 0
-        for i in range(n):
-            w = quant_weights[i]
-            li = F32(L[i])
-            slx = F32(sumlx - F32(F32(w * x[i]) * li))
-            sl2 = F32(suml2 - F32(F32(w * li) * li))
-            if slx > F32(0.0) and sl2 > F32(0.0):
-                new_l = min(nmax, nearest_int(F32(F32(x[i] * sl2) / slx)))
-                if new_l != L[i]:
-                    fl = F32(new_l)
-                    slx = F32(slx + F32(F32(w * x[i]) * fl))
-                    sl2 = F32(sl2 + F32(F32(w * fl) * fl))
-                    if F32(F32(slx * slx) * suml2) > F32(F32(sumlx * sumlx) * sl2):
-                        L[i] = np.uint8(new_l & 0xFF)
-                        sumlx = slx
-                        suml2 = sl2
-                        n_changed += 1
-        if n_changed == 0:
-            break
-    return F32(sumlx / suml2) if suml2 > F32(0.0) else F32(0.0)
