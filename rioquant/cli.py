@@ -20,6 +20,7 @@ from rioquant.cli_options import (
     json_option,
     no_progress_option,
     output_options,
+    ray_option,
     recipe_options,
     run_options,
     run_settings,
@@ -52,7 +53,8 @@ def cli(verbose: bool) -> None:
 @click.option("--threads", type=int, default=None, help="Quantization threads (default: all cores).")
 @no_progress_option
 @click.option("--no-report", is_flag=True, help="Skip the per-tensor/per-expert error report (NAME.report.json/.csv).")
-def convert(src, out, resume, force, threads, no_progress, no_report, **values) -> None:
+@ray_option
+def convert(src, out, resume, force, threads, no_progress, no_report, ray, **values) -> None:
     """Convert the Hugging Face checkpoint SRC into a GGUF.
 
     \b
@@ -61,11 +63,12 @@ def convert(src, out, resume, force, threads, no_progress, no_report, **values) 
       rioquant convert ./ckpt -o out.gguf --type Q4_K_M --tensor-type 'ffn_down_exps=Q5_K' --target-size 250G
       rioquant convert ./ckpt -o out.gguf --type BF16 --base-model Qwen/Qwen3.5-397B-A17B
       rioquant convert ./ckpt -o out-Q4_K.gguf --type Q4_K --imatrix imatrix.gguf
+      rioquant convert /shared/Rio-3.5-Open-397B -o rio-Q4_K_M.gguf --type Q4_K_M --ray head:6379
     """
     from rioquant.convert import RunOptions
     from rioquant.convert import convert as run_convert
 
-    run = RunOptions(resume=resume, force=force, threads=threads, progress=not no_progress, report=not no_report)
+    run = RunOptions(resume=resume, force=force, threads=threads, progress=not no_progress, report=not no_report, ray=ray)
     for path in run_convert(src, out, convert_options(**values), run):
         click.echo(str(path))
 

@@ -91,6 +91,12 @@ def run_settings(ctx, cache_type, parallel, kv_unified):
     return RunSettings(ctx=ctx, cache_type=cache_type, parallel=parallel, kv_unified=kv_unified)
 no_progress_option = click.option("--no-progress", is_flag=True, help="No progress bar.")
 
+# `--ray` alone joins the cluster `ray start` runs on this machine ("auto"); rioquant.cluster reads the rest.
+ray_option = click.option(
+    "--ray", "ray", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+    help="Run on a Ray cluster (ray://HOST:10001, HOST:6379; alone: the local `ray start` cluster; local: start "
+         "one here). Every node must read the model's path. Needs rioquant[ray].")
+
 
 def convert_options(qtype, tensor_types, output_tensor_type, token_embedding_type, recipe, target_size, target_bpw,
                      imatrix, no_mtp, split_max_size, split_max_tensors, base_models, name, quantized_by):
@@ -123,6 +129,11 @@ eval_options = options(
     click.option("--tmp-dir", type=click.Path(path_type=Path), default=None, help="Where spilled activations go."),
     click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
                  help="tokenizer.json to use instead of the model's own."),
+    click.option("--group-chunks", type=int, default=None,
+                 help="Chunks run as one batch (default: as many as memory allows; with --ray, an even split over "
+                      "the nodes). The figures depend on the batch only in float rounding; give the same N to "
+                      "compare a cluster's run with one machine's to the last digit."),
+    ray_option,
     click.option("--profile", "profile_out", type=click.Path(path_type=Path), default=None,
                  help="Write per-layer time and memory as JSON here."),
     json_option,
@@ -130,9 +141,9 @@ eval_options = options(
 )
 
 
-def engine_options(device, threads, numerics, max_memory, tmp_dir, no_progress):
+def engine_options(device, threads, numerics, max_memory, tmp_dir, group_chunks, ray, no_progress):
     """EngineOptions from eval_options' values (the ones about where and how the model runs)."""
     from rioquant.evaluate.engine import EngineOptions
 
     return EngineOptions(device=device, threads=threads, numerics=numerics, max_memory=max_memory, tmp_dir=tmp_dir,
-                         progress=not no_progress)
+                         group_chunks=group_chunks, ray=ray, progress=not no_progress)

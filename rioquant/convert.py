@@ -85,6 +85,7 @@ class RunOptions:
     threads: int | None = None
     progress: bool = True
     report: bool = True  # measure every tensor's error into NAME.report.json / .csv
+    ray: str | None = None  # a Ray cluster's address: tensors are quantized there (rioquant.cluster)
 
 
 @dataclass
@@ -282,7 +283,7 @@ def _row_blocks(rows: np.ndarray, is_expert_slab: bool, block_bytes: int) -> Ite
 
 
 def _tensor_chunks(
-    spec: TensorSpec, entry: PlanEntry, plan: ConversionPlan,
+    spec: TensorSpec, entry: PlanEntry, args: ModelArgs,
     imatrix: Imatrix | None = None, tracker: TensorErrorTracker | None = None,
     row_block_bytes: int = ROW_BLOCK_BYTES, threads: int | None = None,
 ) -> Iterator[np.ndarray]:
@@ -296,7 +297,7 @@ def _tensor_chunks(
     slabs = (
         (load_piece(p, read_float32) for p in spec.pieces)
         if spec.is_expert_stack
-        else iter([load_tensor(spec, plan.args, read_float32)])
+        else iter([load_tensor(spec, args, read_float32)])
     )
     for e, slab in enumerate(slabs):
         rows = np.ascontiguousarray(slab.reshape(-1, slab.shape[-1]) if slab.ndim > 1 else slab.reshape(1, -1), dtype=np.float32)
@@ -315,11 +316,51 @@ def _tensor_chunks(
             yield data
 
 
+def _tracker(spec: TensorSpec, entry: PlanEntry, report: bool) -> TensorErrorTracker | None:
+    return TensorErrorTracker(entry.name, entry.qtype, entry.shape, spec.layer) if report and entry.qtype != "F32" else None
+
+
+def quantized_tensor(imatrix: Imatrix | None, spec: TensorSpec, entry: PlanEntry, args: ModelArgs, report: bool,
+                     row_block_bytes: int, threads: int | None) -> tuple[list[np.ndarray], dict | None]:
+    """The unit of work on a cluster: one tensor (all its expert slabs) → its quantized pieces and its
+    error record. It reads only the checkpoint's files and its arguments, so any node that sees the
+    checkpoint's path computes the same bytes, and a retried task the same again."""
+    tracker = _tracker(spec, entry, report)
+    pieces = list(_tensor_chunks(spec, entry, args, imatrix, tracker, row_block_bytes, threads))
+    return pieces, tracker.result() if tracker else None
+
+
+TensorWork = tuple[Iterator[np.ndarray], Callable[[], dict] | None]
+
+
+def _local_tensors(plan: ConversionPlan, todo: list[int], imatrix: Imatrix | None, run: RunOptions,
+                   hooks: ConvertHooks) -> Iterator[TensorWork]:
+    """Each tensor's pieces, quantized here as the writer takes them (memory: one row block)."""
+    for i in todo:
+        tracker = _tracker(plan.specs[i], plan.entries[i], run.report)
+        yield (_tensor_chunks(plan.specs[i], plan.entries[i], plan.args, imatrix, tracker, hooks.row_block_bytes,
+                              run.threads), tracker.result if tracker else None)
+
+
+def _cluster_tensors(plan: ConversionPlan, todo: list[int], imatrix: Imatrix | None, run: RunOptions,
+                     hooks: ConvertHooks) -> Iterator[TensorWork]:
+    """Each tensor's pieces, quantized by Ray tasks (a bounded window of them ahead), in plan order."""
+    from rioquant.cluster import connect, ordered_map
+
+    calls = ((plan.specs[i], plan.entries[i], plan.args, run.report, hooks.row_block_bytes, run.threads) for i in todo)
+    for pieces, note in ordered_map(connect(run.ray), quantized_tensor, calls, shared=(imatrix,)):
+        yield iter(pieces), (lambda note=note: note) if note is not None else None
+
+
 def convert(
     src: Path, out: Path, options: ConvertOptions, run: RunOptions = RunOptions(), hooks: ConvertHooks | None = None,
 ) -> list[Path]:
     """Convert the checkpoint at `src` into `out` (or its split set); returns the files written."""
     hooks = hooks or ConvertHooks()
+    if run.ray is not None:
+        from rioquant.cluster import connect
+
+        connect(run.ray)  # first: a missing Ray or an unreachable cluster is said before any work
     plan = build_plan(src, options)
     imatrix = imatrix_meta = None
     if options.imatrix is not None:
@@ -350,19 +391,18 @@ def convert(
     done_bytes = sum(e.nbytes for e in plan.entries if output.is_done(e.name))
     bar = tqdm(total=plan.total_bytes, initial=done_bytes, unit="B", unit_scale=True, disable=not run.progress,
                desc=f"{out.name}", dynamic_ncols=True, mininterval=1.0)
+    todo = [i for i, e in enumerate(plan.entries) if not output.is_done(e.name)]
+    tensors = (_cluster_tensors if run.ray is not None else _local_tensors)(plan, todo, imatrix, run, hooks)
     try:
-        for i, (spec, entry) in enumerate(zip(plan.specs, plan.entries, strict=True)):
-            if output.is_done(entry.name):
-                continue
+        for i, (chunks, note) in zip(todo, tensors, strict=True):
+            entry = plan.entries[i]
             bar.set_postfix_str(f"tensor {i + 1}/{len(plan.entries)} {entry.name} {entry.qtype}")
-            tracker = TensorErrorTracker(entry.name, entry.qtype, entry.shape, spec.layer) \
-                if run.report and entry.qtype != "F32" else None
             hooks.on_tensor(entry)
-            output.write_tensor(entry.name, _tensor_chunks(spec, entry, plan, imatrix, tracker, hooks.row_block_bytes, run.threads),
-                                note=tracker.result if tracker else None)
+            output.write_tensor(entry.name, chunks, note=note)
             bar.update(entry.nbytes)
         files = output.finish()
     except BaseException:
+        tensors.close()  # on a cluster: cancels the tasks still out
         output.close()
         raise
     finally:
