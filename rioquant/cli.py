@@ -15,6 +15,7 @@ import click
 from rioquant.cli_options import (
     SizeType,
     convert_options,
+    convert_recipe_options,
     engine_options,
     eval_options,
     json_option,
@@ -25,7 +26,7 @@ from rioquant.cli_options import (
     run_options,
     run_settings,
 )
-from rioquant.errors import RioquantError
+from rioquant.errors import PlanError, RioquantError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,8 +46,9 @@ def cli(verbose: bool) -> None:
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("-o", "--outfile", "out", type=click.Path(path_type=Path), required=True, help="Output .gguf path.")
-@recipe_options
+@click.option("-o", "--outfile", "out", type=click.Path(path_type=Path), required=True,
+              help="Output .gguf path (a folder when --type names several mixes).")
+@convert_recipe_options
 @output_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted conversion of the same plan.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
@@ -63,14 +65,19 @@ def convert(src, out, resume, force, threads, no_progress, no_report, ray, **val
       rioquant convert ./ckpt -o out.gguf --type Q4_K_M --tensor-type 'ffn_down_exps=Q5_K' --target-size 250G
       rioquant convert ./ckpt -o out.gguf --type BF16 --base-model Qwen/Qwen3.5-397B-A17B
       rioquant convert ./ckpt -o out-Q4_K.gguf --type Q4_K --imatrix imatrix.gguf
+      rioquant convert ./ckpt -o release/ --type Q4_K_XL --type Q3_K_XL --type IQ2_M --imatrix imatrix.gguf
       rioquant convert /shared/Rio-3.5-Open-397B -o rio-Q4_K_M.gguf --type Q4_K_M --ray head:6379
     """
-    from rioquant.convert import RunOptions
-    from rioquant.convert import convert as run_convert
+    from rioquant.convert import RunOptions, convert_many
 
     run = RunOptions(resume=resume, force=force, threads=threads, progress=not no_progress, report=not no_report, ray=ray)
-    for path in run_convert(src, out, convert_options(**values), run):
-        click.echo(str(path))
+    mixes = [m.strip() for given in values.pop("qtype") for m in given.split(",") if m.strip()] or [None]
+    if len(mixes) > 1 and values["recipe"] is not None:
+        raise PlanError("--recipe and several --type: a recipe is one mix; convert it on its own")
+    outs = [out] if len(mixes) == 1 else [out / f"{src.resolve().name}-{mix.upper()}.gguf" for mix in mixes]
+    for files in convert_many(src, [(o, convert_options(qtype=m, **values)) for o, m in zip(outs, mixes, strict=True)], run):
+        for path in files:
+            click.echo(str(path))
 
 
 @cli.command()

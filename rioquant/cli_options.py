@@ -37,13 +37,13 @@ def options(*decorators):
     return apply
 
 
-# The options that decide every tensor's type, shared by `convert` and `plan`.
-recipe_options = options(
-    click.option("--type", "qtype", default=None, metavar="MIX",
-                 help="Q8_0 (default), Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, "
-                      "Q5_1, Q5_0, Q4_1, Q4_0, IQ4_XS, IQ4_NL, IQ3_M, IQ3_S, IQ3_XS, IQ3_XXS, IQ2_M, IQ2_S, "
-                      "IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S (llama.cpp's mixes), Q4_K_XL, Q3_K_XL, Q2_K_XL (rioquant's), "
-                      "or uniform F32, F16, BF16, Q5_K, Q4_K, Q3_K."),
+MIX_HELP = ("Q8_0 (default), Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, "
+            "Q5_1, Q5_0, Q4_1, Q4_0, IQ4_XS, IQ4_NL, IQ3_M, IQ3_S, IQ3_XS, IQ3_XXS, IQ2_M, IQ2_S, "
+            "IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S (llama.cpp's mixes), Q4_K_XL, Q3_K_XL, Q2_K_XL (rioquant's), "
+            "or uniform F32, F16, BF16, Q5_K, Q4_K, Q3_K.")
+
+# The options that decide every tensor's type besides the mix, shared by `convert` and `plan`.
+_type_rule_options = (
     click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
                  help="Type of the tensors whose name matches REGEX (repeatable; first match wins)."),
     click.option("--output-tensor-type", default=None, metavar="TYPE", help="Type of output.weight."),
@@ -58,6 +58,16 @@ recipe_options = options(
                  help="llama.cpp importance matrix (GGUF from llama-imatrix or `rioquant imatrix`, or legacy "
                       ".dat). IQ1_*, IQ2_*, IQ3_XXS and IQ3_XS need one; IQ4_*, Q4_0 and Q5_0 choose some "
                       "types by whether one is given (all `plan` looks at)."),
+)
+
+# `plan` plans one mix; `convert` writes several from one read of the checkpoint (-o is then a folder).
+recipe_options = options(click.option("--type", "qtype", default=None, metavar="MIX", help=MIX_HELP),
+                         *_type_rule_options)
+convert_recipe_options = options(
+    click.option("--type", "qtype", multiple=True, metavar="MIX",
+                 help=MIX_HELP + " Repeat it (or give A,B,...) for several outputs from one read of SRC: "
+                                 "-o is then a folder, and each output is SRC's name plus -MIX.gguf."),
+    *_type_rule_options,
 )
 
 # What goes into the file besides the types (which tensors, how split, the metadata), shared by
@@ -100,7 +110,7 @@ ray_option = click.option(
 
 def convert_options(qtype, tensor_types, output_tensor_type, token_embedding_type, recipe, target_size, target_bpw,
                      imatrix, no_mtp, split_max_size, split_max_tensors, base_models, name, quantized_by):
-    """ConvertOptions from recipe_options' and output_options' values."""
+    """ConvertOptions from recipe_options' and output_options' values (one mix)."""
     from rioquant.convert import ConvertOptions, MetadataOptions, SplitOptions
     from rioquant.errors import PlanError
 

@@ -10,7 +10,8 @@ bytes, a sum of statistics) never depends on which node finished first.
 Every node runs the same rioquant (installed on each, or from a shared directory on PYTHONPATH).
 """
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +45,7 @@ def connect(address: str) -> Any:
 
 
 def _call(fn: Callable, *args: Any) -> Any:
-    """The one remote function: a unit of work is any importable rioquant function and its arguments."""
+    """The one remote function: a unit of work is any importable rioquant callable and its arguments."""
     return fn(*args)
 
 
@@ -61,36 +62,41 @@ def node_count(ray: Any) -> int:
     return sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0) or 1
 
 
-def ordered_map(ray: Any, fn: Callable, calls: Iterable[tuple], resources: Resources = Resources(),
-                window: int | None = None, shared: tuple = ()) -> Iterator[Any]:
-    """fn(*shared, *call) for each call, on the cluster, yielded in the order of `calls`.
+class RayExecutor:
+    """rioquant.pipeline's executor on a Ray cluster: `submit(fn, *args)` runs fn(*args) as a Ray task.
 
-    At most `window` tasks are out at once (default: twice the CPUs of the cluster), so the driver holds
-    a bounded number of results however long the list; `shared` values are put in the object store once
-    and reach every task by reference. A task that raised a RioquantError re-raises it here as itself.
+    The callable (a conversion's quantize stage holds the plan and the imatrix) is put in the object
+    store once and reaches every task by reference; each task's result comes back through a Future
+    whose error is the task's own RioquantError, not Ray's wrapper. A task whose node dies runs again
+    (TASK_RETRIES); an error raised by the task itself is not retried (the input would not change).
     """
-    remote = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=False, num_cpus=resources.num_cpus,
-                        num_gpus=resources.num_gpus)(_call)
-    refs = [ray.put(value) for value in shared]
-    window = window or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    pending: list = []
-    calls = iter(calls)
-    try:
-        while True:
-            while len(pending) < window and (call := next(calls, None)) is not None:
-                pending.append(remote.remote(fn, *refs, *call))
-            if not pending:
-                return
-            yield _result(ray, pending.pop(0))
-    finally:
-        for ref in pending:  # an error or an abandoned iteration: stop what is still out
-            ray.cancel(ref)
+
+    def __init__(self, ray: Any, resources: Resources = Resources()) -> None:
+        self.ray = ray
+        self._remote = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=False, num_cpus=resources.num_cpus,
+                                  num_gpus=resources.num_gpus)(_call)
+        self._fn: Callable | None = None
+        self._fn_ref: Any = None
+
+    @property
+    def in_flight(self) -> int:
+        """Tasks worth having out at once: twice the cluster's CPUs, so no node waits for the driver."""
+        return max(2, 2 * int(self.ray.cluster_resources().get("CPU", 1)))
+
+    def submit(self, fn: Callable, /, *args: Any) -> Future:
+        if fn is not self._fn:
+            self._fn, self._fn_ref = fn, self.ray.put(fn)
+        ref = self._remote.remote(self._fn_ref, *args)
+        future: Future = Future()
+        future.ref = ref  # held until the result is taken: Ray rebuilds a lost result only while referenced
+        ref.future().add_done_callback(lambda done: _settle(future, done))
+        return future
 
 
-def _result(ray: Any, ref: Any) -> Any:
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as err:
-        if isinstance(err.cause, RioquantError):
-            raise err.cause from None
-        raise
+def _settle(future: Future, done: Future) -> None:
+    error = done.exception()
+    if error is None:
+        future.set_result(done.result())
+    else:
+        cause = getattr(error, "cause", None)
+        future.set_exception(cause if isinstance(cause, RioquantError) else error)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from rioquant.cluster import Resources, connect, node_count, ordered_map
+from rioquant.cluster import RayExecutor, Resources, connect, node_count
 from rioquant.evaluate.engine import EngineOptions
 
 
@@ -34,9 +34,10 @@ def map_groups(fn: Callable, tokens: np.ndarray, options: EngineOptions, *shared
     groups = group_slices(tokens.shape[0], options.group_chunks, node_count(ray))
     cuda = options.device.startswith("cuda")
     task_options = replace(options, ray=None, progress=False, device="cuda" if cuda else options.device)
-    calls = [(np.ascontiguousarray(tokens[g]), replace(task_options, group_chunks=g.stop - g.start)) for g in groups]
-    resources = Resources(num_cpus=options.threads or 1, num_gpus=1 if cuda else 0)
-    return zip(groups, ordered_map(ray, fn, calls, resources, shared=shared), strict=True)
+    executor = RayExecutor(ray, Resources(num_cpus=options.threads or 1, num_gpus=1 if cuda else 0))
+    futures = [executor.submit(fn, *shared, np.ascontiguousarray(tokens[g]), replace(task_options, group_chunks=g.stop - g.start))
+               for g in groups]  # all at once: a run has a few groups, each holding only its tokens
+    return ((g, f.result()) for g, f in zip(groups, futures, strict=True))
 
 
 def group_label(name: str, group: slice) -> str:
