@@ -15,7 +15,7 @@ install: $(BIN)/python
 	$(BIN)/pip install --upgrade pip
 	# torch==2.13.0 first: it is the CPU wheel that lies on this machine (any other spec pulls CUDA builds)
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,ray]'
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)

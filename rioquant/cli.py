@@ -15,17 +15,19 @@ import click
 from rioquant.cli_options import (
     SizeType,
     convert_options,
+    convert_recipe_options,
     engine_options,
     eval_options,
     json_option,
     mmproj_option,
     no_progress_option,
     output_options,
+    ray_option,
     recipe_options,
     run_options,
     run_settings,
 )
-from rioquant.errors import RioquantError
+from rioquant.errors import PlanError, RioquantError
 from rioquant.export.qwen35moe_vision import MMPROJ_TYPES
 
 
@@ -46,8 +48,9 @@ def cli(verbose: bool) -> None:
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("-o", "--outfile", "out", type=click.Path(path_type=Path), required=True, help="Output .gguf path.")
-@recipe_options
+@click.option("-o", "--outfile", "out", type=click.Path(path_type=Path), required=True,
+              help="Output .gguf path (a folder when --type names several mixes).")
+@convert_recipe_options
 @output_options
 @mmproj_option
 @click.option("--resume", is_flag=True, help="Continue an interrupted conversion of the same plan.")
@@ -55,7 +58,8 @@ def cli(verbose: bool) -> None:
 @click.option("--threads", type=int, default=None, help="Quantization threads (default: all cores).")
 @no_progress_option
 @click.option("--no-report", is_flag=True, help="Skip the per-tensor/per-expert error report (NAME.report.json/.csv).")
-def convert(src, out, mmproj, resume, force, threads, no_progress, no_report, **values) -> None:
+@ray_option
+def convert(src, out, mmproj, resume, force, threads, no_progress, no_report, ray, **values) -> None:
     """Convert the Hugging Face checkpoint SRC into a GGUF (and, with --mmproj, its vision projector).
 
     \b
@@ -65,16 +69,22 @@ def convert(src, out, mmproj, resume, force, threads, no_progress, no_report, **
       rioquant convert ./ckpt -o out.gguf --type Q4_K_M --tensor-type 'ffn_down_exps=Q5_K' --target-size 250G
       rioquant convert ./ckpt -o out.gguf --type BF16 --base-model Qwen/Qwen3.5-397B-A17B
       rioquant convert ./ckpt -o out-Q4_K.gguf --type Q4_K --imatrix imatrix.gguf
+      rioquant convert ./ckpt -o release/ --type Q4_K_XL --type Q3_K_XL --type IQ2_M --imatrix imatrix.gguf
+      rioquant convert /shared/Rio-3.5-Open-397B -o rio-Q4_K_M.gguf --type Q4_K_M --ray head:6379
     """
-    from rioquant.convert import RunOptions
-    from rioquant.convert import convert as run_convert
+    from rioquant.convert import RunOptions, convert_many
     from rioquant.mmproj import convert_with_mmproj
 
-    run = RunOptions(resume=resume, force=force, threads=threads, progress=not no_progress, report=not no_report)
-    options = convert_options(**values)
-    files = run_convert(src, out, options, run) if mmproj is None else convert_with_mmproj(src, out, options, mmproj, run)
-    for path in files:
-        click.echo(str(path))
+    run = RunOptions(resume=resume, force=force, threads=threads, progress=not no_progress, report=not no_report, ray=ray)
+    mixes = [m.strip() for given in values.pop("qtype") for m in given.split(",") if m.strip()] or [None]
+    if len(mixes) > 1 and values["recipe"] is not None:
+        raise PlanError("--recipe and several --type: a recipe is one mix; convert it on its own")
+    outs = [out] if len(mixes) == 1 else [out / f"{src.resolve().name}-{mix.upper()}.gguf" for mix in mixes]
+    outputs = [(o, convert_options(qtype=m, **values)) for o, m in zip(outs, mixes, strict=True)]
+    written = convert_many(src, outputs, run) if mmproj is None else convert_with_mmproj(src, outputs, mmproj, run)
+    for files in written:
+        for path in files:
+            click.echo(str(path))
 
 
 @cli.command()

@@ -39,13 +39,13 @@ def options(*decorators):
     return apply
 
 
-# The options that decide every tensor's type, shared by `convert` and `plan`.
-recipe_options = options(
-    click.option("--type", "qtype", default=None, metavar="MIX",
-                 help="Q8_0 (default), Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, "
-                      "Q5_1, Q5_0, Q4_1, Q4_0, IQ4_XS, IQ4_NL, IQ3_M, IQ3_S, IQ3_XS, IQ3_XXS, IQ2_M, IQ2_S, "
-                      "IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S (llama.cpp's mixes), Q4_K_XL, Q3_K_XL, Q2_K_XL (rioquant's), "
-                      "or uniform F32, F16, BF16, Q5_K, Q4_K, Q3_K."),
+MIX_HELP = ("Q8_0 (default), Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, "
+            "Q5_1, Q5_0, Q4_1, Q4_0, IQ4_XS, IQ4_NL, IQ3_M, IQ3_S, IQ3_XS, IQ3_XXS, IQ2_M, IQ2_S, "
+            "IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S (llama.cpp's mixes), Q4_K_XL, Q3_K_XL, Q2_K_XL (rioquant's), "
+            "or uniform F32, F16, BF16, Q5_K, Q4_K, Q3_K.")
+
+# The options that decide every tensor's type besides the mix, shared by `convert` and `plan`.
+_type_rule_options = (
     click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
                  help="Type of the tensors whose name matches REGEX (repeatable; first match wins)."),
     click.option("--output-tensor-type", default=None, metavar="TYPE", help="Type of output.weight."),
@@ -60,6 +60,16 @@ recipe_options = options(
                  help="llama.cpp importance matrix (GGUF from llama-imatrix or `rioquant imatrix`, or legacy "
                       ".dat). IQ1_*, IQ2_*, IQ3_XXS and IQ3_XS need one; IQ4_*, Q4_0 and Q5_0 choose some "
                       "types by whether one is given (all `plan` looks at)."),
+)
+
+# `plan` plans one mix; `convert` writes several from one read of the checkpoint (-o is then a folder).
+recipe_options = options(click.option("--type", "qtype", default=None, metavar="MIX", help=MIX_HELP),
+                         *_type_rule_options)
+convert_recipe_options = options(
+    click.option("--type", "qtype", multiple=True, metavar="MIX",
+                 help=MIX_HELP + " Repeat it (or give A,B,...) for several outputs from one read of SRC: "
+                                 "-o is then a folder, and each output is SRC's name plus -MIX.gguf."),
+    *_type_rule_options,
 )
 
 # What goes into the file besides the types (which tensors, how split, the metadata), shared by
@@ -99,10 +109,16 @@ def run_settings(ctx, cache_type, parallel, kv_unified):
     return RunSettings(ctx=ctx, cache_type=cache_type, parallel=parallel, kv_unified=kv_unified)
 no_progress_option = click.option("--no-progress", is_flag=True, help="No progress bar.")
 
+# `--ray` alone joins the cluster `ray start` runs on this machine ("auto"); rioquant.cluster reads the rest.
+ray_option = click.option(
+    "--ray", "ray", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+    help="Run on a Ray cluster (ray://HOST:10001, HOST:6379; alone: the local `ray start` cluster; local: start "
+         "one here). Every node must read the model's path. Needs rioquant[ray].")
+
 
 def convert_options(qtype, tensor_types, output_tensor_type, token_embedding_type, recipe, target_size, target_bpw,
                      imatrix, no_mtp, split_max_size, split_max_tensors, base_models, name, quantized_by):
-    """ConvertOptions from recipe_options' and output_options' values."""
+    """ConvertOptions from recipe_options' and output_options' values (one mix)."""
     from rioquant.convert import ConvertOptions, MetadataOptions, SplitOptions
     from rioquant.errors import PlanError
 
@@ -131,6 +147,11 @@ eval_options = options(
     click.option("--tmp-dir", type=click.Path(path_type=Path), default=None, help="Where spilled activations go."),
     click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
                  help="tokenizer.json to use instead of the model's own."),
+    click.option("--group-chunks", type=int, default=None,
+                 help="Chunks run as one batch (default: as many as memory allows; with --ray, an even split over "
+                      "the nodes). The figures depend on the batch only in float rounding; give the same N to "
+                      "compare a cluster's run with one machine's to the last digit."),
+    ray_option,
     click.option("--profile", "profile_out", type=click.Path(path_type=Path), default=None,
                  help="Write per-layer time and memory as JSON here."),
     json_option,
@@ -138,9 +159,9 @@ eval_options = options(
 )
 
 
-def engine_options(device, threads, numerics, max_memory, tmp_dir, no_progress):
+def engine_options(device, threads, numerics, max_memory, tmp_dir, group_chunks, ray, no_progress):
     """EngineOptions from eval_options' values (the ones about where and how the model runs)."""
     from rioquant.evaluate.engine import EngineOptions
 
     return EngineOptions(device=device, threads=threads, numerics=numerics, max_memory=max_memory, tmp_dir=tmp_dir,
-                         progress=not no_progress)
+                         group_chunks=group_chunks, ray=ray, progress=not no_progress)

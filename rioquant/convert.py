@@ -8,16 +8,15 @@ never by the model.
 import functools
 import hashlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import gguf
 import numpy as np
-from tqdm import tqdm
 
-from rioquant.errors import BadRowError, CheckpointError, ImatrixError, PlanError, QuantInputError
-from rioquant.export.checkpoint import read_config, read_float32, read_rows_float32, scan_tensors
+from rioquant.errors import CheckpointError, ImatrixError, PlanError
+from rioquant.export.checkpoint import read_config, read_rows_float32, scan_tensors
 from rioquant.export.gguf_out import (
     OutputFS,
     OutputTensor,
@@ -32,15 +31,15 @@ from rioquant.export.qwen35moe import (
     ModelArgs,
     config_tensors,
     load_rows,
-    load_tensor,
     model_args,
     tensor_specs,
 )
-from rioquant.export.tensor_map import TensorSpec, load_piece, mtp_layer_count
+from rioquant.export.tensor_map import TensorSpec, mtp_layer_count
 from rioquant.export.vocab import Vocab, add_vocab, read_vocab
-from rioquant.quant import budget, quantize
+from rioquant.fanout import Target, write_targets
+from rioquant.pipeline import PREFETCH_BYTES, Submitter
+from rioquant.quant import budget
 from rioquant.quant.imatrix import Imatrix, check_fit, read_imatrix, uses_importance
-from rioquant.quant.metrics import TensorErrorTracker
 from rioquant.quant.plan import Overrides, PlanEntry, needs_imatrix, plan_fingerprint, recipe_entries
 from rioquant.quant.recipes import check_type, get_recipe, load_recipe, parse_tensor_type
 from rioquant.quant.report import build_report, write_report
@@ -85,6 +84,7 @@ class RunOptions:
     threads: int | None = None
     progress: bool = True
     report: bool = True  # measure every tensor's error into NAME.report.json / .csv
+    ray: str | None = None  # a Ray cluster's address: its nodes read and quantize (rioquant.cluster)
 
 
 @dataclass
@@ -261,65 +261,29 @@ class ConvertHooks:
 
     `on_tensor(entry)` runs just before each tensor's bytes are written (a test interrupts a run there);
     `row_block_bytes` sizes the row pieces matrices are quantized in (the bytes do not depend on it);
-    `fs` holds the output's file-system calls (free space, fsync), replaced to simulate a full disk.
+    `fs` holds the output's file-system calls (free space, fsync), replaced to simulate a full disk;
+    `prefetch_bytes` bounds the float32 read ahead of the quantize stage; `executor` and `in_flight`
+    run the quantize stage elsewhere (rioquant.pipeline: the default is this thread, one piece at a time).
     """
 
     on_tensor: Callable[[PlanEntry], None] = _ignore
     row_block_bytes: int = ROW_BLOCK_BYTES
     fs: OutputFS = OutputFS()
+    prefetch_bytes: int = PREFETCH_BYTES
+    executor: Submitter | None = None
+    in_flight: int = 1
 
 
-def _row_blocks(rows: np.ndarray, is_expert_slab: bool, block_bytes: int) -> Iterator[tuple[int, np.ndarray]]:
-    """A matrix's rows in pieces of at most block_bytes, so the quantized copy and the error report's
-    temporaries are a piece's size, not the matrix's; rows are independent, so the bytes are the same.
-    An expert slab stays whole: the report keeps one record per expert."""
-    step = max(1, block_bytes // (4 * rows.shape[1]))
-    if is_expert_slab or rows.shape[0] <= step:
-        yield 0, rows
-        return
-    for start in range(0, rows.shape[0], step):
-        yield start, rows[start : start + step]
+@dataclass
+class _OpenOutput:
+    out: Path
+    plan: ConversionPlan
+    imatrix_meta: dict | None
+    target: Target
 
 
-def _tensor_chunks(
-    spec: TensorSpec, entry: PlanEntry, plan: ConversionPlan,
-    imatrix: Imatrix | None = None, tracker: TensorErrorTracker | None = None,
-    row_block_bytes: int = ROW_BLOCK_BYTES, threads: int | None = None,
-) -> Iterator[np.ndarray]:
-    """Quantized bytes of one tensor: row blocks of an ordinary tensor, one slab at a time for experts.
-
-    Expert e is quantized with slice e of the tensor's importance (llama-quantize's per-expert
-    imatrix); `tracker` measures each piece against its bytes while both are in memory.
-    """
-    qtype = T[entry.qtype]
-    no_data = set(imatrix.experts_without_data(entry.name, entry.shape[-1])) if imatrix else set()
-    slabs = (
-        (load_piece(p, read_float32) for p in spec.pieces)
-        if spec.is_expert_stack
-        else iter([load_tensor(spec, plan.args, read_float32)])
-    )
-    for e, slab in enumerate(slabs):
-        rows = np.ascontiguousarray(slab.reshape(-1, slab.shape[-1]) if slab.ndim > 1 else slab.reshape(1, -1), dtype=np.float32)
-        expert = e if spec.is_expert_stack else None
-        weights = imatrix.importance(entry.name, rows.shape[1], expert) if imatrix else None
-        for start, block in _row_blocks(rows, spec.is_expert_stack, row_block_bytes):
-            try:
-                data = quantize(block, qtype, imatrix=weights, threads=threads)
-            except QuantInputError as err:
-                source = spec.pieces[0].source
-                if isinstance(err, BadRowError):
-                    err = err.shifted(start)
-                raise CheckpointError(f"{source.file.name}: tensor {source.name}: {err}") from None
-            if tracker is not None:
-                tracker.add(block, data, weights, no_imatrix_data=(expert or 0) in no_data)
-            yield data
-
-
-def convert(
-    src: Path, out: Path, options: ConvertOptions, run: RunOptions = RunOptions(), hooks: ConvertHooks | None = None,
-) -> list[Path]:
-    """Convert the checkpoint at `src` into `out` (or its split set); returns the files written."""
-    hooks = hooks or ConvertHooks()
+def _open_output(src: Path, out: Path, options: ConvertOptions, run: RunOptions, hooks: ConvertHooks) -> _OpenOutput:
+    """Plan one output, check its imatrix and free space, and open (or resume) its GGUF."""
     plan = build_plan(src, options)
     imatrix = imatrix_meta = None
     if options.imatrix is not None:
@@ -347,34 +311,66 @@ def convert(
     })
     output = ShardedGGUFOutput(out, tensors, add_metadata, fingerprint, options.split, resume=run.resume,
                                force=run.force, fs=hooks.fs)
-    done_bytes = sum(e.nbytes for e in plan.entries if output.is_done(e.name))
-    bar = tqdm(total=plan.total_bytes, initial=done_bytes, unit="B", unit_scale=True, disable=not run.progress,
-               desc=f"{out.name}", dynamic_ncols=True, mininterval=1.0)
+    return _OpenOutput(out, plan, imatrix_meta, Target(plan.entries, imatrix, output, run.report))
+
+
+def convert(
+    src: Path, out: Path, options: ConvertOptions, run: RunOptions = RunOptions(), hooks: ConvertHooks | None = None,
+) -> list[Path]:
+    """Convert the checkpoint at `src` into `out` (or its split set); returns the files written."""
+    return convert_many(src, [(out, options)], run, hooks)[0]
+
+
+def convert_many(
+    src: Path, outputs: Sequence[tuple[Path, ConvertOptions]], run: RunOptions = RunOptions(),
+    hooks: ConvertHooks | None = None,
+) -> list[list[Path]]:
+    """Convert `src` into every (out, options) from one read of the checkpoint (rioquant.fanout).
+
+    Each output gets the bytes, report and resume journal of its own `convert`; the outputs must agree on
+    the tensors (not on their types), so --no-mtp is all or none.
+    """
+    hooks = hooks or ConvertHooks()
+    stage = _cluster_stage(run) if run.ray is not None else \
+        dict(executor=hooks.executor, in_flight=hooks.in_flight, threads=run.threads)
+    opened: list[_OpenOutput] = []
     try:
-        for i, (spec, entry) in enumerate(zip(plan.specs, plan.entries, strict=True)):
-            if output.is_done(entry.name):
-                continue
-            bar.set_postfix_str(f"tensor {i + 1}/{len(plan.entries)} {entry.name} {entry.qtype}")
-            tracker = TensorErrorTracker(entry.name, entry.qtype, entry.shape, spec.layer) \
-                if run.report and entry.qtype != "F32" else None
-            hooks.on_tensor(entry)
-            output.write_tensor(entry.name, _tensor_chunks(spec, entry, plan, imatrix, tracker, hooks.row_block_bytes, run.threads),
-                                note=tracker.result if tracker else None)
-            bar.update(entry.nbytes)
-        files = output.finish()
+        for out, options in outputs:
+            opened.append(_open_output(src, out, options, run, hooks))
+        specs = opened[0].plan.specs
+        for o in opened[1:]:
+            if [s.name for s in o.plan.specs] != [s.name for s in specs]:
+                raise PlanError(f"{o.out}: its tensors differ from {opened[0].out}'s (--no-mtp?); convert it on its own")
+        write_targets(specs, opened[0].plan.args, [o.target for o in opened], on_tensor=hooks.on_tensor,
+                      row_block_bytes=hooks.row_block_bytes, progress=run.progress,
+                      desc=opened[0].out.name if len(opened) == 1 else f"{len(opened)} outputs",
+                      prefetch_bytes=hooks.prefetch_bytes, **stage)
+        written = [o.target.output.finish() for o in opened]
     except BaseException:
-        output.close()
+        for o in opened:
+            o.target.output.close()
         raise
-    finally:
-        bar.close()
-    if run.report:
-        measured = [e for e in plan.entries if e.qtype != "F32"]
-        report = build_report([output.notes[e.name] for e in measured if e.name in output.notes], files, src,
-                              plan.recipe.name, imatrix_meta, [e.name for e in measured if e.name not in output.notes])
-        for path in write_report(report, out):
-            log.info("wrote %s", path)
-    log.info("wrote %s", ", ".join(str(f) for f in files))
-    return files
+    for o, files in zip(opened, written, strict=True):
+        if run.report:
+            output, plan = o.target.output, o.plan
+            measured = [e for e in plan.entries if e.qtype != "F32"]
+            report = build_report([output.notes[e.name] for e in measured if e.name in output.notes], files, src,
+                                  plan.recipe.name, o.imatrix_meta, [e.name for e in measured if e.name not in output.notes])
+            for path in write_report(report, o.out):
+                log.info("wrote %s", path)
+        log.info("wrote %s", ", ".join(str(f) for f in files))
+    return written
+
+
+def _cluster_stage(run: RunOptions) -> dict:
+    """--ray: the quantize stage on the cluster's nodes, which read the checkpoint themselves (its path
+    must be the same on every node). A task holds --threads CPUs (default 1) and quantizes on as many.
+    Joining comes first, so a missing Ray or an unreachable cluster is said before any work."""
+    from rioquant.cluster import RayExecutor, Resources, connect
+
+    threads = run.threads or 1
+    executor = RayExecutor(connect(run.ray), Resources(num_cpus=threads))
+    return dict(executor=executor, in_flight=executor.in_flight, threads=threads, read_on_executor=True)
 
 
 def _file_digest(path: Path) -> str:

@@ -71,3 +71,7 @@ class PublishError(RioquantError):
 
 class LineageError(RioquantError):
     """Models cannot be compared for lineage: different architectures or shapes, a tensor missing in one."""
+
+
+class ClusterError(RioquantError):
+    """`--ray` cannot be honoured: Ray is not installed, or the cluster cannot be reached."""

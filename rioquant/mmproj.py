@@ -9,6 +9,7 @@ so a bad input (no vision tower, an unknown type) fails before a byte is written
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from rioquant.convert import ConvertHooks, ConvertOptions, MetadataOptions, RunOptions, convert
+from rioquant.convert import ConvertHooks, ConvertOptions, MetadataOptions, RunOptions, convert_many
 from rioquant.errors import CheckpointError, PlanError, QuantInputError
 from rioquant.export.checkpoint import read_config, read_float32, scan_tensors
 from rioquant.export.gguf_out import OutputTensor, ShardedGGUFOutput, expected_total_bytes, planned_file_sizes
@@ -186,14 +187,16 @@ def write_mmproj(plan: MmprojPlan, out: Path, run: RunOptions | None = None, hoo
     return path
 
 
-def convert_with_mmproj(src: Path, out: Path, options: ConvertOptions, mmproj_type: str = "F16",
-                        run: RunOptions | None = None, hooks: ConvertHooks | None = None) -> list[Path]:
-    """`convert --mmproj`: the text GGUF(s) and `mmproj-<TYPE>.gguf` beside them, in one run.
+def convert_with_mmproj(src: Path, outputs: Sequence[tuple[Path, ConvertOptions]], mmproj_type: str = "F16",
+                        run: RunOptions | None = None, hooks: ConvertHooks | None = None) -> list[list[Path]]:
+    """`convert --mmproj`: the text GGUF(s) of every (out, options) from one read (`convert_many`), and
+    `mmproj-<TYPE>.gguf` beside the first, in one run.
 
     The projector is planned first, so a checkpoint without a vision tower fails before any byte of
     the (long) text conversion is written; it is written last, from the same checkpoint.
     """
     run = run or RunOptions()
-    plan = build_mmproj_plan(src, mmproj_type, options.metadata)
-    files = convert(src, out, options, run, hooks)
-    return [*files, write_mmproj(plan, out.parent / mmproj_filename(plan.qtype), run, hooks)]
+    first_out, first_options = outputs[0]
+    plan = build_mmproj_plan(src, mmproj_type, first_options.metadata)
+    written = convert_many(src, outputs, run, hooks)
+    return [*written, [write_mmproj(plan, first_out.parent / mmproj_filename(plan.qtype), run, hooks)]]

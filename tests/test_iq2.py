@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rioquant.files.gguf_file import nbytes
-from rioquant.kernels.driver import quantize_rows
+from rioquant.kernels.driver import quantize_driver
 from rioquant.kernels.iq_lattice import grid_levels
 from rioquant.quant import dequantize, quantize
 from rioquant.quant.types import BLOCK_KERNELS
@@ -38,7 +38,7 @@ def ours(x: np.ndarray, qtype: T, qw: np.ndarray | None) -> np.ndarray:
     if qw is not None:
         return quantize(x, qtype, imatrix=qw)
     out = np.empty((x.shape[0], nbytes(qtype, (x.shape[1],))), dtype=np.uint8)
-    quantize_rows(BLOCK_KERNELS[qtype].quantize_row, x, np.zeros(0, dtype=np.float32), out)
+    quantize_driver(BLOCK_KERNELS[qtype].quantize_row)(x, np.zeros(0, dtype=np.float32), out)
     return out
 
 

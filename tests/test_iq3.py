@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rioquant.kernels.driver import quantize_rows
+from rioquant.kernels.driver import quantize_driver
 from rioquant.kernels.iq_lattice import grid_levels
 from rioquant.quant import dequantize
 from rioquant.quant.types import BLOCK_KERNELS, block_geometry
@@ -34,7 +34,7 @@ def quantize_kernel(x: np.ndarray, qtype: gguf.GGMLQuantizationType, qw: np.ndar
     """The row kernel through the parallel driver, with no imatrix refusal in front of it."""
     block, type_bytes = block_geometry(qtype)
     out = np.empty((x.shape[0], x.shape[1] // block * type_bytes), dtype=np.uint8)
-    quantize_rows(BLOCK_KERNELS[qtype].quantize_row, x, NO_IMPORTANCE if qw is None else qw, out)
+    quantize_driver(BLOCK_KERNELS[qtype].quantize_row)(x, NO_IMPORTANCE if qw is None else qw, out)
     return out
 
 

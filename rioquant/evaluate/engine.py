@@ -44,6 +44,7 @@ class EngineOptions:
     group_chunks: int | None = None  # chunks per batch (None: as many as the working set allows)
     numerics: str = "auto"  # "exact", "ggml" (llama.cpp CPU roundings), "auto": ggml for a GGUF, exact otherwise
     progress: bool = True
+    ray: str | None = None  # a Ray cluster's address: chunk groups run there (evaluate.distributed)
 
 
 @dataclass

@@ -40,6 +40,17 @@ class ImatrixCollector:
         sums[mat] += x.double().pow(2).sum(dim=0)
         self.counts[name][mat] += x.shape[0]
 
+    def partial(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The sums (float64) and counts so far as arrays: what a cluster task sends back for its chunks."""
+        return {name: s.cpu().numpy() for name, s in self.sums.items()}, dict(self.counts)
+
+    def merge(self, sums: dict[str, np.ndarray], counts: dict[str, np.ndarray]) -> None:
+        """Add the partial of the next group of chunks. Merged in group order from an empty collector, this
+        is the local run's float64 arithmetic: it too adds one sum per weight per group, group after group."""
+        for name, s in sums.items():
+            self._entry(name, *s.shape).add_(torch.tensor(s, device=self.device))
+            self.counts[name] += counts[name]
+
     def layer(self, il: int) -> Observer:
         collector, n_experts = self, self.args.num_experts
 

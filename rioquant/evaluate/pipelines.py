@@ -7,6 +7,10 @@
   during the quant's head stage the base logits are recomputed from those states with the base's own
   output matrix, so every statistic is computed on the full vocabulary, exactly (float32 logits).
 - `collect_imatrix`: Σx² and counts per weight input in the same streaming pass (no head needed).
+
+Each evaluation's work on its chunks is one function (`perplexity_terms`, `kld_per_token`, `imatrix_terms`)
+returning what is merged (per-token values, partial sums) and the profiles; run once here, or once per
+group of chunks on a Ray cluster (`EngineOptions.ray`, evaluate.distributed), merged in chunk order.
 """
 
 import hashlib
@@ -14,13 +18,16 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from rioquant.errors import EvaluationError
+from rioquant.evaluate.distributed import group_label, map_groups
 from rioquant.evaluate.engine import (
     Activations,
     Engine,
@@ -61,21 +68,40 @@ def _write_profile(path: Path | None, profiles: dict[str, Profile]) -> None:
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
 
+def _per_group(fn: Callable, tokens: np.ndarray, options: EngineOptions, *args: Any) -> tuple[list, dict[str, Profile]]:
+    """fn(*args, tokens, options)'s results: one call here, or one per group of chunks on the cluster, in
+    chunk order; with the profiles of every call."""
+    if not options.ray:
+        result, profiles = fn(*args, tokens, options)
+        return [result], profiles
+    results, profiles = [], {}
+    for group, (result, group_profiles) in map_groups(fn, tokens, options, *args):
+        results.append(result)
+        profiles.update({group_label(name, group): p for name, p in group_profiles.items()})
+    return results, profiles
+
+
 def perplexity(model: Path, text: Path, ctx: int = 512, chunks: int | None = None,
                options: EngineOptions = DEFAULT_OPTIONS, tokenizer: Path | None = None,
                profile_out: Path | None = None) -> dict:
     """llama-perplexity on `model` (HF checkpoint or GGUF): {"ppl", "ppl_stderr", "tokens_scored", "chunks", "ctx"}."""
-    source = open_source(model)
-    tokens = tokenize_text(source, text, ctx, chunks, tokenizer)
-    engine = Engine(source, tokens, options)
+    tokens = tokenize_text(open_source(model), text, ctx, chunks, tokenizer)
+    parts, profiles = _per_group(perplexity_terms, tokens, options, Path(model))
+    nll = np.concatenate(parts)
+    _write_profile(profile_out, profiles)
+    return {**perplexity_summary(nll), "tokens_scored": len(nll), "chunks": tokens.shape[0], "ctx": ctx}
+
+
+def perplexity_terms(model: Path, tokens: np.ndarray, options: EngineOptions) -> tuple[np.ndarray, dict[str, Profile]]:
+    """NLL of every scored token of `tokens`' chunks, in chunk order."""
+    engine = Engine(open_source(model), tokens, options)
     with cpu_threads(options.threads):
         acts = engine.run_layers()
         try:
             nll = _perplexity_head(engine, acts)
         finally:
             acts.close()
-    _write_profile(profile_out, {"model": engine.profile})
-    return {**perplexity_summary(nll), "tokens_scored": len(nll), "chunks": tokens.shape[0], "ctx": ctx}
+    return nll, {"model": engine.profile}
 
 
 def _perplexity_head(engine: Engine, acts: Activations) -> np.ndarray:
@@ -156,6 +182,27 @@ def kl_divergence(base: Path, quant: Path, text: Path, ctx: int = 512, chunks: i
             f"{base_src.n_vocab} × {base_src.args.hidden_size}: not a quant of that model"
         )
     tokens = tokenize_text(base_src, text, ctx, chunks, tokenizer)
+    parts, profiles = _per_group(kld_per_token, tokens, options, Path(base), Path(quant), base_states, bool(options.ray))
+    per_token = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    _write_profile(profile_out, profiles)
+    if tokens_out is not None:
+        with replacing(Path(tokens_out)) as tmp, open(tmp, "wb") as f:
+            np.save(f, per_token["kld"])
+    return {**kld_summary(**per_token), "chunks": tokens.shape[0], "ctx": ctx, "base": str(base), "quant": str(quant),
+            "text": str(text)}
+
+
+def kld_per_token(base: Path, quant: Path, base_states: Path | None, per_group: bool, tokens: np.ndarray,
+                  options: EngineOptions) -> tuple[dict[str, np.ndarray], dict[str, Profile]]:
+    """Per scored token of `tokens`' chunks: KLD, Δp, both NLLs, same top token.
+
+    With `per_group` (a cluster task) the base states go to their own file beside `base_states`, named by
+    the chunks' hash, so the next quant reuses them whichever node runs the group.
+    """
+    base_src, quant_src = open_source(base), open_source(quant)
+    if base_states is not None and per_group:
+        digest = hashlib.sha256(tokens.tobytes()).hexdigest()[:16]
+        base_states = Path(base_states).with_name(f"{Path(base_states).stem}.{digest}{Path(base_states).suffix}")
     profiles: dict[str, Profile] = {}
     with cpu_threads(options.threads), tempfile.TemporaryDirectory(dir=options.tmp_dir) as tmp:
         states = _base_states(base_src, tokens, options, Path(base_states or Path(tmp) / "base-states.npy"), profiles)
@@ -167,12 +214,7 @@ def kl_divergence(base: Path, quant: Path, text: Path, ctx: int = 512, chunks: i
             acts.close()
         del states
     profiles["quant"] = engine.profile
-    _write_profile(profile_out, profiles)
-    if tokens_out is not None:
-        with replacing(Path(tokens_out)) as tmp, open(tmp, "wb") as f:
-            np.save(f, per_token["kld"])
-    return {**kld_summary(**per_token), "chunks": tokens.shape[0], "ctx": ctx, "base": str(base), "quant": str(quant),
-            "text": str(text)}
+    return per_token, profiles
 
 
 def _kld_head(engine: Engine, acts: Activations, base: ModelSource, states: np.ndarray) -> dict[str, np.ndarray]:
@@ -207,6 +249,24 @@ def collect_imatrix(src: Path, text: Path, out: Path, ctx: int = 512, chunks: in
     """Write llama.cpp's GGUF imatrix for `src` over the chunks of `text` (every position of every chunk)."""
     source = open_source(src)
     tokens = tokenize_text(source, text, ctx, chunks, tokenizer)
+    parts, profiles = _per_group(imatrix_terms, tokens, options, Path(src), process_output)
+    collector = ImatrixCollector(source.args, torch.device("cpu"))
+    for sums, counts in parts:
+        collector.merge(sums, counts)
+    n_entries = collector.write(out, [str(text)], tokens.shape[0], ctx)
+    _write_profile(profile_out, profiles)
+    return {
+        "output": str(out), "entries": n_entries, "chunks": int(tokens.shape[0]), "ctx": ctx,
+        "tokens": int(tokens.size), "experts_without_data": collector.experts_without_data(),
+    }
+
+
+
+
+def imatrix_terms(src: Path, process_output: bool, tokens: np.ndarray,
+                  options: EngineOptions) -> tuple[tuple[dict, dict], dict[str, Profile]]:
+    """Σx² (float64) and counts per weight input over `tokens`' chunks (ImatrixCollector.partial)."""
+    source = open_source(src)
     engine = Engine(source, tokens, options)
     collector = ImatrixCollector(source.args, engine.device)
     with cpu_threads(options.threads):
@@ -219,14 +279,7 @@ def collect_imatrix(src: Path, text: Path, out: Path, ctx: int = 512, chunks: in
                         collector.add("output.weight", states.reshape(-1, states.shape[-1]))
         finally:
             acts.close()
-    n_entries = collector.write(out, [str(text)], tokens.shape[0], ctx)
-    _write_profile(profile_out, {"model": engine.profile})
-    return {
-        "output": str(out), "entries": n_entries, "chunks": int(tokens.shape[0]), "ctx": ctx,
-        "tokens": int(tokens.size), "experts_without_data": collector.experts_without_data(),
-    }
-
-
+    return collector.partial(), {"model": engine.profile}
 
 
 def chunk_logits(model: Path, chunks: np.ndarray, options: EngineOptions = DEFAULT_OPTIONS) -> np.ndarray:

@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType
 from rioquant.errors import BadRowError, NonFiniteRowError, QuantInputError
 from rioquant.files.gguf_file import nbytes
 from rioquant.kernels import floats
-from rioquant.kernels.driver import dequantize_rows, first_nonfinite_row, quantize_rows
+from rioquant.kernels.driver import dequantize_driver, first_nonfinite_row, quantize_driver
 from rioquant.quant.types import (
     BLOCK_KERNELS,
     FLOAT_TYPES,
@@ -101,7 +101,7 @@ def quantize(
     importance = _NO_IMPORTANCE if imatrix is None else _check_importance(imatrix, x.shape[1])
     out = np.empty((x.shape[0], nbytes(qtype, (x.shape[1],))), dtype=np.uint8)
     with numba_threads(threads):
-        bad_row = quantize_rows(BLOCK_KERNELS[qtype].quantize_row, x, importance, out)
+        bad_row = quantize_driver(BLOCK_KERNELS[qtype].quantize_row)(x, importance, out)
     if bad_row >= 0:
         raise NonFiniteRowError(bad_row)
     return out
@@ -123,5 +123,5 @@ def dequantize(data: np.ndarray, qtype: "str | GGMLQuantizationType", shape: tup
     if qtype in FLOAT_TYPES:
         return floats.from_element_bytes(raw, qtype.name, shape)
     out = np.empty((rows, n_per_row), dtype=np.float32)
-    dequantize_rows(BLOCK_KERNELS[qtype].dequantize_row, raw.reshape(rows, -1), out)
+    dequantize_driver(BLOCK_KERNELS[qtype].dequantize_row)(raw.reshape(rows, -1), out)
     return out.reshape(shape)

@@ -7,11 +7,15 @@ e = y − x, w the importance). Per-row sums are reduced by numpy afterwards, so
 depend on the thread count. rioquant.quant.metrics turns them into figures.
 """
 
+from collections.abc import Callable
+
 import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
+from numba.core.registry import CPUDispatcher
 
 from rioquant.kernels import floats
+from rioquant.kernels.driver import specialise
 from rioquant.quant.types import BLOCK_KERNELS, FLOAT_TYPES, parse_qtype
 
 ROWS_PER_TASK = 16  # rows per parallel task: amortises the scratch row
@@ -43,14 +47,17 @@ def _accumulate(x: np.ndarray, y: np.ndarray, w: np.ndarray, out: np.ndarray) ->
     out[SWE2], out[SWX2], out[MAXE] = swe2, swx2, maxe
 
 
-def _block_row_sums_impl(dequantize_row, x: np.ndarray, data: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
-    """Per-row sums of x (rows, n) against the ggml blocks data (rows, row_bytes) → out (rows, 7)."""
-    rows, n = x.shape
-    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        y = np.empty(n, dtype=np.float32)  # (n,) scratch: one dequantized row at a time
-        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
-            dequantize_row(data[r], y)
-            _accumulate(x[r], y, w, out[r])
+def _block_row_sums_over(dequantize_row: CPUDispatcher) -> Callable:
+    def block_row_sums(x: np.ndarray, data: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+        """Per-row sums of x (rows, n) against the ggml blocks data (rows, row_bytes) → out (rows, 7)."""
+        rows, n = x.shape
+        for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+            y = np.empty(n, dtype=np.float32)  # (n,) scratch: one dequantized row at a time
+            for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+                dequantize_row(data[r], y)
+                _accumulate(x[r], y, w, out[r])
+
+    return block_row_sums
 
 
 def _dense_row_sums_impl(x: np.ndarray, y: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
@@ -59,12 +66,10 @@ def _dense_row_sums_impl(x: np.ndarray, y: np.ndarray, w: np.ndarray, out: np.nd
 
 
 # Parallel for big slabs; serial below PARALLEL_MIN_WEIGHTS, where a parallel launch costs more than the
-# work (and, on a busy machine, waits a scheduler slice for every worker). Block drivers are not
-# cached: a dispatcher argument breaks Numba's cache index (see kernels/driver.py).
+# work (and, on a busy machine, waits a scheduler slice for every worker). Block drivers are specialised
+# to each type's dequantizer and cached across processes (kernels.driver.specialise).
 PARALLEL_MIN_WEIGHTS = 1 << 20
 DENSE_CHUNK_WEIGHTS = 1 << 24  # F16/BF16 are decoded to float32 in pieces of this many weights
-_block_row_sums = njit(parallel=True)(_block_row_sums_impl)
-_block_row_sums_serial = njit(_block_row_sums_impl)
 _dense_row_sums = njit(parallel=True, cache=True)(_dense_row_sums_impl)
 _dense_row_sums_serial = njit(cache=True)(_dense_row_sums_impl)
 
@@ -86,7 +91,6 @@ def slice_sums(x: np.ndarray, data: np.ndarray, qtype: "str | GGMLQuantizationTy
             rows = slice(r, r + step)
             dense(x[rows], floats.from_element_bytes(raw[rows], qtype.name, x[rows].shape), w, per_row[rows])
     else:
-        block = _block_row_sums if parallel else _block_row_sums_serial
-        block(BLOCK_KERNELS[qtype].dequantize_row, x, raw, w, per_row)
+        specialise(_block_row_sums_over, BLOCK_KERNELS[qtype].dequantize_row, parallel)(x, raw, w, per_row)
     sums = per_row[:, :MAXE].sum(axis=0)
     return np.append(sums, per_row[:, MAXE].max(initial=0.0))

@@ -58,12 +58,22 @@ def bits_per_weight(qtype: "str | GGMLQuantizationType") -> float:
     return 8 * type_bytes / block
 
 
-class _Slice(NamedTuple):
+class Slice(NamedTuple):
+    """The measured error of one slab: all a tracker keeps of it, so it can be measured elsewhere."""
+
     sums: np.ndarray  # (7,) float64, see slice_sums
     rows: int
     n_weights: int
     weighted: bool  # imatrix figures computed (the slice had real importance data)
     no_imatrix_data: bool
+
+
+def measure_slice(x: np.ndarray, data: np.ndarray, qtype: str, weights: np.ndarray | None = None,
+                  no_imatrix_data: bool = False, chunk_weights: int = DENSE_CHUNK_WEIGHTS) -> Slice:
+    """One slab: float32 rows x (rows, n), its quantized bytes, the importance it was quantized with
+    (None if none; pass no_imatrix_data for an expert the imatrix never saw)."""
+    use = None if no_imatrix_data else weights
+    return Slice(slice_sums(x, data, qtype, use, chunk_weights), x.shape[0], x.size, use is not None, no_imatrix_data)
 
 
 @dataclass
@@ -75,15 +85,16 @@ class TensorErrorTracker:
     shape: tuple[int, ...]
     layer: int | None = None
     chunk_weights: int = DENSE_CHUNK_WEIGHTS  # see slice_sums
-    _slices: list[_Slice] = field(default_factory=list)
+    _slices: list[Slice] = field(default_factory=list)
 
     def add(self, x: np.ndarray, data: np.ndarray, weights: np.ndarray | None = None,
             no_imatrix_data: bool = False) -> None:
-        """One slab: float32 rows x (rows, n), its quantized bytes, the importance it was quantized with
-        (None if none; pass no_imatrix_data for an expert the imatrix never saw)."""
-        use = None if no_imatrix_data else weights
-        sums = slice_sums(x, data, self.qtype, use, self.chunk_weights)
-        self._slices.append(_Slice(sums, x.shape[0], x.size, use is not None, no_imatrix_data))
+        """Measure one slab (see measure_slice) and keep it."""
+        self._slices.append(measure_slice(x, data, self.qtype, weights, no_imatrix_data, self.chunk_weights))
+
+    def add_slice(self, measured: Slice) -> None:
+        """Keep a slab measured by measure_slice (in the conversion's quantize stage)."""
+        self._slices.append(measured)
 
     def result(self) -> dict:
         slices = self._slices
