@@ -29,6 +29,8 @@ test-fast:
 bench:
 	$(BIN)/python -m bench.kernels
 	$(BIN)/python -m bench.convert_bench
+	# first-call cost, one read for four mixes vs four runs vs llama.cpp, read/quantize overlap
+	$(BIN)/python -m bench.throughput_bench
 
 # Trains the nano Qwen3.5-MoE once (~15 min on 2 cores, cached in .cache/nano), then measures every mix
 fidelity:

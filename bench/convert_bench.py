@@ -34,20 +34,23 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 # The measured command is started by a fresh, small Python that forks it and reports its wait4 peak RSS:
 # on Linux a child's ru_maxrss starts from the memory image it was forked (or vforked) from, so
 # measuring straight from this process, which holds the synthetic checkpoint while building it,
-# would report our own peak for every step.
+# would report our own peak for every step. Before reaping, it reads the child's /proc/PID/io `rchar`:
+# the bytes it read through read calls (page cache included; mmap'ed reads are not counted).
 _LAUNCHER = (
     "import os, sys\n"
     "pid = os.fork()\n"
     "if pid == 0:\n"
     "    os.execvp(sys.argv[1], sys.argv[1:])\n"
+    "os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)\n"
+    "io = dict(line.split(': ') for line in open(f'/proc/{pid}/io').read().splitlines())\n"
     "_, status, usage = os.wait4(pid, 0)\n"
-    "sys.stderr.write(f'\\nmaxrss_kib={usage.ru_maxrss}\\n')\n"
+    "sys.stderr.write(f'\\nmaxrss_kib={usage.ru_maxrss} rchar={io[\"rchar\"]}\\n')\n"
     "sys.exit(os.waitstatus_to_exitcode(status))\n"
 )
 
 
-def run_measured(args: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of one child process."""
+def run_measured_io(args: list[str], env: dict | None = None) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS in GB, bytes read) of one child process."""
     with tempfile.TemporaryFile() as log:
         start = time.perf_counter()
         code = subprocess.run([sys.executable, "-c", _LAUNCHER, *args], env=env, stdout=subprocess.DEVNULL,
@@ -57,7 +60,13 @@ def run_measured(args: list[str], env: dict | None = None) -> tuple[float, float
         text = log.read().decode(errors="replace")
     if code != 0:
         raise SystemExit(f"{args[:4]} failed: {text[-2000:]}")
-    return wall, int(text.rsplit("maxrss_kib=", 1)[1]) * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+    rss, rchar = text.rsplit("maxrss_kib=", 1)[1].split()
+    return wall, int(rss) * 1024 / 1e9, int(rchar.removeprefix("rchar="))  # ru_maxrss is in KiB on Linux
+
+
+def run_measured(args: list[str], env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GB) of one child process."""
+    return run_measured_io(args, env)[:2]
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ def _report(path: Path) -> bytes:
 
 def test_one_read_writes_every_mix_as_its_own_run(tiny, singles, tmp_path):
     outs = [(tmp_path / f"{m}.gguf", ConvertOptions(qtype=m)) for m in MIXES]
-    written = convert_many(tiny, outs, QUIET, ConvertHooks(prefetch_bytes=1 << 16, row_block_bytes=4 * 64 * 16))
+    written = convert_many(tiny, outs, QUIET, ConvertHooks(prefetch_bytes=1 << 16))
     for m, (files,) in zip(MIXES, written, strict=True):
         assert files.read_bytes() == singles[m].read_bytes(), m
         assert _report(files) == _report(singles[m]), m
