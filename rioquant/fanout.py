@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import gguf
 import numpy as np
-from tqdm import tqdm
 
 from rioquant.errors import BadRowError, CheckpointError, QuantInputError
 from rioquant.export.checkpoint import read_float32
@@ -25,6 +24,7 @@ from rioquant.export.gguf_out import ShardedGGUFOutput
 from rioquant.export.qwen35moe import ModelArgs, load_tensor
 from rioquant.export.tensor_map import TensorSpec, load_piece
 from rioquant.pipeline import PREFETCH_BYTES, Stages, Submitter, run_pipeline
+from rioquant.progress import progress_bar
 from rioquant.quant import quantize
 from rioquant.quant.imatrix import Imatrix
 from rioquant.quant.metrics import Slice, TensorErrorTracker, measure_slice
@@ -241,8 +241,7 @@ def write_targets(
     quantize_stage = QuantizeStage(specs, [t.entries for t in targets], [t.imatrix for t in targets],
                                    [t.report for t in targets], row_block_bytes, threads)
     items = work_items(specs, targets)
-    bar = tqdm(total=sum(i.nbytes for i in items), unit="B", unit_scale=True, disable=not progress, desc=desc,
-               dynamic_ncols=True, mininterval=1.0)  # float32 bytes read: one read feeds every output
+    bar = progress_bar(progress, total=sum(i.nbytes for i in items), unit="B", unit_scale=True, desc=desc)  # float32 bytes read: one read feeds every output
     writers = [_Writer(t, specs, on_tensor) for t in targets]
 
     def write(item: WorkItem, pieces: list[QuantizedPiece]) -> None:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from tqdm import tqdm
 
 from rioquant.convert import ConvertHooks, ConvertOptions, MetadataOptions, RunOptions, convert_many
 from rioquant.errors import CheckpointError, PlanError, QuantInputError
@@ -38,6 +37,7 @@ from rioquant.export.qwen35moe_vision import (
 )
 from rioquant.export.tensor_map import TensorSpec
 from rioquant.files.gguf_file import nbytes
+from rioquant.progress import progress_bar
 from rioquant.quant import quantize
 from rioquant.quant.plan import Origin, PlanEntry, plan_fingerprint
 from rioquant.quant.recipes import get_recipe
@@ -169,8 +169,7 @@ def write_mmproj(plan: MmprojPlan, out: Path, run: RunOptions | None = None, hoo
                                                   "metadata": asdict(plan.metadata), "args": asdict(plan.args)})
     output = ShardedGGUFOutput(out, tensors, _metadata_writer(plan), fingerprint, resume=run.resume,
                                force=run.force, fs=hooks.fs, arch=ARCH)
-    bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, disable=not run.progress, desc=out.name,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = progress_bar(run.progress, total=plan.total_bytes, unit="B", unit_scale=True, desc=out.name)
     try:
         for spec, entry in zip(plan.specs, plan.entries, strict=True):
             if not output.is_done(entry.name):

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from rioquant.errors import EvaluationError
 from rioquant.evaluate.forward import NO_OBSERVER, Observer, Rope, decoder_layer, rms_norm
 from rioquant.evaluate.numerics import EXACT, NUMERICS, GgmlNumerics, Numerics
 from rioquant.evaluate.source import ExpertStack, LayerWeights, ModelSource
 from rioquant.export.qwen35moe import is_linear_block
+from rioquant.progress import progress_bar
 from rioquant.quant.api import numba_threads
 
 log = logging.getLogger(__name__)
@@ -222,8 +222,7 @@ class Engine:
         try:
             self.embed(acts)
             a = self.source.args
-            bar = tqdm(range(a.num_hidden_layers), desc="layers", unit="layer", disable=not self.options.progress,
-                       dynamic_ncols=True, mininterval=1.0)
+            bar = progress_bar(self.options.progress, iterable=range(a.num_hidden_layers), desc="layers", unit="layer")
             for il in bar:
                 observer = observer_for_layer(il) if observer_for_layer else NO_OBSERVER
                 self._run_layer(acts, il, observer)

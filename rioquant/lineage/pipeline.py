@@ -9,19 +9,18 @@ expert's is.
 import logging
 import os
 import re
-import sys
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from gguf import GGMLQuantizationType
-from tqdm import tqdm
 
 from rioquant.files.gguf_file import block_index, nbytes, tensor_kind
 from rioquant.lineage.sources import Source, Unit, open_sources, plan_units, stream
 from rioquant.lineage.stats import Candidate, Moments, UnitReducer
 from rioquant.lineage.verdict import judge, merge_exact, overall
+from rioquant.progress import progress_bar
 
 log = logging.getLogger(__name__)
 REPORT_FORMAT = "rioquant-lineage/1"
@@ -71,8 +70,7 @@ def analyse(child: str, parents: list[str], options: LineageOptions = LineageOpt
     known: dict[str, tuple[int, int, Candidate]] = {}  # recipe → (units it reproduced, last unit, recipe)
     judged = 0
     total_bytes = sum(_unit_bytes(s, u) for s in sources for u in units)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="lineage", file=sys.stderr,
-               disable=not (options.progress and sys.stderr.isatty()))
+    bar = progress_bar(options.progress, total=total_bytes, unit="B", unit_scale=True, desc="lineage")
     def prepare(unit: Unit, index: int):
         """The work for one piece, with the recipes known when it is handed out (taken here, in order)."""
         storage = [s.tensors[unit.name].storage for s in sources]

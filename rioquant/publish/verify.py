@@ -12,11 +12,10 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-from tqdm import tqdm
-
 from rioquant.errors import PublishError
 from rioquant.files.disk import write_atomic
 from rioquant.files.gguf_set import GGUFSet, set_stem, verify_set
+from rioquant.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +54,8 @@ def sha256_files(folder: Path, paths: list[Path], progress: bool = True) -> dict
             out[path] = hit["sha256"]
         else:
             todo.append((path, key, st))
-    with tqdm(total=sum(st.st_size for _, _, st in todo), unit="B", unit_scale=True, desc="sha256",
-              disable=not progress or not todo, dynamic_ncols=True, mininterval=1.0) as bar:
+    with progress_bar(progress and bool(todo), total=sum(st.st_size for _, _, st in todo), unit="B", unit_scale=True,
+                      desc="sha256") as bar:
         for path, key, st in todo:
             digest = hashlib.sha256()
             with open(path, "rb") as f:
