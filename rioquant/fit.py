@@ -8,8 +8,9 @@ requantize them; the file itself is measured too).
 
 "Best" is the highest quality that fits, from the recipe table's bits: a mix ranks by its bits per
 weight on this model, except that a rioquant dynamic mix ranks with the llama.cpp mix it stands in
-for (same `general.file_type`, e.g. Q4_K_XL with Q4_K_M) and just above it — each is measured below
-llama.cpp's frontier and is no larger than that mix (docs/recipes.md). Bits above 16 rank as 16:
+for (same `general.file_type`, e.g. Q4_K_XL with Q4_K_M) and just above it — each is no larger than the
+llama.cpp mix it replaces (that one, or for IQ1_XL the next one up, IQ2_XXS) and is measured against
+llama.cpp's frontier on the nano model (docs/recipes.md, docs/fidelity.md). Bits above 16 rank as 16:
 wider than the checkpoint's BF16 buys nothing, so F32 never beats the smaller BF16/F16. The legacy
 mixes (Q4_0, Q4_1, Q5_0, Q5_1: one scale or scale+min per 32 weights) come after every other mix that
 fits: llama.cpp keeps them for old runtimes, and a K- or i-quant mix of the same size is better.
