@@ -69,6 +69,15 @@ def run_measured(args: list[str], env: dict | None = None) -> tuple[float, float
     return run_measured_io(args, env)[:2]
 
 
+def bench_spec(hidden: int, layers: int, experts: int):
+    """The bench checkpoint's shape: the 397B's proportions (8 of many experts, 128-wide heads), scaled down."""
+    return replace(
+        KQUANT, hidden_size=hidden, num_hidden_layers=layers, num_experts=experts,
+        num_experts_per_tok=8, moe_intermediate_size=hidden // 2, shared_expert_intermediate_size=hidden // 2,
+        num_attention_heads=8, head_dim=128, linear_key_head_dim=128, linear_value_head_dim=128,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024)
@@ -77,12 +86,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rioquant-bench-"))
-    spec = replace(
-        KQUANT, hidden_size=args.hidden, num_hidden_layers=args.layers, num_experts=args.experts,
-        num_experts_per_tok=8, moe_intermediate_size=args.hidden // 2, shared_expert_intermediate_size=args.hidden // 2,
-        num_attention_heads=8, head_dim=128, linear_key_head_dim=128, linear_value_head_dim=128,
-    )
-    src = build_checkpoint(spec, work / "src")
+    src = build_checkpoint(bench_spec(args.hidden, args.layers, args.experts), work / "src")
     src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     threads = os.cpu_count() or 1
     print(f"checkpoint: {src_bytes / 1e9:.2f} GB BF16, {threads} threads\n")

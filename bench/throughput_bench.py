@@ -25,7 +25,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.convert_bench import run_measured_io
+from bench.convert_bench import bench_spec, run_measured_io
 from rioquant.testing.checkpoints import KQUANT, build_checkpoint
 from rioquant.testing.gguf_scan import scan
 from rioquant.testing.llama_src import llama_cpp_source
@@ -167,12 +167,7 @@ def main() -> None:
     if args.only == "first-call":
         return
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rioquant-throughput-"))
-    spec = replace(
-        KQUANT, hidden_size=args.hidden, num_hidden_layers=args.layers, num_experts=args.experts,
-        num_experts_per_tok=8, moe_intermediate_size=args.hidden // 2, shared_expert_intermediate_size=args.hidden // 2,
-        num_attention_heads=8, head_dim=128, linear_key_head_dim=128, linear_value_head_dim=128,
-    )
-    src = build_checkpoint(spec, work / "src")
+    src = build_checkpoint(bench_spec(args.hidden, args.layers, args.experts), work / "src")
     if args.only in (None, "mixes"):
         many_mixes(src, work, mixes)
     if args.only in (None, "overlap"):
