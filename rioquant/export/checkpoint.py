@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from rioquant.errors import CheckpointError
-from rioquant.files.disk import read_at
+from rioquant.files.disk import is_confined_name, read_at
 
 # safetensors dtype → (bytes per element, converter from the raw little-endian array to float32)
 SOURCE_DTYPES: dict[str, tuple[int, str]] = {
@@ -106,7 +106,12 @@ def checkpoint_files(src: Path) -> dict[Path, set[str] | None]:
         except (json.JSONDecodeError, KeyError, TypeError):
             raise CheckpointError(f"{index_path}: not a valid safetensors index (no weight_map)") from None
         files: dict[Path, set[str] | None] = {}
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: not a valid safetensors index (weight_map is not an object)")
         for tensor_name, shard in weight_map.items():
+            if not isinstance(shard, str) or not is_confined_name(shard):
+                raise CheckpointError(f"{index_path}: weight_map names {shard!r} for tensor {tensor_name}, a file "
+                                      f"outside {src}; refusing to read it")
             expected = files.setdefault(src / shard, set())
             assert expected is not None
             expected.add(tensor_name)

@@ -10,7 +10,7 @@ model; one read per tensor or expert slab keeps memory at what the caller asked 
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 
 @contextmanager
@@ -45,3 +45,14 @@ def read_at(fd: int, view: memoryview, offset: int) -> bool:
             return False
         done += n
     return True
+
+
+def is_confined_name(name: str) -> bool:
+    """Whether a file name taken from an untrusted listing (a safetensors index, a Hub repo's file list)
+    stays inside the folder it is relative to: relative, no `..`, no drive, no backslash tricks.
+
+    The name is judged, not the path it resolves to: a Hugging Face cache snapshot is a folder of
+    symlinks into the cache's blob store, so resolving would refuse every honest download."""
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    return (bool(name) and "\\" not in name and "\0" not in name and not posix.is_absolute()
+            and not windows.drive and ".." not in posix.parts)
