@@ -82,6 +82,9 @@ output_options = options(
                  help="A model this one derives from (repeat for each parent of a merge)."),
     click.option("--name", default=None, help="general.name (default: from the model card or directory)."),
     click.option("--quantized-by", default=None, help="general.quantized_by."),
+    click.option("--pre-tokenizer", default=None, metavar="NAME",
+                 help="llama.cpp's pre-tokenizer name (e.g. qwen35) for a vocabulary its hash table does not know; "
+                      "taken on your word, with a warning and a note in the file's metadata."),
 )
 
 # The vision projector beside the model, shared by `convert` and `plan`: `--mmproj` alone means F16
@@ -117,7 +120,8 @@ ray_option = click.option(
 
 
 def convert_options(qtype, tensor_types, output_tensor_type, token_embedding_type, recipe, target_size, target_bpw,
-                     imatrix, no_mtp, split_max_size, split_max_tensors, base_models, name, quantized_by):
+                     imatrix, no_mtp, split_max_size, split_max_tensors, base_models, name, quantized_by,
+                    pre_tokenizer):
     """ConvertOptions from recipe_options' and output_options' values (one mix)."""
     from rioquant.convert import ConvertOptions, MetadataOptions, SplitOptions
     from rioquant.errors import PlanError
@@ -128,7 +132,7 @@ def convert_options(qtype, tensor_types, output_tensor_type, token_embedding_typ
         qtype=qtype or "Q8_0", recipe=recipe, tensor_types=tuple(tensor_types), output_tensor_type=output_tensor_type,
         token_embedding_type=token_embedding_type, target_size=target_size, target_bpw=target_bpw,
         imatrix=imatrix, with_mtp=not no_mtp, split=SplitOptions(split_max_size, split_max_tensors),
-        metadata=MetadataOptions(tuple(base_models), name, quantized_by),
+        metadata=MetadataOptions(tuple(base_models), name, quantized_by, pre_tokenizer),
     )
 
 

@@ -50,11 +50,13 @@ T = gguf.GGMLQuantizationType
 
 @dataclass(frozen=True)
 class MetadataOptions:
-    """`general.*` the user sets: a merge's parents (--base-model), the model name, who quantized it."""
+    """`general.*` the user sets: a merge's parents (--base-model), the model name, who quantized it; and
+    the pre-tokenizer llama.cpp should use when the vocabulary does not say (--pre-tokenizer)."""
 
     base_models: tuple[str, ...] = ()
     name: str | None = None
     quantized_by: str | None = None
+    pre_tokenizer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -202,9 +204,9 @@ def _fit_budget(plan: ConversionPlan) -> list[PlanEntry]:
 
 
 @functools.lru_cache(maxsize=2)
-def _read_vocab_cached(src: Path, vocab_size: int, mtime_ns: int) -> Vocab:
+def _read_vocab_cached(src: Path, vocab_size: int, mtime_ns: int, pre_tokenizer: str | None) -> Vocab:
     """The tokenizer takes seconds to read; planning sizes and writing the file both need it."""
-    return read_vocab(src, vocab_size)
+    return read_vocab(src, vocab_size, pre_tokenizer)
 
 
 def parameter_counts(plan: ConversionPlan) -> dict[str, int]:
@@ -228,7 +230,7 @@ def imatrix_metadata(imatrix: Imatrix, given_as: str) -> dict:
 def _metadata_writer(plan: ConversionPlan, imatrix_meta: dict | None = None):
     meta = plan.options.metadata
     vocab = _read_vocab_cached(plan.src, plan.args.vocab_size, (plan.src / "tokenizer.json").stat().st_mtime_ns
-                               if (plan.src / "tokenizer.json").exists() else 0)
+                               if (plan.src / "tokenizer.json").exists() else 0, meta.pre_tokenizer)
     n = parameter_counts(plan)
     general = general_metadata(plan.src, n["total"], n["total"] - n["experts"], n["experts"], plan.args.num_experts,
                                meta.base_models, meta.name)

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from rioquant.convert import ConvertOptions, RunOptions, convert
+from rioquant.convert import ConvertOptions, MetadataOptions, RunOptions, convert
+from rioquant.errors import CheckpointError, PlanError
+from rioquant.export.vocab import ASSERTED_PRE_KEY, LLAMA_CPP_PRE_TOKENIZERS
+from rioquant.files.gguf_file import read_header
 from rioquant.testing.checkpoints import TINY, build_checkpoint
+from rioquant.testing.llama_src import llama_cpp_source
 from tests.test_convert_reliability import run_cli
 
 
@@ -55,3 +61,32 @@ def test_snapshot_of_symlinks_into_a_blob_store_converts(sharded, tmp_path):
     (linked,) = convert(snapshot, tmp_path / "linked.gguf", options, run)
     (plain,) = convert(sharded, tmp_path / "plain.gguf", options, run)
     assert linked.read_bytes() == plain.read_bytes()
+
+
+# -- tokenizers llama.cpp does not know by hash ----------------------------------------------
+
+def test_pre_tokenizer_names_are_the_ones_llama_cpp_loads():
+    source = (llama_cpp_source() / "src" / "llama-vocab.cpp").read_text()
+    assert LLAMA_CPP_PRE_TOKENIZERS == set(re.findall(r'tokenizer_pre == "([^"]+)"', source))
+
+
+def test_unrecognised_pre_tokenizer_is_refused_unless_asserted(sharded, tmp_path, caplog):
+    """NFKC instead of NFC: the probe's full-width tilde normalises differently, so the hash is unknown."""
+    src = _copy(sharded, tmp_path / "src")
+    tokenizer = json.loads((src / "tokenizer.json").read_text())
+    tokenizer["normalizer"] = {"type": "NFKC"}
+    (src / "tokenizer.json").write_text(json.dumps(tokenizer))
+    run = RunOptions(progress=False, report=False)
+    with pytest.raises(CheckpointError, match="--pre-tokenizer NAME"):
+        convert(src, tmp_path / "refused.gguf", ConvertOptions(qtype="F16"), run)
+    with pytest.raises(PlanError, match="--pre-tokenizer 'qwen3.5'"):
+        convert(src, tmp_path / "typo.gguf", ConvertOptions(qtype="F16", metadata=MetadataOptions(pre_tokenizer="qwen3.5")), run)
+    with caplog.at_level(logging.WARNING):
+        (out,) = convert(src, tmp_path / "asserted.gguf",
+                         ConvertOptions(qtype="F16", metadata=MetadataOptions(pre_tokenizer="qwen35")), run)
+    assert "asserted with --pre-tokenizer" in caplog.text
+    meta = read_header(out).metadata
+    assert meta["tokenizer.ggml.pre"] == "qwen35"
+    assert meta[ASSERTED_PRE_KEY].startswith("qwen35: asserted with --pre-tokenizer") and "not recognised" in meta[ASSERTED_PRE_KEY]
+    (plain,) = convert(sharded, tmp_path / "plain.gguf", ConvertOptions(qtype="F16"), run)
+    assert ASSERTED_PRE_KEY not in read_header(plain).metadata

@@ -8,13 +8,16 @@ never rendered here.
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 from tokenizers import Tokenizer
 
-from rioquant.errors import CheckpointError
+from rioquant.errors import CheckpointError, PlanError
+
+log = logging.getLogger(__name__)
 
 # llama.cpp identifies a BPE pre-tokenizer by hashing the ids of this text (convert_hf_to_gguf.py)
 PRE_TOKENIZER_PROBE = (
@@ -41,6 +44,31 @@ QWEN35_PRE_TOKENIZATION = {
     ]},
 }
 
+# Every `tokenizer.ggml.pre` the pinned llama.cpp loads (src/llama-vocab.cpp, checked by a test):
+# `--pre-tokenizer` accepts only these, so an asserted name never makes a file llama.cpp refuses to load.
+LLAMA_CPP_PRE_TOKENIZERS = frozenset("""
+    a.x-4.0 afmoe bailingmoe bailingmoe2 bloom chameleon chatglm-bpe codeshell cohere2moe command-r dbrx
+    deepseek-coder deepseek-llm deepseek-r1-qwen deepseek-v3 default exaone exaone-moe exaone4 f2llmv2 falcon
+    falcon-h1 falcon3 gemma4 gigachat glm4 glm5 gpt-2 gpt-4o gpt3-finnish granite-docling
+    granite-embed-multi-311m granite-embed-multi-97m grok-2 hunyuan hunyuan-dense hy_v4 jais jais-2 jina-de
+    jina-es jina-v1-en jina-v2-code jina-v2-de jina-v2-es jina-v5-nano joyai-llm kanana2 kimi-k2 kormo laguna
+    lfm2 llada-moe llama-bpe llama-v3 llama3 llama4 megrez mellum mellum2 midm-2.0 minerva-7b minicpm5
+    minimax-m2 modern-bert mpt olmo phi-2 pixtral poro-chat qwen2 qwen35 refact roberta-bpe sarvam-moe
+    seed-coder smaug-bpe smollm solar-open spark2_5 stablelm2 starcoder superbpe talkie tekken tiny_aya
+    trillion ufakzeka viking whitespace youtu
+""".split())
+# Written only when `--pre-tokenizer` decided tokenizer.ggml.pre: whoever loads the file can see that
+# the splitting was stated by the person converting, not recognised from the vocabulary.
+ASSERTED_PRE_KEY = "rioquant.tokenizer.pre_asserted"
+
+
+def check_pre_tokenizer(name: str) -> str:
+    """`--pre-tokenizer NAME`, refused unless llama.cpp knows the name."""
+    if name not in LLAMA_CPP_PRE_TOKENIZERS:
+        raise PlanError(f"--pre-tokenizer {name!r}: llama.cpp knows no such pre-tokenizer "
+                        "(Qwen3.5's is qwen35; others: qwen2, llama-bpe, deepseek-v3, … see src/llama-vocab.cpp)")
+    return name
+
 
 def _pre_tokenizer_name(tokenizer: Tokenizer, tokenizer_json: dict) -> tuple[str | None, str]:
     """llama.cpp's name for the pre-tokenizer (None if unknown) and the probe hash llama.cpp uses."""
@@ -61,6 +89,7 @@ class Vocab:
     token_types: list[int]
     pre: str
     special: gguf.SpecialVocab
+    pre_asserted: str | None = None  # why `pre` was taken on the user's word (ASSERTED_PRE_KEY), if it was
 
 
 def _looks_special(token: str) -> bool:
@@ -89,7 +118,11 @@ def _byte_level_adds_nothing(special: gguf.SpecialVocab, tokenizer_json: dict) -
         special.add_special_token.setdefault("eos", False)
 
 
-def read_vocab(src: Path, vocab_size: int) -> Vocab:
+def read_vocab(src: Path, vocab_size: int, asserted_pre: str | None = None) -> Vocab:
+    """The vocabulary; `asserted_pre` (`--pre-tokenizer`) names the pre-tokenizer when the probe hash and
+    the tokenizer.json sections do not (a warning, and ASSERTED_PRE_KEY in the file, say so)."""
+    if asserted_pre is not None:
+        check_pre_tokenizer(asserted_pre)
     path = src / "tokenizer.json"
     if not path.is_file():
         raise CheckpointError(f"{src}: no tokenizer.json (rioquant needs the fast tokenizer file)")
@@ -100,9 +133,16 @@ def read_vocab(src: Path, vocab_size: int) -> Vocab:
     except Exception as err:  # the tokenizers library raises plain Exceptions on malformed files
         raise CheckpointError(f"{path}: cannot be read as a tokenizer ({err})") from None
     pre, digest = _pre_tokenizer_name(tokenizer, tokenizer_json)
+    note = None
+    if asserted_pre is not None and asserted_pre != pre:
+        recognised = f"recognised as {pre}" if pre else "not recognised"
+        note = f"{asserted_pre}: asserted with --pre-tokenizer; the vocabulary (probe hash {digest}) is {recognised}"
+        log.warning("%s: pre-tokenizer %s", path, note)
+        pre = asserted_pre
     if pre is None:
         raise CheckpointError(f"{path}: pre-tokenizer hash {digest} is not Qwen3.5's, nor are its normalizer and "
-                              "pre_tokenizer; llama.cpp would not know it")
+                              "pre_tokenizer; llama.cpp would not know it (if you know its splitting, state it "
+                              "with --pre-tokenizer NAME)")
     by_id = {i: t for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
     if max(by_id) >= vocab_size:
         raise CheckpointError(f"{path}: token id {max(by_id)} is beyond the model's vocab_size {vocab_size}")
@@ -127,12 +167,14 @@ def read_vocab(src: Path, vocab_size: int) -> Vocab:
         tokens.append(token)
     special = gguf.SpecialVocab(src, load_merges=True, n_vocab=vocab_size)
     _byte_level_adds_nothing(special, tokenizer_json)
-    return Vocab(tokens, types, pre, special)
+    return Vocab(tokens, types, pre, special, note)
 
 
 def add_vocab(writer: gguf.GGUFWriter, vocab: Vocab) -> None:
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(vocab.pre)
+    if vocab.pre_asserted:
+        writer.add_string(ASSERTED_PRE_KEY, vocab.pre_asserted)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.token_types)
     vocab.special.add_to_gguf(writer)
