@@ -9,14 +9,21 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+from gguf import GGMLQuantizationType
+from safetensors.torch import load_file, save_file
 
 from rioquant.convert import ConvertOptions, MetadataOptions, RunOptions, convert
 from rioquant.errors import CheckpointError, PlanError
 from rioquant.export.vocab import ASSERTED_PRE_KEY, LLAMA_CPP_PRE_TOKENIZERS
 from rioquant.files.gguf_file import read_header
 from rioquant.testing.checkpoints import TINY, build_checkpoint
+from rioquant.testing.fp8 import fp8_checkpoint
+from rioquant.testing.gguf_scan import scan
 from rioquant.testing.llama_src import llama_cpp_source
+from rioquant.testing.oracles import GgmlOracle, run_reference_converter
+from tests.test_convert import assert_same_gguf
 from tests.test_convert_reliability import run_cli
 
 
@@ -90,3 +97,86 @@ def test_unrecognised_pre_tokenizer_is_refused_unless_asserted(sharded, tmp_path
     assert meta[ASSERTED_PRE_KEY].startswith("qwen35: asserted with --pre-tokenizer") and "not recognised" in meta[ASSERTED_PRE_KEY]
     (plain,) = convert(sharded, tmp_path / "plain.gguf", ConvertOptions(qtype="F16"), run)
     assert ASSERTED_PRE_KEY not in read_header(plain).metadata
+
+
+# -- FP8 checkpoints -------------------------------------------------------------------------
+
+FP8_BLOCK = (32, 48)  # Qwen's is 128×128; smaller here so tiny matrices span several blocks and cut the last
+
+
+@pytest.fixture(scope="module")
+def fp8(sharded, tmp_path_factory) -> tuple[Path, Path]:
+    """An FP8 checkpoint made from the BF16 one, and llama.cpp's F32 conversion of it."""
+    root = tmp_path_factory.mktemp("fp8")
+    src = fp8_checkpoint(sharded, root / "src", FP8_BLOCK)
+    return src, run_reference_converter(src, root / "ref-f32.gguf", "f32")
+
+
+@pytest.mark.slow
+def test_fp8_f32_output_equals_reference_converter(fp8, tmp_path):
+    src, ref = fp8
+    (ours,) = convert(src, tmp_path / "f32.gguf", ConvertOptions(qtype="F32"), RunOptions(progress=False, report=False))
+    assert_same_gguf(ours, ref)
+
+
+def _expected_bytes(values: np.ndarray, qtype: GGMLQuantizationType, oracle: GgmlOracle) -> bytes:
+    """What ggml makes of llama.cpp's float32 values: kept, rounded to float16, or quantized."""
+    if qtype == GGMLQuantizationType.F32:
+        return values.tobytes()
+    if qtype == GGMLQuantizationType.F16:
+        return values.astype(np.float16).tobytes()
+    return oracle.quantize(values, qtype).tobytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_0"])
+def test_fp8_output_equals_ggml_on_reference_f32(fp8, tmp_path, qtype):
+    src, ref_f32 = fp8
+    (out,) = convert(src, tmp_path / f"{qtype}.gguf", ConvertOptions(qtype=qtype), RunOptions(progress=False, report=False))
+    ref, oracle = scan(ref_f32).tensors, GgmlOracle()
+    for name, t in scan(out).tensors.items():
+        values = np.frombuffer(ref[name].data, np.float32).reshape(-1, t.shape[-1])
+        assert t.data == _expected_bytes(values, t.qtype, oracle), f"{name} ({t.qtype.name})"
+
+
+def _first_scale(src: Path) -> tuple[Path, str]:
+    shard = sorted(src.glob("*.safetensors"))[0]
+    return shard, next(n for n in load_file(str(shard)) if n.endswith("_scale_inv"))
+
+
+def _drop_scale(src: Path) -> str:
+    shard, name = _first_scale(src)
+    tensors = load_file(str(shard))
+    del tensors[name]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    del index["weight_map"][name]
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    return f"has no {name}"
+
+
+def _misshape_scale(src: Path) -> str:
+    shard, name = _first_scale(src)
+    tensors = load_file(str(shard))
+    tensors[name] = tensors[name][..., :1, :1].contiguous() if tensors[name].shape[-1] > 1 else tensors[name].repeat(1, 2)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    return f"scale {name} has shape"
+
+
+def _unknown_method(src: Path) -> str:
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"]["quant_method"] = "awq"
+    (src / "config.json").write_text(json.dumps(config))
+    return "quant_method 'awq'"
+
+
+@pytest.mark.parametrize("damage", [_drop_scale, _misshape_scale, _unknown_method], ids=lambda f: f.__name__[1:])
+def test_bad_fp8_layout_is_a_one_line_error(fp8, tmp_path, capsys, damage):
+    src = _copy(fp8[0], tmp_path / "src")
+    expected = damage(src)
+    out = tmp_path / "out" / "m.gguf"
+    code, err = run_cli(["convert", src, "-o", out, "--type", "Q8_0", "--no-progress"], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert expected in lines[0], lines[0]
+    assert not out.exists()

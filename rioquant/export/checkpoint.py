@@ -6,11 +6,18 @@ truncated or corrupt shard before converting anything, and (2) read one expert s
 count against the process and would grow with the model). The format is 8 bytes of little-endian
 header length, a JSON header, then raw little-endian data; that is all we parse. Pickled `.bin`
 checkpoints are refused: unpickling untrusted files runs code.
+
+FP8 checkpoints (Qwen's `-FP8` releases, `quantization_config.quant_method: fp8`) hold `F8_E4M3`
+weights, each with a float32 `NAME_scale_inv` of one multiplier per `weight_block_size` block; the
+modules the config leaves out stay BF16. A weight is dequantized as llama.cpp's converter does
+(`ModelBase.dequant_model`, `dequant_simple`): its exact float32 values times the block's scale,
+repeated over the block and cut to the weight's shape, one float32 product per value.
 """
 
 import json
+import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +30,22 @@ SOURCE_DTYPES: dict[str, tuple[int, str]] = {
     "BF16": (2, "<u2"),
     "F16": (2, "<f2"),
     "F32": (4, "<f4"),
+    "F8_E4M3": (1, "u1"),
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
+
+
+def _e4m3_values() -> np.ndarray:
+    """The float32 value of every F8_E4M3 byte (the OCP "fn" variant: sign, 4 exponent bits with bias 7,
+    3 mantissa bits, no infinities, S.1111.111 is NaN); every one is exact in float32."""
+    byte = np.arange(256)
+    exponent, mantissa = (byte >> 3) & 0xF, byte & 0x7
+    magnitude = np.where(exponent == 0, mantissa * 2.0**-9, (1 + mantissa / 8) * 2.0 ** (exponent - 7))
+    magnitude[(byte & 0x7F) == 0x7F] = np.nan
+    return np.where(byte & 0x80, -magnitude, magnitude).astype(np.float32)
+
+
+E4M3_VALUES = _e4m3_values()
 
 
 @dataclass(frozen=True)
@@ -36,6 +57,7 @@ class SourceTensor:
     dtype: str
     shape: tuple[int, ...]
     data_start: int  # absolute byte offset in `file`
+    scale: "BlockScale | None" = None  # an FP8 weight's NAME_scale_inv
 
     @property
     def itemsize(self) -> int:
@@ -44,6 +66,14 @@ class SourceTensor:
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.itemsize
+
+
+@dataclass(frozen=True)
+class BlockScale:
+    """An FP8 weight's multipliers: `tensor` (..., ceil(rows / block[0]), ceil(cols / block[1]))."""
+
+    tensor: SourceTensor
+    block: tuple[int, int]
 
 
 def read_header(path: Path) -> dict[str, SourceTensor]:
@@ -74,7 +104,8 @@ def read_header(path: Path) -> dict[str, SourceTensor]:
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name}") from None
         if dtype not in SOURCE_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}; rioquant reads BF16, F16 and F32")
+            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}; rioquant reads BF16, F16, F32 and "
+                                  "F8_E4M3 (with block scales)")
         tensor = SourceTensor(name, path, dtype, shape, data_base + int(start))
         if int(end) - int(start) != tensor.nbytes:
             raise CheckpointError(f"{path}: tensor {name} byte range does not match its shape {shape}")
@@ -125,7 +156,8 @@ def checkpoint_files(src: Path) -> dict[Path, set[str] | None]:
 
 
 def scan_tensors(src: Path) -> dict[str, SourceTensor]:
-    """All tensors of the checkpoint from the headers, with every index promise checked."""
+    """All tensors of the checkpoint from the headers, with every index promise checked and an FP8
+    checkpoint's scales attached to their weights."""
     tensors: dict[str, SourceTensor] = {}
     for path, promised in checkpoint_files(src).items():
         found = read_header(path)
@@ -134,7 +166,59 @@ def scan_tensors(src: Path) -> dict[str, SourceTensor]:
             if missing:
                 raise CheckpointError(f"{path}: tensor {missing[0]} is listed in the index but absent from the shard")
         tensors.update(found)
-    return tensors
+    return with_block_scales(tensors, read_config(src), src / "config.json")
+
+
+def with_block_scales(tensors: dict[str, SourceTensor], config: dict, where: Path) -> dict[str, SourceTensor]:
+    """Each `NAME_scale_inv` attached to tensor NAME (and dropped, with the unused `.activation_scale`s, as
+    llama.cpp's converter drops them); every F8_E4M3 tensor must have one, of the shape the block implies."""
+    quant = config.get("quantization_config") or {}
+    method = quant.get("quant_method")
+    if method not in (None, "fp8"):
+        raise CheckpointError(f"{where}: quantization_config.quant_method {method!r}; rioquant reads unquantized "
+                              "and fp8 (block-scaled F8_E4M3) checkpoints")
+    scales = {n: t for n, t in tensors.items() if n.endswith("_scale_inv")}
+    fp8 = sorted(n for n, t in tensors.items() if t.dtype == "F8_E4M3")
+    if method is None:
+        if fp8 or scales:
+            raise CheckpointError(f"{where}: tensor {(fp8 or sorted(scales))[0]} is FP8 data, but there is no "
+                                  'quantization_config with quant_method "fp8"')
+        return tensors
+    block = quant.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise CheckpointError(f"{where}: quantization_config.weight_block_size {block!r}; expected [rows, cols]")
+    out = {n: t for n, t in tensors.items() if n not in scales and not n.endswith(".activation_scale")}
+    for name, scale in scales.items():
+        weight = out.get(name.removesuffix("_scale_inv"))
+        if weight is None or len(weight.shape) < 2:
+            raise CheckpointError(f"{scale.file}: scale {name} belongs to no weight matrix")
+        implied = (*weight.shape[:-2], *(math.ceil(d / b) for d, b in zip(weight.shape[-2:], block, strict=True)))
+        if scale.shape != implied:
+            raise CheckpointError(f"{scale.file}: scale {name} has shape {list(scale.shape)}; weight {weight.name} "
+                                  f"{list(weight.shape)} in {block[0]}×{block[1]} blocks needs {list(implied)}")
+        out[weight.name] = replace(weight, scale=BlockScale(scale, (block[0], block[1])))
+    unscaled = next((n for n in fp8 if n in out and out[n].scale is None), None)
+    if unscaled is not None:
+        raise CheckpointError(f"{out[unscaled].file}: FP8 tensor {unscaled} has no {unscaled}_scale_inv")
+    return out
+
+
+def _as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Raw little-endian source values as float32 (exact for every source dtype)."""
+    if dtype == "BF16":  # widened inside the ufunc: no uint32 temporary beside the result
+        return np.left_shift(raw, 16, dtype=np.uint32).view(np.float32)
+    if dtype == "F8_E4M3":
+        return E4M3_VALUES[raw]
+    return raw.astype(np.float32)
+
+
+def _scaled(values: np.ndarray, scale: BlockScale, index: int | None, rows: list[int] | None = None) -> np.ndarray:
+    """FP8 values (..., rows, cols) times their block's multiplier, as llama.cpp's `dequant_simple`."""
+    multipliers = read_float32(scale.tensor, index)  # (..., ceil(R / b0), ceil(C / b1))
+    row_ids = np.arange(values.shape[-2]) if rows is None else np.asarray(rows)
+    multipliers = np.take(multipliers, row_ids // scale.block[0], axis=-2)  # (..., rows, ceil(C / b1))
+    multipliers = np.repeat(multipliers, scale.block[1], axis=-1)[..., : values.shape[-1]]  # (..., rows, cols)
+    return values * multipliers
 
 
 def read_float32(tensor: SourceTensor, index: int | None = None) -> np.ndarray:
@@ -146,11 +230,8 @@ def read_float32(tensor: SourceTensor, index: int | None = None) -> np.ndarray:
     with open(tensor.file, "rb", buffering=0) as f:
         if not read_at(f.fileno(), memoryview(raw).cast("B"), offset):
             raise CheckpointError(f"{tensor.file}: truncated while reading tensor {tensor.name}")
-    if tensor.dtype == "BF16":  # widened inside the ufunc: no uint32 temporary beside the result
-        values = np.left_shift(raw, 16, dtype=np.uint32).view(np.float32)
-    else:
-        values = raw.astype(np.float32)
-    return values.reshape(shape)
+    values = _as_float32(raw, tensor.dtype).reshape(shape)
+    return _scaled(values, tensor.scale, index) if tensor.scale else values
 
 
 def read_rows_float32(tensor: SourceTensor, index: int | None, rows: list[int]) -> np.ndarray:
@@ -172,6 +253,5 @@ def read_rows_float32(tensor: SourceTensor, index: int | None, rows: list[int]) 
             if not read_at(f.fileno(), memoryview(out[start:end]).cast("B"), base + rows[start] * cols * tensor.itemsize):
                 raise CheckpointError(f"{tensor.file}: truncated while reading tensor {tensor.name}")
             start = end
-    if tensor.dtype == "BF16":
-        return (out.astype(np.uint32) << 16).view(np.float32)
-    return out.astype(np.float32)
+    values = _as_float32(out, tensor.dtype)
+    return _scaled(values, tensor.scale, index, rows) if tensor.scale else values

@@ -118,6 +118,9 @@ def _checkpoint_view(spec: TensorSpec, expert: int | None, rows: tuple[int, int]
     """The checkpoint reader's record moved to rows [r0, r1) of the piece (expert slab, fused half) named."""
     piece = spec.pieces[expert or 0]
     src = piece.source
+    if src.scale is not None:  # a row view would need its block scales cut to match
+        raise LineageError(f"{src.file}: tensor {src.name} is FP8; lineage reads BF16/F16/F32 checkpoints "
+                           "(convert the FP8 one with `rioquant convert --type BF16` first)")
     slab_shape = src.shape[1:] if piece.index is not None else src.shape
     row_elements = int(np.prod(slab_shape[1:], dtype=np.int64))
     first_row = (piece.rows[0] if piece.rows else 0) + rows[0]
