@@ -121,7 +121,7 @@ ray_option = click.option(
 
 def convert_options(qtype, tensor_types, output_tensor_type, token_embedding_type, recipe, target_size, target_bpw,
                      imatrix, no_mtp, split_max_size, split_max_tensors, base_models, name, quantized_by,
-                    pre_tokenizer):
+                     pre_tokenizer):
     """ConvertOptions from recipe_options' and output_options' values (one mix)."""
     from rioquant.convert import ConvertOptions, MetadataOptions, SplitOptions
     from rioquant.errors import PlanError
