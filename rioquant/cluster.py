@@ -18,7 +18,6 @@ from typing import Any
 from rioquant.errors import ClusterError, RioquantError
 
 INSTALL_HINT = "pip install 'rioquant[ray]'"
-LOCAL = "local"  # --ray local: a one-machine Ray started by the driver (bench, trying it out)
 TASK_RETRIES = 3  # a task whose node died runs again, up to this many times
 
 
@@ -37,7 +36,7 @@ def connect(address: str) -> Any:
     ray = ray_module()
     if not ray.is_initialized():
         try:
-            ray.init(address=None if address == LOCAL else address, logging_level="WARNING",
+            ray.init(address=address, logging_level="WARNING",
                      log_to_driver=False, include_dashboard=False)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise ClusterError(f"--ray {address}: cannot join the cluster: {str(err).splitlines()[0]}") from None

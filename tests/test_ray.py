@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -36,15 +37,28 @@ CHUNKS = 4
 GROUP = 2  # chunks per task: two tasks, one per worker node
 
 
+def add_node(cluster, attempts: int = 3, **args):
+    """A node (the first one added is the head); Ray gives a node 30 s to register, which a loaded 2-core
+    machine can miss, so it is tried again."""
+    for attempt in range(attempts):
+        try:
+            return cluster.add_node(**args)
+        except Exception:  # Ray raises a bare Exception: "The current node timed out during startup"
+            if attempt == attempts - 1:
+                raise
+
+
 @pytest.fixture(scope="session")
 def cluster():
     """Head (no CPUs: it only schedules) + two one-CPU worker nodes; the driver is this process."""
     ray = pytest.importorskip("ray", reason="the `ray` extra (pip install 'rioquant[ray]')")
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "300000")  # each node's agent starts slowly under load
+    c = Cluster()
+    add_node(c, num_cpus=0, include_dashboard=False)
     for _ in range(2):
-        c.add_node(num_cpus=1)
+        add_node(c, num_cpus=1)
     ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
     c.wait_for_nodes()
     yield c
@@ -93,7 +107,7 @@ def test_convert_on_cluster_resumed_with_a_node_killed_equals_local(cluster, mod
         (resumed,) = convert(models.hf, out, options, replace(on_cluster, resume=True),
                              ConvertHooks(on_tensor=kill_a_worker))
     finally:
-        cluster.add_node(num_cpus=1)  # the session's later tests get two workers again
+        add_node(cluster, num_cpus=1)  # the session's later tests get two workers again
     assert killed
     assert sha256(resumed) == sha256(local)
     assert report_tensors(resumed) == report_tensors(local)
