@@ -6,8 +6,8 @@ branches: 8 experts (llama.cpp's special case) with an MTP block; 6 experts with
 16 blocks (so n/8, n/16 and use_more_bits all bite); and TINY, whose rows of 64 and 32 fit no K-quant
 block, so every fallback type appears. Decisions come from llama.cpp's dry run (seconds per mix), with
 and without an imatrix where the mix looks at it or needs it (then `plan` refuses, as llama-quantize
-does); the mixes are also quantized for real and compared byte for byte with `rioquant convert` (the
-i-quant mixes once rioquant.quant.types.BLOCK_KERNELS has their kernels).
+does); the fewest mixes that hold every type are also quantized for real and compared byte for byte with
+`rioquant convert`, with and without an imatrix.
 """
 
 from __future__ import annotations
@@ -224,14 +224,32 @@ def squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
-# Bytes of every standard mix on the 8-expert model (those needing an imatrix: below), plus the other
-# expert count and the fallback rows (IQ2_XXS's: IQ4_NL, Q4_0, Q5_0)
+# Bytes, on the 8-expert model, of the fewest mixes whose files hold every type any standard mix gives one
+# of its tensors (test_byte_mixes_cover_every_type holds that true); plus the other expert count and the
+# fallback rows (IQ2_XXS's: IQ4_NL, Q4_0, Q5_0). Each mix's types are held to llama.cpp's above, each
+# type's bytes to ggml's in test_kernels: a mix adds nothing here that another with its types has not.
+BYTES_MIXES = ["Q4_K_M", "Q2_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_XS", "IQ4_NL", "IQ3_M"]
 BYTES_CASES = [
-    *(("8-experts-mtp", mix) for mix in LLAMA_MIXES if not needs_imatrix(mix)),
+    *(("8-experts-mtp", mix) for mix in BYTES_MIXES),
     ("6-experts-gqa4-16-blocks", "Q4_K_M"),
     ("tiny-fallbacks-mtp", "Q3_K_M"),
     ("tiny-fallbacks-mtp", "IQ2_XXS"),
 ]
+# With an imatrix: Q4_K_M, and the fewest mixes holding every type the mixes that need one use
+IMATRIX_BYTES_MIXES = ["Q4_K_M", "IQ3_XXS", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"]
+
+
+@pytest.mark.slow
+def test_byte_mixes_cover_every_type(models):
+    """The byte tests' subset of mixes leaves no type any mix uses untested end to end."""
+    src, _ = models["8-experts-mtp"]
+
+    def types(mixes, imatrix: bool) -> set[GGMLQuantizationType]:
+        options = {mix: ConvertOptions(qtype=mix, imatrix=IMATRIX_PLACEHOLDER if imatrix else None) for mix in mixes}
+        return {e.qtype for o in options.values() for e in build_plan(src, o).entries}
+
+    assert types(BYTES_MIXES, False) == types([m for m in LLAMA_MIXES if not needs_imatrix(m)], False)
+    assert types(IMATRIX_BYTES_MIXES, True) >= types([m for m in LLAMA_MIXES if needs_imatrix(m)], True)
 
 
 @pytest.mark.slow
@@ -264,7 +282,7 @@ def imatrix_entries(src: Path, with_mtp: bool) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mix", ["Q4_K_M", "Q2_K", *(mix for mix in LLAMA_MIXES if needs_imatrix(mix))])
+@pytest.mark.parametrize("mix", IMATRIX_BYTES_MIXES)
 def test_mix_bytes_with_imatrix_equal_llama_quantize(models, tmp_path, mix):
     """With an imatrix (one expert never routed), every tensor's bytes equal llama_model_quantize's given
     the importance llama-quantize derives from the same file: the per-expert slices, the neutral

@@ -23,6 +23,7 @@ import numpy as np
 from rioquant.errors import OutputError, PlanError
 from rioquant.export.qwen35moe import ARCH
 from rioquant.files.gguf_file import align_up
+from rioquant.files.gguf_writer import GGUFWriter
 
 JOURNAL = "journal.jsonl"
 
@@ -204,7 +205,7 @@ def layout_writer(
 ) -> gguf.GGUFWriter:
     """A GGUFWriter holding the metadata and every tensor info, shards assigned; nothing written yet.
     `arch` is general.architecture: the text model's, or `clip` for the vision projector."""
-    writer = gguf.GGUFWriter(path, arch, split_max_tensors=split.max_tensors, split_max_size=split.max_size)
+    writer = GGUFWriter(path, arch, split_max_tensors=split.max_tensors, split_max_size=split.max_size)
     add_metadata(writer)
     for t in tensors:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
