@@ -20,11 +20,12 @@ install: $(BIN)/python
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
+# a worker per core; --dist loadfile keeps each file on one worker, so its module fixtures are built once
 test:
-	$(PYTEST) -q
+	$(PYTEST) -q -n auto --dist loadfile
 
 test-fast:
-	$(PYTEST) -q -m "not slow"
+	$(PYTEST) -q -n auto --dist loadfile -m "not slow"
 
 bench:
 	$(BIN)/python -m bench.kernels

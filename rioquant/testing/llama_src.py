@@ -11,12 +11,14 @@ Failure raises `LlamaSourceError`: tests that need the tree fail loudly, they ne
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # must match the llama-cpp-python pin in pyproject.toml
@@ -30,6 +32,16 @@ class LlamaSourceError(RuntimeError):
     """The llama.cpp source tree could not be obtained."""
 
 
+@contextlib.contextmanager
+def cache_lock(name: str) -> Iterator[None]:
+    """Holds `.cache/NAME.lock`: the first use of a cache entry is built by one process while the others
+    (pytest-xdist workers, a second shell) wait, then find it complete."""
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_DIR / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def llama_cpp_source() -> Path:
     """Path of the extracted `vendor/llama.cpp` tree, downloading the sdist on first use.
 
@@ -41,9 +53,7 @@ def llama_cpp_source() -> Path:
     src = root / _VENDOR
     if _is_complete(src):
         return src
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with open(CACHE_DIR / f"{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with cache_lock(root.name):
         if _is_complete(src):  # another process finished while we waited
             return src
         with tempfile.TemporaryDirectory(dir=CACHE_DIR, prefix=f".{root.name}-") as tmp:

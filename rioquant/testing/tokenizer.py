@@ -12,7 +12,7 @@ import shutil
 from functools import cache
 from pathlib import Path
 
-from rioquant.testing.llama_src import CACHE_DIR, llama_cpp_source
+from rioquant.testing.llama_src import CACHE_DIR, cache_lock, llama_cpp_source
 
 # Added tokens the real tokenizer_config marks "special": false (Qwen3 convention): llama.cpp
 # still types them CONTROL when they look special (<...>), but transformers decodes them.
@@ -41,14 +41,17 @@ def tokenizer_files() -> Path:
     names = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
     if all((folder / n).is_file() for n in names):
         return folder
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _write_tokenizer(tmp)
     template = llama_cpp_source() / "models" / "templates" / "Qwen3.5-4B.jinja"
-    shutil.copyfile(template, tmp / "chat_template.jinja")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with cache_lock(folder.name):
+        if all((folder / n).is_file() for n in names):  # another process built it while we waited
+            return folder
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _write_tokenizer(tmp)
+        shutil.copyfile(template, tmp / "chat_template.jinja")
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
     return folder
 
 
