@@ -5,7 +5,6 @@ stack) is read, transformed, quantized and appended, so memory is bounded by the
 never by the model.
 """
 
-import functools
 import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -24,14 +23,13 @@ from rioquant.export.gguf_out import (
     expected_total_bytes,
     planned_file_sizes,
 )
-from rioquant.export.metadata import add_arch_metadata, general_metadata
 from rioquant.export.qwen35moe import KEEP_F32, ModelArgs, load_rows
 from rioquant.export.tensor_map import TensorSpec, mtp_layer_count
-from rioquant.export.vocab import Vocab, add_vocab, read_vocab
 from rioquant.fanout import Target, write_targets
+from rioquant.gguf_metadata import imatrix_metadata, metadata_writer, parameter_counts
 from rioquant.pipeline import PREFETCH_BYTES, Submitter
 from rioquant.quant import budget
-from rioquant.quant.imatrix import Imatrix, check_fit, read_imatrix, uses_importance
+from rioquant.quant.imatrix import check_fit, read_imatrix, uses_importance
 from rioquant.quant.plan import Overrides, PlanEntry, needs_imatrix, plan_fingerprint, recipe_entries
 from rioquant.quant.recipes import check_type, get_recipe, load_recipe, parse_tensor_type
 from rioquant.quant.report import build_report, write_report
@@ -151,7 +149,7 @@ def model_facts(args: ModelArgs, n_mtp: int, has_imatrix: bool) -> ModelFacts:
 def planned_sizes(plan: ConversionPlan) -> list[int]:
     """The exact size of each output file (one, or each shard of a split), before anything is written."""
     tensors = [OutputTensor(e.name, e.shape, T[e.qtype], e.nbytes) for e in plan.entries]
-    return planned_file_sizes(tensors, _metadata_writer(plan), plan.options.split)
+    return planned_file_sizes(tensors, metadata_writer(plan), plan.options.split)
 
 
 def error_samples(plan: ConversionPlan, names: set[str]) -> Iterator[tuple[str, np.ndarray]]:
@@ -188,71 +186,6 @@ def _fit_budget(plan: ConversionPlan) -> list[PlanEntry]:
             return entries
         limit -= excess
     raise PlanError(f"--target-size {options.target_size:,}: the split headers do not fit; raise it slightly")
-
-
-@functools.lru_cache(maxsize=2)
-def _read_vocab_cached(src: Path, vocab_size: int, mtime_ns: int, pre_tokenizer: str | None) -> Vocab:
-    """The tokenizer takes seconds to read; planning sizes and writing the file both need it."""
-    return read_vocab(src, vocab_size, pre_tokenizer)
-
-
-def parameter_counts(plan: ConversionPlan) -> dict[str, int]:
-    """Weights of the output: total, text model, MTP (NextN) layers, and those in expert stacks."""
-    counts = {"total": 0, "text": 0, "mtp": 0, "experts": 0}
-    for spec in plan.specs:
-        n = int(np.prod(spec.shape, dtype=np.int64))
-        counts["total"] += n
-        counts["mtp" if spec.layer is not None and spec.layer >= plan.args.num_hidden_layers else "text"] += n
-        counts["experts"] += n if spec.is_expert_stack else 0
-    return counts
-
-
-def imatrix_metadata(imatrix: Imatrix, given_as: str) -> dict:
-    """The keys llama-quantize records (strings cut to 127 bytes as it does; chunks only when known)."""
-    meta = {"file": given_as[:127], "dataset": imatrix.dataset[:127] if imatrix.datasets else None,
-            "entries_count": len(imatrix.entries), "chunks_count": imatrix.chunk_count or None}
-    return {k: v for k, v in meta.items() if v is not None}
-
-
-def _metadata_writer(plan: ConversionPlan, imatrix_meta: dict | None = None):
-    if plan.source.carried is not None:
-        return _carried_metadata_writer(plan, imatrix_meta)
-    meta = plan.options.metadata
-    vocab = _read_vocab_cached(plan.src, plan.args.vocab_size, (plan.src / "tokenizer.json").stat().st_mtime_ns
-                               if (plan.src / "tokenizer.json").exists() else 0, meta.pre_tokenizer)
-    n = parameter_counts(plan)
-    general = general_metadata(plan.src, n["total"], n["total"] - n["experts"], n["experts"], plan.args.num_experts,
-                               meta.base_models, meta.name)
-
-    def add(writer: gguf.GGUFWriter) -> None:
-        writer.add_type(gguf.GGUFType.MODEL)
-        general.set_gguf_meta_model(writer)
-        if meta.quantized_by:
-            writer.add_quantized_by(meta.quantized_by)
-        add_arch_metadata(writer, plan.args, plan.n_mtp_layers)
-        writer.add_file_type(plan.recipe.file_type)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_imatrix_metadata(writer, imatrix_meta)
-        add_vocab(writer, vocab)
-
-    return add
-
-
-def _add_imatrix_metadata(writer: gguf.GGUFWriter, imatrix_meta: dict | None) -> None:
-    for key, value in (imatrix_meta or {}).items():  # quantize.imatrix.*: strings and u32, as llama-quantize
-        (writer.add_string if isinstance(value, str) else writer.add_uint32)(f"quantize.imatrix.{key}", value)
-
-
-def _carried_metadata_writer(plan: ConversionPlan, imatrix_meta: dict | None = None):
-    """A GGUF source's keys as llama-quantize writes them: copied in order, then the quantization version
-    and file type set again (appended), then the imatrix keys llama-quantize's tool adds."""
-    def add(writer: gguf.GGUFWriter) -> None:
-        plan.source.carried(writer)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_file_type(plan.recipe.file_type)
-        _add_imatrix_metadata(writer, imatrix_meta)
-
-    return add
 
 
 ROW_BLOCK_BYTES = 64 << 20  # float32 rows quantized (and measured) at once: the 397B's 4 GB embedding in 64 pieces
@@ -305,7 +238,7 @@ def _open_output(source: Source, out: Path, options: ConvertOptions, run: RunOpt
                                "quantized without (llama-quantize refuses it too); --no-mtp leaves the MTP block out")
         imatrix_meta = imatrix_metadata(imatrix, str(options.imatrix))
         imatrix = imatrix.restricted_to(usable)
-    add_metadata = _metadata_writer(plan, imatrix_meta)
+    add_metadata = metadata_writer(plan, imatrix_meta)
     tensors = [OutputTensor(e.name, e.shape, T[e.qtype], e.nbytes) for e in plan.entries]
     out.parent.mkdir(parents=True, exist_ok=True)
     needed = expected_total_bytes(tensors)

@@ -14,7 +14,7 @@ import pytest
 from gguf import GGMLQuantizationType, LlamaFileType
 from safetensors.torch import load_file, save_file
 
-from rioquant.convert import ConvertOptions, MetadataOptions, RunOptions, SplitOptions, convert
+from rioquant.convert import ConvertOptions, MetadataOptions, RunOptions, SplitOptions, convert, convert_many
 from rioquant.errors import CheckpointError, PlanError
 from rioquant.export.vocab import ASSERTED_PRE_KEY, LLAMA_CPP_PRE_TOKENIZERS
 from rioquant.files.gguf_file import read_header
@@ -226,3 +226,18 @@ def test_quantized_gguf_source_is_refused(bf16_gguf, tmp_path, capsys):
     q4 = llama_quantize(bf16_gguf, tmp_path / "q4.gguf", LlamaFileType.MOSTLY_Q4_0)
     code, err = run_cli(["convert", q4, "-o", tmp_path / "x.gguf", "--type", "Q4_0", "--no-progress"], capsys)
     assert code == 1 and "is Q4_0; a GGUF source must be F32, F16, BF16 or Q8_0" in err
+
+
+@pytest.mark.slow
+def test_copied_and_quantized_outputs_from_one_read(bf16_gguf, tmp_path):
+    """Through the fanout: one output copies the Q8_0 source's tensors, the other quantizes them."""
+    (q8,) = convert(bf16_gguf, tmp_path / "q8.gguf", ConvertOptions(qtype="Q8_0"), RunOptions(progress=False, report=False))
+    (q4,) = convert(q8, tmp_path / "q4.gguf", ConvertOptions(qtype="Q4_0"), RunOptions(progress=False, report=False))
+    both = convert_many(q8, [(tmp_path / "both" / "q8.gguf", ConvertOptions(qtype="Q8_0")),
+                             (tmp_path / "both" / "q4.gguf", ConvertOptions(qtype="Q4_0"))], RunOptions(progress=False))
+    assert [files[0].read_bytes() for files in both] == [q8.read_bytes(), q4.read_bytes()]
+
+
+def test_gguf_source_with_ray_is_refused(bf16_gguf, tmp_path, capsys):
+    code, err = run_cli(["convert", bf16_gguf, "-o", tmp_path / "x.gguf", "--ray", "127.0.0.1:1", "--no-progress"], capsys)
+    assert code == 1 and "--ray:" in err and "without --ray" in err
