@@ -55,12 +55,12 @@ def per_type_costs(src: Path, qtype: str) -> dict[str, float]:
     """Seconds per million weights of each type in the mix, one thread: what one task does (read +
     transform + quantize of a tensor or an expert slab), timed item by item."""
     plan = build_plan(src, ConvertOptions(qtype=qtype))
-    read = ReadStage(plan.specs, plan.args)
-    quantize = QuantizeStage(plan.specs, [plan.entries], [None], [False], ROW_BLOCK_BYTES, 1)
+    read = ReadStage(plan.source)
+    quantize = QuantizeStage(plan.source, [plan.entries], [None], [False], ROW_BLOCK_BYTES, 1)
     seconds, weights = defaultdict(float), defaultdict(int)
     for i, (spec, entry) in enumerate(zip(plan.specs, plan.entries, strict=True)):
         for expert in range(len(spec.pieces)) if spec.is_expert_stack else [None]:
-            item = WorkItem(i, expert, True, (0,), 0)
+            item = WorkItem(i, expert, True, (0,), (), 0)
             t, _ = timed(lambda item=item: quantize(item, read(item)))
             seconds[entry.qtype] += t
         weights[entry.qtype] += math.prod(entry.shape)

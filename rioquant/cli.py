@@ -18,6 +18,8 @@ from rioquant.cli_options import (
     convert_recipe_options,
     engine_options,
     eval_options,
+    hub_options,
+    hub_settings,
     json_option,
     mmproj_option,
     no_progress_option,
@@ -59,13 +61,18 @@ def cli(verbose: bool) -> None:
 @no_progress_option
 @click.option("--no-report", is_flag=True, help="Skip the per-tensor/per-expert error report (NAME.report.json/.csv).")
 @ray_option
-def convert(src, out, mmproj, resume, force, threads, no_progress, no_report, ray, **values) -> None:
-    """Convert the Hugging Face checkpoint SRC into a GGUF (and, with --mmproj, its vision projector).
+@hub_options
+def convert(src, out, mmproj, resume, force, threads, no_progress, no_report, ray, cache_dir, cache_max, **values) -> None:
+    """Convert SRC into a GGUF (and, with --mmproj, its vision projector): a Hugging Face checkpoint folder
+    (BF16, F16, F32 or FP8), a BF16/F16/F32/Q8_0 GGUF (any shard of a split set), or ORG/REPO[@REVISION]
+    streamed from the Hub through --cache-dir.
 
     \b
     Examples:
       rioquant convert ./Rio-3.5-Open-397B -o rio-Q4_K_M.gguf --type Q4_K_M --split-max-size 50G
       rioquant convert ./Rio-3.5-Open-397B -o release/rio-Q4_K_M.gguf --type Q4_K_M --mmproj
+      rioquant convert Qwen/Qwen3.5-397B-A17B -o q-Q4_K_M.gguf --type Q4_K_M --cache-max 120G
+      rioquant convert Qwen3.5-397B-BF16-00001-of-00017.gguf -o q-Q4_K_M.gguf --type Q4_K_M
       rioquant convert ./ckpt -o out.gguf --type Q4_K_M --tensor-type 'ffn_down_exps=Q5_K' --target-size 250G
       rioquant convert ./ckpt -o out.gguf --type BF16 --base-model Qwen/Qwen3.5-397B-A17B
       rioquant convert ./ckpt -o out-Q4_K.gguf --type Q4_K --imatrix imatrix.gguf
@@ -75,7 +82,8 @@ def convert(src, out, mmproj, resume, force, threads, no_progress, no_report, ra
     from rioquant.convert import RunOptions, convert_many
     from rioquant.mmproj import convert_with_mmproj
 
-    run = RunOptions(resume=resume, force=force, threads=threads, progress=not no_progress, report=not no_report, ray=ray)
+    run = RunOptions(resume=resume, force=force, threads=threads, progress=not no_progress, report=not no_report, ray=ray,
+                     hub=hub_settings(cache_dir, cache_max))
     mixes = [m.strip() for given in values.pop("qtype") for m in given.split(",") if m.strip()] or [None]
     if len(mixes) > 1 and values["recipe"] is not None:
         raise PlanError("--recipe and several --type: a recipe is one mix; convert it on its own")
@@ -122,10 +130,11 @@ def mmproj(src, out, qtype, base_models, name, resume, force, no_progress) -> No
 @mmproj_option
 @run_options
 @json_option
-def plan(src, as_json, mmproj, ctx, cache_type, parallel, kv_unified, **values) -> None:
+@hub_options
+def plan(src, as_json, mmproj, ctx, cache_type, parallel, kv_unified, cache_dir, cache_max, **values) -> None:
     """Print what `convert` would write, writing nothing: each tensor's type, the rule that chose it, its
     bytes, and the exact file size; then the memory llama.cpp needs to run it at --ctx (as `fit`).
-    SRC may hold only config.json and the tokenizer files (no weights).
+    SRC may hold only config.json and the tokenizer files (no weights); from ORG/REPO only those are downloaded.
 
     \b
     Examples:
@@ -140,7 +149,7 @@ def plan(src, as_json, mmproj, ctx, cache_type, parallel, kv_unified, **values) 
     from rioquant.mmproj import build_mmproj_plan, describe_mmproj
 
     options = convert_options(**values)
-    built = build_plan(src, options, weights_optional=True)
+    built = build_plan(src, options, weights_optional=True, hub=hub_settings(cache_dir, cache_max))
     summary = describe_plan(built)
     if mmproj is not None:
         summary["mmproj"] = describe_mmproj(build_mmproj_plan(src, mmproj, options.metadata, weights_optional=True))

@@ -93,6 +93,21 @@ mmproj_option = click.option(
     default=None, help="Also write the vision projector mmproj-TYPE.gguf beside the model (--mmproj alone: F16), "
                        "for llama.cpp's --mmproj and Ollama.")
 
+# Where an ORG/REPO source is streamed through, shared by `convert` and `plan`.
+hub_options = options(
+    click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+                 help="Folder an ORG/REPO source's files are downloaded to (default: $HF_HOME/rioquant/ORG/REPO)."),
+    click.option("--cache-max", type=SizeType(), default="120G", show_default=True,
+                 help="Most disk an ORG/REPO source's shards may use at once; each is deleted once converted."),
+)
+
+
+def hub_settings(cache_dir, cache_max):
+    from rioquant.source import HubOptions
+
+    return HubOptions(cache_dir=cache_dir, cache_max=cache_max)
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 # How llama.cpp will run the model, shared by `fit` and `plan` (rioquant.quant.memory.RunSettings).

@@ -5,7 +5,6 @@ stack) is read, transformed, quantized and appended, so memory is bounded by the
 never by the model.
 """
 
-import functools
 import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -15,8 +14,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from rioquant.errors import CheckpointError, ImatrixError, PlanError
-from rioquant.export.checkpoint import read_config, read_rows_float32, scan_tensors
+from rioquant.errors import ImatrixError, PlanError
 from rioquant.export.gguf_out import (
     OutputFS,
     OutputTensor,
@@ -25,25 +23,18 @@ from rioquant.export.gguf_out import (
     expected_total_bytes,
     planned_file_sizes,
 )
-from rioquant.export.metadata import add_arch_metadata, general_metadata
-from rioquant.export.qwen35moe import (
-    KEEP_F32,
-    ModelArgs,
-    config_tensors,
-    load_rows,
-    model_args,
-    tensor_specs,
-)
+from rioquant.export.qwen35moe import KEEP_F32, ModelArgs, load_rows
 from rioquant.export.tensor_map import TensorSpec, mtp_layer_count
-from rioquant.export.vocab import Vocab, add_vocab, read_vocab
 from rioquant.fanout import Target, write_targets
+from rioquant.gguf_metadata import imatrix_metadata, metadata_writer, parameter_counts
 from rioquant.pipeline import PREFETCH_BYTES, Submitter
 from rioquant.quant import budget
-from rioquant.quant.imatrix import Imatrix, check_fit, read_imatrix, uses_importance
+from rioquant.quant.imatrix import check_fit, read_imatrix, uses_importance
 from rioquant.quant.plan import Overrides, PlanEntry, needs_imatrix, plan_fingerprint, recipe_entries
 from rioquant.quant.recipes import check_type, get_recipe, load_recipe, parse_tensor_type
 from rioquant.quant.report import build_report, write_report
 from rioquant.quant.rules import ModelFacts, Recipe
+from rioquant.source import HubOptions, Source, open_source
 
 log = logging.getLogger(__name__)
 T = gguf.GGMLQuantizationType
@@ -87,6 +78,7 @@ class RunOptions:
     progress: bool = True
     report: bool = True  # measure every tensor's error into NAME.report.json / .csv
     ray: str | None = None  # a Ray cluster's address: its nodes read and quantize (rioquant.cluster)
+    hub: HubOptions = HubOptions()  # an ORG/REPO source's cache folder and its limit
 
 
 @dataclass
@@ -99,15 +91,11 @@ class ConversionPlan:
     n_mtp_layers: int
     options: ConvertOptions = field(default_factory=ConvertOptions)
     recipe: Recipe = field(default_factory=lambda: get_recipe("Q8_0"))
+    source: Source | None = None  # where the weights are read from (rioquant.source)
 
     @property
     def total_bytes(self) -> int:
         return sum(e.nbytes for e in self.entries)
-
-
-def _has_weight_files(src: Path) -> bool:
-    return any(src.glob("*.safetensors")) or (src / "model.safetensors.index.json").exists() or \
-        any(src.glob("*.bin")) or any(src.glob("*.pt"))
 
 
 def _overrides(options: ConvertOptions) -> Overrides:
@@ -118,31 +106,27 @@ def _overrides(options: ConvertOptions) -> Overrides:
     )
 
 
-def build_plan(src: Path, options: ConvertOptions, weights_optional: bool = False) -> ConversionPlan:
-    """read → map → plan, from config.json and the safetensors headers only.
+def build_plan(src: Path | str, options: ConvertOptions, weights_optional: bool = False,
+               hub: HubOptions | None = None, source: Source | None = None) -> ConversionPlan:
+    """read → map → plan, from headers only (rioquant.source: a checkpoint folder, a GGUF, ORG/REPO).
 
-    With `weights_optional` (the `plan` command) a directory holding config.json but no weights is
-    planned from the shapes config.json implies: the same tensors, types and sizes, without a download.
+    With `weights_optional` (the `plan` command) a directory holding config.json but no weights (and
+    any Hub repository) is planned from the shapes config.json implies: the same tensors, types and
+    sizes, without a download. `source` is one already opened (several outputs share one).
     """
-    if not src.is_dir():
-        raise CheckpointError(f"{src}: not a directory")
-    config = read_config(src)
-    from_config = weights_optional and not _has_weight_files(src)
-    tensors = None if from_config else scan_tensors(src)  # first: a pickled or broken checkpoint is refused
-    args = model_args(config, str(src / "config.json"))
-    if tensors is None:
+    source = source or open_source(src, options.with_mtp, weights_optional, hub)
+    src, config, args, specs, from_config = source.path, source.config, source.args, source.specs, source.from_config
+    if from_config:
         log.info("%s: no weights; planning from config.json alone", src)
-        tensors = config_tensors(args, src / "config.json")
-    specs = tensor_specs(tensors, args, options.with_mtp)
     n_mtp = mtp_layer_count(specs, args.num_hidden_layers)
     recipe = load_recipe(options.recipe) if options.recipe else get_recipe(options.qtype)
     facts = model_facts(args, n_mtp, has_imatrix=options.imatrix is not None)
-    entries = recipe_entries([(s.name, s.shape) for s in specs], recipe, facts, _overrides(options))
+    entries = source.kept_entries(recipe_entries([(s.name, s.shape) for s in specs], recipe, facts, _overrides(options)))
     unweighted = next((e for e in entries if needs_imatrix(e)), None) if options.imatrix is None else None
     if unweighted is not None:
         raise PlanError(f"{unweighted.name} → {unweighted.qtype} ({unweighted.rule}) needs an importance matrix, "
                         "as in llama-quantize: give --imatrix FILE (from `rioquant imatrix` or llama-imatrix)")
-    plan = ConversionPlan(src, args, config, specs, entries, n_mtp, options, recipe)
+    plan = ConversionPlan(src, args, config, specs, entries, n_mtp, options, recipe, source)
     if options.target_size is not None or options.target_bpw is not None:
         if from_config:
             raise PlanError(f"--target-size/--target-bpw: {src} has no weights to measure errors on")
@@ -165,15 +149,16 @@ def model_facts(args: ModelArgs, n_mtp: int, has_imatrix: bool) -> ModelFacts:
 def planned_sizes(plan: ConversionPlan) -> list[int]:
     """The exact size of each output file (one, or each shard of a split), before anything is written."""
     tensors = [OutputTensor(e.name, e.shape, T[e.qtype], e.nbytes) for e in plan.entries]
-    return planned_file_sizes(tensors, _metadata_writer(plan), plan.options.split)
+    return planned_file_sizes(tensors, metadata_writer(plan), plan.options.split)
 
 
 def error_samples(plan: ConversionPlan, names: set[str]) -> Iterator[tuple[str, np.ndarray]]:
     """Deterministic row samples of the named tensors (budget.sample_rows), read row by row."""
     for spec in plan.specs:
         if spec.name in names:
-            parts = [load_rows(spec, plan.args, expert, rows, read_rows_float32)
-                     for expert, rows in budget.sample_rows(spec.shape)]
+            with plan.source.holding(spec):
+                parts = [load_rows(spec, plan.args, expert, rows, plan.source.read_rows)
+                         for expert, rows in budget.sample_rows(spec.shape)]
             yield spec.name, np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
 
@@ -201,53 +186,6 @@ def _fit_budget(plan: ConversionPlan) -> list[PlanEntry]:
             return entries
         limit -= excess
     raise PlanError(f"--target-size {options.target_size:,}: the split headers do not fit; raise it slightly")
-
-
-@functools.lru_cache(maxsize=2)
-def _read_vocab_cached(src: Path, vocab_size: int, mtime_ns: int, pre_tokenizer: str | None) -> Vocab:
-    """The tokenizer takes seconds to read; planning sizes and writing the file both need it."""
-    return read_vocab(src, vocab_size, pre_tokenizer)
-
-
-def parameter_counts(plan: ConversionPlan) -> dict[str, int]:
-    """Weights of the output: total, text model, MTP (NextN) layers, and those in expert stacks."""
-    counts = {"total": 0, "text": 0, "mtp": 0, "experts": 0}
-    for spec in plan.specs:
-        n = int(np.prod(spec.shape, dtype=np.int64))
-        counts["total"] += n
-        counts["mtp" if spec.layer is not None and spec.layer >= plan.args.num_hidden_layers else "text"] += n
-        counts["experts"] += n if spec.is_expert_stack else 0
-    return counts
-
-
-def imatrix_metadata(imatrix: Imatrix, given_as: str) -> dict:
-    """The keys llama-quantize records (strings cut to 127 bytes as it does; chunks only when known)."""
-    meta = {"file": given_as[:127], "dataset": imatrix.dataset[:127] if imatrix.datasets else None,
-            "entries_count": len(imatrix.entries), "chunks_count": imatrix.chunk_count or None}
-    return {k: v for k, v in meta.items() if v is not None}
-
-
-def _metadata_writer(plan: ConversionPlan, imatrix_meta: dict | None = None):
-    meta = plan.options.metadata
-    vocab = _read_vocab_cached(plan.src, plan.args.vocab_size, (plan.src / "tokenizer.json").stat().st_mtime_ns
-                               if (plan.src / "tokenizer.json").exists() else 0, meta.pre_tokenizer)
-    n = parameter_counts(plan)
-    general = general_metadata(plan.src, n["total"], n["total"] - n["experts"], n["experts"], plan.args.num_experts,
-                               meta.base_models, meta.name)
-
-    def add(writer: gguf.GGUFWriter) -> None:
-        writer.add_type(gguf.GGUFType.MODEL)
-        general.set_gguf_meta_model(writer)
-        if meta.quantized_by:
-            writer.add_quantized_by(meta.quantized_by)
-        add_arch_metadata(writer, plan.args, plan.n_mtp_layers)
-        writer.add_file_type(plan.recipe.file_type)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for key, value in (imatrix_meta or {}).items():  # quantize.imatrix.*: strings and u32, as llama-quantize
-            (writer.add_string if isinstance(value, str) else writer.add_uint32)(f"quantize.imatrix.{key}", value)
-        add_vocab(writer, vocab)
-
-    return add
 
 
 ROW_BLOCK_BYTES = 64 << 20  # float32 rows quantized (and measured) at once: the 397B's 4 GB embedding in 64 pieces
@@ -284,9 +222,9 @@ class _OpenOutput:
     target: Target
 
 
-def _open_output(src: Path, out: Path, options: ConvertOptions, run: RunOptions, hooks: ConvertHooks) -> _OpenOutput:
-    """Plan one output, check its imatrix and free space, and open (or resume) its GGUF."""
-    plan = build_plan(src, options)
+def _open_output(source: Source, out: Path, options: ConvertOptions, run: RunOptions, hooks: ConvertHooks) -> _OpenOutput:
+    """Plan one output from the shared source, check its imatrix and free space, and open (or resume) its GGUF."""
+    plan = build_plan(source.path, options, source=source)
     imatrix = imatrix_meta = None
     if options.imatrix is not None:
         imatrix = read_imatrix(options.imatrix)
@@ -300,7 +238,7 @@ def _open_output(src: Path, out: Path, options: ConvertOptions, run: RunOptions,
                                "quantized without (llama-quantize refuses it too); --no-mtp leaves the MTP block out")
         imatrix_meta = imatrix_metadata(imatrix, str(options.imatrix))
         imatrix = imatrix.restricted_to(usable)
-    add_metadata = _metadata_writer(plan, imatrix_meta)
+    add_metadata = metadata_writer(plan, imatrix_meta)
     tensors = [OutputTensor(e.name, e.shape, T[e.qtype], e.nbytes) for e in plan.entries]
     out.parent.mkdir(parents=True, exist_ok=True)
     needed = expected_total_bytes(tensors)
@@ -308,7 +246,7 @@ def _open_output(src: Path, out: Path, options: ConvertOptions, run: RunOptions,
     if needed > free:
         raise PlanError(f"{out.parent}: {needed / 1e9:.2f} GB needed for the output, {free / 1e9:.2f} GB free")
     fingerprint = plan_fingerprint(plan.entries, {
-        "src": str(src.resolve()), "options": asdict(options),
+        "src": source.identity, "options": asdict(options),
         "imatrix_sha256": _file_digest(options.imatrix) if options.imatrix else None,
     })
     output = ShardedGGUFOutput(out, tensors, add_metadata, fingerprint, options.split, resume=run.resume,
@@ -324,30 +262,35 @@ def convert(
 
 
 def convert_many(
-    src: Path, outputs: Sequence[tuple[Path, ConvertOptions]], run: RunOptions = RunOptions(),
+    src: Path | str, outputs: Sequence[tuple[Path, ConvertOptions]], run: RunOptions = RunOptions(),
     hooks: ConvertHooks | None = None,
 ) -> list[list[Path]]:
-    """Convert `src` into every (out, options) from one read of the checkpoint (rioquant.fanout).
+    """Convert `src` into every (out, options) from one read of its source (rioquant.fanout).
 
     Each output gets the bytes, report and resume journal of its own `convert`; the outputs must agree on
-    the tensors (not on their types), so --no-mtp is all or none.
+    the tensors (not on their types), so --no-mtp is all or none. The source is opened once and is
+    finished (a Hub source's last shards deleted) once every output is.
     """
     hooks = hooks or ConvertHooks()
+    mtp = {options.with_mtp for _, options in outputs}
+    if len(mtp) > 1:
+        raise PlanError(f"{outputs[0][0]}: --no-mtp must be given for every output or none; convert them apart")
+    source = open_source(src, mtp.pop(), hub=run.hub)
+    if run.ray is not None and not source.cluster_readable:
+        raise PlanError(f"--ray: {src}: the cluster's nodes read a checkpoint folder by its path; "
+                        "convert a GGUF or ORG/REPO source without --ray")
     stage = _cluster_stage(run) if run.ray is not None else \
         dict(executor=hooks.executor, in_flight=hooks.in_flight, threads=run.threads)
     opened: list[_OpenOutput] = []
     try:
         for out, options in outputs:
-            opened.append(_open_output(src, out, options, run, hooks))
-        specs = opened[0].plan.specs
-        for o in opened[1:]:
-            if [s.name for s in o.plan.specs] != [s.name for s in specs]:
-                raise PlanError(f"{o.out}: its tensors differ from {opened[0].out}'s (--no-mtp?); convert it on its own")
-        write_targets(specs, opened[0].plan.args, [o.target for o in opened], on_tensor=hooks.on_tensor,
+            opened.append(_open_output(source, out, options, run, hooks))
+        write_targets(source, [o.target for o in opened], on_tensor=hooks.on_tensor,
                       row_block_bytes=hooks.row_block_bytes, progress=run.progress,
                       desc=opened[0].out.name if len(opened) == 1 else f"{len(opened)} outputs",
                       prefetch_bytes=hooks.prefetch_bytes, **stage)
         written = [o.target.output.finish() for o in opened]
+        source.finish()
     except BaseException:
         for o in opened:
             o.target.output.close()
@@ -356,7 +299,7 @@ def convert_many(
         if run.report:
             output, plan = o.target.output, o.plan
             measured = [e for e in plan.entries if e.qtype != "F32"]
-            report = build_report([output.notes[e.name] for e in measured if e.name in output.notes], files, src,
+            report = build_report([output.notes[e.name] for e in measured if e.name in output.notes], files, source.path,
                                   plan.recipe.name, o.imatrix_meta, [e.name for e in measured if e.name not in output.notes])
             for path in write_report(report, o.out):
                 log.info("wrote %s", path)

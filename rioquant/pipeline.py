@@ -59,6 +59,7 @@ class Stages(Generic[Item, Read, Done]):
     quantize: Callable[[Item, Read], Done]
     write: Callable[[Item, Done], None]
     read_bytes: Callable[[Item], int]
+    stop: Callable[[], None] = lambda: None  # when the run ends: wakes a read waiting on the write stage
 
 
 class _ByteBudget:
@@ -130,6 +131,7 @@ def run_pipeline(
             _write_oldest(pending, stages, budget)
     finally:
         budget.close()
+        stages.stop()
         while thread.is_alive():  # unblock a reader waiting to put, then let it finish its read
             try:
                 ready.get(timeout=0.1)

@@ -13,6 +13,15 @@ with HF_HUB_DISABLE_XET=1; the Xet path needs a CAS service and is not exercised
     POST /api/validate-yaml                                  → 400 unless the README's front matter is YAML
     GET  /api/agent-harnesses                                → an empty registry (the client's telemetry)
 
+and, for `rioquant convert ORG/REPO` (a source streamed from the Hub), what `model_info` and
+`hf_hub_download` read from a repository `serve`d from files:
+
+    GET  /api/models/{repo}[/revision/{rev}]                  → commit sha and every file (size, LFS sha256)
+    HEAD /{repo}/resolve/{rev}/{path}                         → X-Repo-Commit, ETag / X-Linked-Etag, size
+    GET  /{repo}/resolve/{rev}/{path}                         → the bytes (a Range request: 206 and that range)
+
+An unknown revision answers 404 with X-Error-Code RevisionNotFound, as the Hub does.
+
 Anything else is answered 404 and recorded in `unexpected`. The server is bounded: it answers at
 most `max_requests` requests (then 503) and shuts itself down after `lifetime_s`, so a client stuck
 in a retry loop cannot hang the test run. `reject_token` makes every API call answer 401 with a
@@ -24,9 +33,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
 
 import yaml
 
@@ -39,6 +50,7 @@ class HubState:
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, path, Authorization)
     unexpected: list[str] = field(default_factory=list)
     cards: list[dict] = field(default_factory=list)  # README front matters validated
+    downloads: list[str] = field(default_factory=list)  # paths of whole-file GETs under /resolve/ (no Range)
 
 
 class HubDouble:
@@ -78,6 +90,16 @@ class HubDouble:
                     self._reply(503, {"error": "request budget of the test double exhausted"})
                     threading.Thread(target=double.stop, daemon=True).start()
                     return
+                if "/resolve/" in self.path:
+                    self._send_file(method)
+                    return
+                parts = self.path.split("?")[0].strip("/").split("/")
+                info = parts[:2] == ["api", "models"] and (len(parts) == 4 or len(parts) >= 6 and parts[4] == "revision")
+                if method == "GET" and info:
+                    with double.lock:
+                        status, payload = double._model_info("/".join(parts[2:4]), unquote("/".join(parts[5:])) or "main")
+                    self._reply(status, payload, {"X-Error-Code": "RevisionNotFound"} if status == 404 else None)
+                    return
                 if double.reject_token and self.path.startswith("/api/") and self.path != "/api/agent-harnesses":
                     auth = self.headers.get("Authorization", "")
                     self._reply(401, {"error": f"Invalid credentials in Authorization header: {auth}"},
@@ -95,6 +117,39 @@ class HubDouble:
 
             def do_PUT(self) -> None:
                 self._handle("PUT")
+
+            def do_HEAD(self) -> None:
+                self._handle("HEAD")
+
+            def _send_file(self, method: str) -> None:
+                with double.lock:
+                    found = double.resolve(self.path)
+                if found is None:
+                    self._reply(404, {"error": "Revision not found"}, {"X-Error-Code": "RevisionNotFound"})
+                    return
+                commit, data = found
+                if data is None:
+                    self._reply(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
+                    return
+                etag = hashlib.sha256(data).hexdigest()
+                body, status, extra = data, 200, {}
+                ranged = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+                if method == "GET" and not ranged:
+                    with double.lock:
+                        double.state.downloads.append(unquote(self.path.split("?")[0]).rsplit("/", 1)[1])
+                if ranged and method == "GET":
+                    start, end = int(ranged[1]), min(int(ranged[2]), len(data) - 1)
+                    body, status = data[start : end + 1], 206
+                    extra["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+                self.send_response(status)
+                headers = {"X-Repo-Commit": commit, "ETag": f'"{etag}"', "X-Linked-Etag": f'"{etag}"',
+                           "X-Linked-Size": str(len(data)), "Accept-Ranges": "bytes",
+                           "Content-Length": str(len(body)), **extra}
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if method == "GET":
+                    self.wfile.write(body)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -119,6 +174,39 @@ class HubDouble:
         self.timer.cancel()
         self.server.shutdown()
         self.server.server_close()
+
+    # -- serving a repository to download ---------------------------------------------------------
+    def serve(self, repo: str, files: dict[str, bytes], revision: str = "main") -> str:
+        """Publish `files` (path → bytes) as `repo` at `revision`; returns the revision's commit sha."""
+        self.state.repos.setdefault(repo, {"private": False, "branches": {}})["branches"][revision] = dict(files)
+        return self.commit_of(repo, revision)
+
+    @staticmethod
+    def commit_of(repo: str, revision: str) -> str:
+        return hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest()
+
+    def _branch(self, repo: str, revision: str) -> tuple[str, dict] | None:
+        """(commit sha, files) of a branch name or a branch's commit sha."""
+        for name, files in self.state.repos.get(repo, {}).get("branches", {}).items():
+            if revision in (name, self.commit_of(repo, name)):
+                return self.commit_of(repo, name), files
+        return None
+
+    def resolve(self, path: str) -> tuple[str, bytes | None] | None:
+        """/{org}/{name}/resolve/{rev}/{file} → (commit, bytes or None when absent); None: no such revision."""
+        org, name, _, rev, *rest = unquote(path.split("?")[0]).strip("/").split("/")
+        branch = self._branch(f"{org}/{name}", rev)
+        return None if branch is None else (branch[0], branch[1].get("/".join(rest)))
+
+    def _model_info(self, repo: str, revision: str) -> tuple[int, object]:
+        branch = self._branch(repo, revision)
+        if branch is None:
+            return 404, {"error": f"Invalid rev id: {revision}"}
+        commit, files = branch
+        siblings = [{"rfilename": path, "size": len(data), "blobId": hashlib.sha1(data).hexdigest(),
+                     **({"lfs": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}}
+                        if path.endswith(".safetensors") else {})} for path, data in sorted(files.items())]
+        return 200, {"id": repo, "modelId": repo, "sha": commit, "private": False, "siblings": siblings}
 
     # -- the endpoints ------------------------------------------------------------------------
     def route(self, method: str, path: str, body: bytes, headers) -> tuple[int, object]:

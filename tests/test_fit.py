@@ -133,8 +133,8 @@ def test_memory_units(text, value):
 @pytest.mark.slow
 def test_397b_shapes_against_llama_cpp(tmp_path):
     """The 397B's KV cache, recurrent state and compute buffer at long contexts, as llama.cpp plans them."""
-    from rioquant.convert import _metadata_writer
     from rioquant.export.gguf_out import OutputTensor, layout_writer
+    from rioquant.gguf_metadata import metadata_writer as _metadata_writer
 
     src = tmp_path / "Rio-3.5-Open-397B"
     src.mkdir()

@@ -11,16 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType
+from gguf import GGMLQuantizationType, LlamaFileType
 from safetensors.torch import load_file, save_file
 
-from rioquant.convert import ConvertOptions, MetadataOptions, RunOptions, convert
+from rioquant.convert import ConvertOptions, MetadataOptions, RunOptions, SplitOptions, convert, convert_many
 from rioquant.errors import CheckpointError, PlanError
 from rioquant.export.vocab import ASSERTED_PRE_KEY, LLAMA_CPP_PRE_TOKENIZERS
 from rioquant.files.gguf_file import read_header
 from rioquant.testing.checkpoints import TINY, build_checkpoint
 from rioquant.testing.fp8 import fp8_checkpoint
 from rioquant.testing.gguf_scan import scan
+from rioquant.testing.llama_quantize import llama_quantize
 from rioquant.testing.llama_src import llama_cpp_source
 from rioquant.testing.oracles import GgmlOracle, run_reference_converter
 from tests.test_convert import assert_same_gguf
@@ -180,3 +181,63 @@ def test_bad_fp8_layout_is_a_one_line_error(fp8, tmp_path, capsys, damage):
     assert code != 0 and len(lines) == 1 and lines[0].startswith("error: "), err
     assert expected in lines[0], lines[0]
     assert not out.exists()
+
+
+# -- a GGUF as the source --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bf16_gguf(tmp_path_factory) -> Path:
+    """llama.cpp's BF16 conversion of a tiny checkpoint with its MTP layer: what people publish."""
+    root = tmp_path_factory.mktemp("gguf-source")
+    src = build_checkpoint(replace(TINY, mtp=True), root / "src")
+    return run_reference_converter(src, root / "model-BF16.gguf", "bf16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mix", ["Q8_0", "Q4_K_M"])
+def test_gguf_source_equals_llama_quantize(bf16_gguf, tmp_path, mix):
+    """The whole file, header to last byte: keys copied in order, tensors in llama-quantize's order and shapes."""
+    ref = llama_quantize(bf16_gguf, tmp_path / "llama.gguf", LlamaFileType[f"MOSTLY_{mix}"])
+    (ours,) = convert(bf16_gguf, tmp_path / "ours.gguf", ConvertOptions(qtype=mix), RunOptions(progress=False, report=False))
+    assert ours.read_bytes() == ref.read_bytes()
+
+
+@pytest.mark.slow
+def test_split_gguf_source_equals_llama_quantize(bf16_gguf, tmp_path):
+    """A split set is read from its first shard, as llama-quantize reads it; split keys are not carried."""
+    shards = convert(bf16_gguf, tmp_path / "split" / "model-BF16.gguf", ConvertOptions(qtype="BF16", split=SplitOptions(max_tensors=30)),
+                     RunOptions(progress=False, report=False))
+    assert len(shards) > 1
+    ref = llama_quantize(shards[0], tmp_path / "llama.gguf", LlamaFileType.MOSTLY_Q8_0)
+    (ours,) = convert(shards[1], tmp_path / "ours.gguf", ConvertOptions(qtype="Q8_0"), RunOptions(progress=False, report=False))
+    assert ours.read_bytes() == ref.read_bytes()
+
+
+@pytest.mark.slow
+def test_q8_0_gguf_source_warns_and_copies_q8_0_tensors(bf16_gguf, tmp_path, caplog):
+    (q8,) = convert(bf16_gguf, tmp_path / "q8.gguf", ConvertOptions(qtype="Q8_0"), RunOptions(progress=False, report=False))
+    with caplog.at_level(logging.WARNING):
+        (again,) = convert(q8, tmp_path / "again.gguf", ConvertOptions(qtype="Q8_0"), RunOptions(progress=False, report=False))
+    assert "quantized again" in caplog.text
+    assert again.read_bytes() == q8.read_bytes()
+
+
+def test_quantized_gguf_source_is_refused(bf16_gguf, tmp_path, capsys):
+    q4 = llama_quantize(bf16_gguf, tmp_path / "q4.gguf", LlamaFileType.MOSTLY_Q4_0)
+    code, err = run_cli(["convert", q4, "-o", tmp_path / "x.gguf", "--type", "Q4_0", "--no-progress"], capsys)
+    assert code == 1 and "is Q4_0; a GGUF source must be F32, F16, BF16 or Q8_0" in err
+
+
+@pytest.mark.slow
+def test_copied_and_quantized_outputs_from_one_read(bf16_gguf, tmp_path):
+    """Through the fanout: one output copies the Q8_0 source's tensors, the other quantizes them."""
+    (q8,) = convert(bf16_gguf, tmp_path / "q8.gguf", ConvertOptions(qtype="Q8_0"), RunOptions(progress=False, report=False))
+    (q4,) = convert(q8, tmp_path / "q4.gguf", ConvertOptions(qtype="Q4_0"), RunOptions(progress=False, report=False))
+    both = convert_many(q8, [(tmp_path / "both" / "q8.gguf", ConvertOptions(qtype="Q8_0")),
+                             (tmp_path / "both" / "q4.gguf", ConvertOptions(qtype="Q4_0"))], RunOptions(progress=False))
+    assert [files[0].read_bytes() for files in both] == [q8.read_bytes(), q4.read_bytes()]
+
+
+def test_gguf_source_with_ray_is_refused(bf16_gguf, tmp_path, capsys):
+    code, err = run_cli(["convert", bf16_gguf, "-o", tmp_path / "x.gguf", "--ray", "127.0.0.1:1", "--no-progress"], capsys)
+    assert code == 1 and "--ray:" in err and "without --ray" in err

@@ -17,6 +17,7 @@ repeated over the block and cut to the weight's shape, one float32 product per v
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -76,22 +77,21 @@ class BlockScale:
     block: tuple[int, int]
 
 
-def read_header(path: Path) -> dict[str, SourceTensor]:
-    """Parse one shard's header and check that every tensor's bytes lie inside the file."""
+def read_header(path: Path, fetch: Callable[[int, int], bytes] | None = None, size: int | None = None) -> dict[str, SourceTensor]:
+    """Parse one shard's header and check that every tensor's bytes lie inside the file.
+
+    `fetch(start, length)` and `size` read a shard that is not on disk yet (the first bytes of a Hub
+    shard, by HTTP range requests); the tensors still name `path`, where the shard will be."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise CheckpointError(f"{path}: corrupt safetensors header (declared length {header_len})")
-            header = json.loads(f.read(header_len))
+        if fetch is None:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                header_len, header = _parse_json_header(path, f.read(8), size, f.read)
+        else:
+            assert size is not None
+            header_len, header = _parse_json_header(path, fetch(0, 8), size, lambda n: fetch(8, n))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: shard not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({err.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_base = 8 + header_len
@@ -115,6 +115,19 @@ def read_header(path: Path) -> dict[str, SourceTensor]:
             )
         tensors[name] = tensor
     return tensors
+
+
+def _parse_json_header(path: Path, prefix: bytes, size: int, read: Callable[[int], bytes]) -> tuple[int, object]:
+    """(header length, parsed JSON header) from the 8-byte prefix and a reader of the next bytes."""
+    if len(prefix) < 8:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+        raise CheckpointError(f"{path}: corrupt safetensors header (declared length {header_len})")
+    try:
+        return header_len, json.loads(read(header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({err.__class__.__name__})") from None
 
 
 def read_config(src: Path) -> dict:
