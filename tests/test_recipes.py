@@ -6,8 +6,8 @@ branches: 8 experts (llama.cpp's special case) with an MTP block; 6 experts with
 16 blocks (so n/8, n/16 and use_more_bits all bite); and TINY, whose rows of 64 and 32 fit no K-quant
 block, so every fallback type appears. Decisions come from llama.cpp's dry run (seconds per mix), with
 and without an imatrix where the mix looks at it or needs it (then `plan` refuses, as llama-quantize
-does); the fewest mixes that hold every type are also quantized for real and compared byte for byte with
-`rioquant convert`, with and without an imatrix.
+does); every mix is also quantized for real and compared byte for byte with `rioquant convert`, with and
+without an imatrix (see BYTES_CASES for what is pinned to keep that affordable).
 """
 
 from __future__ import annotations
@@ -224,32 +224,46 @@ def squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
-# Bytes, on the 8-expert model, of the fewest mixes whose files hold every type any standard mix gives one
-# of its tensors (test_byte_mixes_cover_every_type holds that true); plus the other expert count and the
-# fallback rows (IQ2_XXS's: IQ4_NL, Q4_0, Q5_0). Each mix's types are held to llama.cpp's above, each
-# type's bytes to ggml's in test_kernels: a mix adds nothing here that another with its types has not.
-BYTES_MIXES = ["Q4_K_M", "Q2_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_XS", "IQ4_NL", "IQ3_M"]
+# Bytes of every standard mix on the 8-expert model, plus the other expert count and the fallback rows
+# (IQ2_XXS's: IQ4_NL, Q4_0, Q5_0). token_embd and output, the 248K-token vocabulary's rows, are 127 M of
+# that model's 140 M weights: the fewest mixes whose files hold every type any mix uses (WHOLE_MIXES,
+# test_byte_mixes_cover_every_type holds that true) are compared whole; the others with those two pinned
+# to Q8_0 on both sides (their types are held to llama.cpp's by the dry runs above), seconds instead of
+# a minute each.
+WHOLE_MIXES = ["Q4_K_M", "Q2_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_XS", "IQ4_NL", "IQ3_M"]
 BYTES_CASES = [
-    *(("8-experts-mtp", mix) for mix in BYTES_MIXES),
+    *(("8-experts-mtp", mix) for mix in LLAMA_MIXES if not needs_imatrix(mix)),
     ("6-experts-gqa4-16-blocks", "Q4_K_M"),
     ("tiny-fallbacks-mtp", "Q3_K_M"),
     ("tiny-fallbacks-mtp", "IQ2_XXS"),
 ]
-# With an imatrix: Q4_K_M, and the fewest mixes holding every type the mixes that need one use
-IMATRIX_BYTES_MIXES = ["Q4_K_M", "IQ3_XXS", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"]
+# With an imatrix: Q4_K_M, Q2_K and every mix that needs one; whole: Q4_K_M and the fewest that hold every
+# type the mixes needing one use
+IMATRIX_BYTES_MIXES = ["Q4_K_M", "Q2_K", *(mix for mix in LLAMA_MIXES if needs_imatrix(mix))]
+IMATRIX_WHOLE_MIXES = ["Q4_K_M", "IQ3_XXS", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"]
+
+
+def vocab_rows_pinned(mix: str, whole: list[str]) -> dict[str, str]:
+    """The type overrides for token_embd and output of a mix not compared whole (the same on both sides)."""
+    return {} if mix in whole else {"output_type": "Q8_0", "token_embd_type": "Q8_0"}
+
+
+def convert_options(mix: str, pinned: dict[str, str], imatrix: Path | None = None) -> ConvertOptions:
+    return ConvertOptions(qtype=mix, imatrix=imatrix, output_tensor_type=pinned.get("output_type"),
+                          token_embedding_type=pinned.get("token_embd_type"))
 
 
 @pytest.mark.slow
 def test_byte_mixes_cover_every_type(models):
-    """The byte tests' subset of mixes leaves no type any mix uses untested end to end."""
+    """The mixes compared whole leave no type any mix uses untested end to end."""
     src, _ = models["8-experts-mtp"]
 
     def types(mixes, imatrix: bool) -> set[GGMLQuantizationType]:
         options = {mix: ConvertOptions(qtype=mix, imatrix=IMATRIX_PLACEHOLDER if imatrix else None) for mix in mixes}
         return {e.qtype for o in options.values() for e in build_plan(src, o).entries}
 
-    assert types(BYTES_MIXES, False) == types([m for m in LLAMA_MIXES if not needs_imatrix(m)], False)
-    assert types(IMATRIX_BYTES_MIXES, True) >= types([m for m in LLAMA_MIXES if needs_imatrix(m)], True)
+    assert types(WHOLE_MIXES, False) == types([m for m in LLAMA_MIXES if not needs_imatrix(m)], False)
+    assert types(IMATRIX_WHOLE_MIXES, True) >= types([m for m in LLAMA_MIXES if needs_imatrix(m)], True)
 
 
 @pytest.mark.slow
@@ -258,8 +272,9 @@ def test_mix_bytes_equal_llama_quantize(models, tmp_path, variant, mix):
     """Every tensor's type, shape and bytes, and general.file_type, as llama-quantize writes them; the file is
     exactly the size `rioquant plan` predicts."""
     src, bf16 = models[variant]
-    options = ConvertOptions(qtype=mix)
-    ref = scan(llama_quantize(bf16, tmp_path / "llama.gguf", LLAMA_MIXES[mix].file_type))
+    pinned = vocab_rows_pinned(mix, WHOLE_MIXES) if variant == "8-experts-mtp" else {}
+    options = convert_options(mix, pinned)
+    ref = scan(llama_quantize(bf16, tmp_path / "llama.gguf", LLAMA_MIXES[mix].file_type, **pinned))
     (out,) = convert(src, tmp_path / "ours.gguf", options, RunOptions(progress=False, report=False))
     ours = scan(out)
     assert ours.tensors.keys() == ref.tensors.keys()
@@ -290,9 +305,11 @@ def test_mix_bytes_with_imatrix_equal_llama_quantize(models, tmp_path, mix):
     src, bf16 = models["8-experts-mtp"]
     entries = imatrix_entries(src, with_mtp=needs_imatrix(mix))
     path = write_gguf_imatrix(tmp_path / "imatrix.gguf", entries, ["calibration.txt"], chunk_count=4)
-    options = ConvertOptions(qtype=mix, imatrix=path)
+    pinned = vocab_rows_pinned(mix, IMATRIX_WHOLE_MIXES)
+    options = convert_options(mix, pinned, path)
     importance = {n: gguf_importance(e) for n, e in entries.items()}
-    ref = scan(llama_quantize(bf16, tmp_path / "llama.gguf", LLAMA_MIXES[mix].file_type, importance=importance))
+    ref = scan(llama_quantize(bf16, tmp_path / "llama.gguf", LLAMA_MIXES[mix].file_type, importance=importance,
+                              **pinned))
     (out,) = convert(src, tmp_path / "ours.gguf", options, RunOptions(progress=False, report=False))
     ours = scan(out)
     assert ours.tensors.keys() == ref.tensors.keys()
