@@ -6,7 +6,7 @@ Apart from convert.py so the conversion's steps stay one screen each; it reads o
 
 from __future__ import annotations
 
-import functools
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,17 +14,27 @@ import gguf
 import numpy as np
 
 from rioquant.export.metadata import add_arch_metadata, general_metadata
-from rioquant.export.vocab import Vocab, add_vocab, read_vocab
+from rioquant.export.vocab import Vocab, add_vocab, read_vocab, vocab_digest
 from rioquant.quant.imatrix import Imatrix
 
 if TYPE_CHECKING:
     from rioquant.convert import ConversionPlan
 
 
-@functools.lru_cache(maxsize=2)
-def _read_vocab_cached(src: Path, vocab_size: int, mtime_ns: int, pre_tokenizer: str | None) -> Vocab:
-    """The tokenizer takes seconds to read; planning sizes and writing the file both need it."""
-    return read_vocab(src, vocab_size, pre_tokenizer)
+_VOCABS: OrderedDict[tuple[str, int, str | None], Vocab] = OrderedDict()  # least recently used first
+VOCABS_KEPT = 4
+
+
+def _read_vocab_cached(src: Path, vocab_size: int, pre_tokenizer: str | None) -> Vocab:
+    """The tokenizer takes seconds to read; planning sizes and writing the file both need it, and every
+    checkpoint of a family (a test suite's, a release's) has the same one: kept by content, not path."""
+    key = (vocab_digest(src), vocab_size, pre_tokenizer)
+    if key not in _VOCABS:
+        _VOCABS[key] = read_vocab(src, vocab_size, pre_tokenizer)
+        if len(_VOCABS) > VOCABS_KEPT:
+            _VOCABS.popitem(last=False)
+    _VOCABS.move_to_end(key)
+    return _VOCABS[key]
 
 
 def parameter_counts(plan: ConversionPlan) -> dict[str, int]:
@@ -49,8 +59,7 @@ def metadata_writer(plan: ConversionPlan, imatrix_meta: dict | None = None):
     if plan.source.carried is not None:
         return _carried_metadata_writer(plan, imatrix_meta)
     meta = plan.options.metadata
-    vocab = _read_vocab_cached(plan.src, plan.args.vocab_size, (plan.src / "tokenizer.json").stat().st_mtime_ns
-                               if (plan.src / "tokenizer.json").exists() else 0, meta.pre_tokenizer)
+    vocab = _read_vocab_cached(plan.src, plan.args.vocab_size, meta.pre_tokenizer)
     n = parameter_counts(plan)
     general = general_metadata(plan.src, n["total"], n["total"] - n["experts"], n["experts"], plan.args.num_experts,
                                meta.base_models, meta.name)

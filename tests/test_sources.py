@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from rioquant.convert import ConvertOptions, MetadataOptions, RunOptions, SplitOptions, convert, convert_many
 from rioquant.errors import CheckpointError, PlanError
-from rioquant.export.vocab import ASSERTED_PRE_KEY, LLAMA_CPP_PRE_TOKENIZERS
+from rioquant.export.vocab import ASSERTED_PRE_KEY, LLAMA_CPP_PRE_TOKENIZERS, VOCAB_FILES, vocab_digest
 from rioquant.files.gguf_file import read_header
 from rioquant.testing.checkpoints import TINY, build_checkpoint
 from rioquant.testing.fp8 import fp8_checkpoint
@@ -98,6 +98,25 @@ def test_unrecognised_pre_tokenizer_is_refused_unless_asserted(sharded, tmp_path
     assert meta[ASSERTED_PRE_KEY].startswith("qwen35: asserted with --pre-tokenizer") and "not recognised" in meta[ASSERTED_PRE_KEY]
     (plain,) = convert(sharded, tmp_path / "plain.gguf", ConvertOptions(qtype="F16"), run)
     assert ASSERTED_PRE_KEY not in read_header(plain).metadata
+
+
+def test_vocabulary_is_kept_by_its_files_contents(sharded, tmp_path):
+    """A process reads a vocabulary once for every checkpoint with the same vocabulary files; a change to
+    any of them, or to a special token id in config.json, is another vocabulary; weights are not part of it."""
+    src = _copy(sharded, tmp_path / "src")
+    assert vocab_digest(src) == vocab_digest(sharded)
+    config = json.loads((src / "config.json").read_text())
+    text = config.get("text_config", config)
+    text["rms_norm_eps"] = 0.5
+    (src / "config.json").write_text(json.dumps(config))
+    assert vocab_digest(src) == vocab_digest(sharded)
+    text["eos_token_id"] = 7
+    (src / "config.json").write_text(json.dumps(config))
+    assert vocab_digest(src) != vocab_digest(sharded)
+    for name in [n for n in VOCAB_FILES if (sharded / n).is_file()]:
+        changed = _copy(sharded, tmp_path / name)
+        (changed / name).write_bytes((changed / name).read_bytes() + b" ")
+        assert vocab_digest(changed) != vocab_digest(sharded), name
 
 
 # -- FP8 checkpoints -------------------------------------------------------------------------

@@ -118,6 +118,27 @@ def _byte_level_adds_nothing(special: gguf.SpecialVocab, tokenizer_json: dict) -
         special.add_special_token.setdefault("eos", False)
 
 
+# The files read_vocab and gguf-py's SpecialVocab read whole; of config.json they read only the special
+# token ids, at the top level or under text_config
+VOCAB_FILES = ("tokenizer.json", "tokenizer_config.json", "merges.txt", "chat_template.json", "chat_template.jinja")
+
+
+def vocab_digest(src: Path) -> str:
+    """sha256 of everything the vocabulary is made from: two checkpoints with the same digest have the same
+    vocabulary, so a process reads it once (seconds for Qwen3.5's 248K tokens) however many it converts."""
+    digest = hashlib.sha256()
+    for path in [*(src / name for name in VOCAB_FILES), *sorted((src / "additional_chat_templates").glob("*.jinja"))]:
+        if path.is_file():
+            data = path.read_bytes()
+            digest.update(f"{path.relative_to(src)}\0{len(data)}\0".encode() + data)
+    config_path = src / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        ids = {k: v for part in (config, config.get("text_config") or {}) for k, v in part.items() if k.endswith("_token_id")}
+        digest.update(json.dumps(ids, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
 def read_vocab(src: Path, vocab_size: int, asserted_pre: str | None = None) -> Vocab:
     """The vocabulary; `asserted_pre` (`--pre-tokenizer`) names the pre-tokenizer when the probe hash and
     the tokenizer.json sections do not (a warning, and ASSERTED_PRE_KEY in the file, say so)."""
