@@ -114,8 +114,10 @@ def test_quantized_output_loads_in_llama_cpp_and_stays_close(kquant, tmp_path, q
     assert np.median(correlation) >= MIN_MEDIAN_CORRELATION[qtype], correlation
 
 
+# One legacy and one K type: every other type's bytes, through the same chain, are held to
+# llama_model_quantize's in tests/test_recipes.py (each mix, each type)
 @pytest.mark.slow
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
 def test_quantized_tensors_equal_ggml_on_reference_f32(kquant, tmp_path, qtype):
     """Mapping, transforms and quantization together: each tensor = ggml(quantize, llama.cpp's F32)."""
     src, ref_f32 = kquant
