@@ -21,6 +21,7 @@ from rioquant.lineage.sources import Source, Unit, open_sources, plan_units, str
 from rioquant.lineage.stats import Candidate, Moments, UnitReducer
 from rioquant.lineage.verdict import judge, merge_exact, overall
 from rioquant.progress import progress_bar
+from rioquant.source import HubOptions
 
 log = logging.getLogger(__name__)
 REPORT_FORMAT = "rioquant-lineage/1"
@@ -34,6 +35,7 @@ class LineageOptions:
     parent_repos: tuple[str, ...] = ()  # Hub ids of the parents, in --parent order (for the model card)
     progress: bool = True
     threads: int | None = None  # pieces read and reduced at once (default: the cores this process may use)
+    hub: HubOptions = HubOptions()  # ORG/REPO models: their cache folders and the disk their shards share
 
 
 def hub_id(given: str) -> str | None:
@@ -59,7 +61,7 @@ class _Tensor:
 def analyse(child: str, parents: list[str], options: LineageOptions = LineageOptions()) -> dict:
     """Compare CHILD with its supposed parents; the report as a JSON-ready dict (see rioquant.lineage)."""
     started = time.perf_counter()
-    child_source, parent_sources = open_sources(child, parents)
+    child_source, parent_sources = open_sources(child, parents, options.hub)
     sources = [child_source, *parent_sources]
     letters = [chr(ord("A") + i) for i in range(len(parents))]
     units = plan_units(sources)
@@ -113,6 +115,8 @@ def analyse(child: str, parents: list[str], options: LineageOptions = LineageOpt
         tensors.append({"name": unit.name, **_where(unit.name), **record})
         del gathering[unit.name]
     bar.close()
+    for source in sources:
+        source.finish()
     seconds = time.perf_counter() - started
     model = overall(tensors, totals, letters)
     repos = list(options.parent_repos) + [hub_id(p) for p in parents[len(options.parent_repos):]]
