@@ -19,7 +19,7 @@ from rioquant.source import HubOptions
 from rioquant.testing.checkpoints import TINY, build_checkpoint
 from rioquant.testing.lineage_models import build_family
 from tests.hub_double import HubDouble
-from tests.test_convert_reliability import run_cli
+from tests.test_convert_reliability import run_cli, run_cli_output
 
 REPO = "tiny-org/Tiny-MoE"
 VL_REPO = "tiny-org/Tiny-VL"  # named as the local checkpoint's folder: general.name is read from it
@@ -191,6 +191,10 @@ def vl_hub(hub, vision_checkpoint, tmp_path) -> HubDouble:
 def test_mmproj_from_the_hub_fetches_the_tower_shards_alone_and_equals_local(vl_hub, disk_watch, local_mmproj,
                                                                              tmp_path, capsys):
     cache = tmp_path / "cache"
+    code, plan, err = run_cli_output(["plan", VL_REPO, "--type", "Q8_0", "--mmproj", "F16", "--json", "--cache-dir", cache],
+                                     capsys)
+    assert code == 0 and json.loads(plan)["mmproj"]["file_bytes"] == local_mmproj.stat().st_size, err
+    assert _shard_gets(vl_hub) == {}  # `plan` reads config.json alone
     out = tmp_path / "mmproj-F16.gguf"
     code, err = run_cli(["mmproj", VL_REPO, "-o", out, "--cache-dir", cache, "--cache-max", "75M", "--no-progress"], capsys)
     assert code == 0, err
@@ -198,6 +202,19 @@ def test_mmproj_from_the_hub_fetches_the_tower_shards_alone_and_equals_local(vl_
     assert max(disk_watch) <= CACHE_MAX < vl_hub.total, (max(disk_watch), vl_hub.total)
     assert _shard_gets(vl_hub) == {"model-00003-of-00004.safetensors": 1, "model-00004-of-00004.safetensors": 1}
     assert not list((cache / VL_REPO).glob("*.safetensors"))
+
+
+def test_convert_mmproj_from_the_hub_fetches_the_tower_shards_after_the_text(vl_hub, disk_watch, local_mmproj,
+                                                                            tmp_path, capsys):
+    """The text conversion deletes every shard it held before the projector fetches its two again."""
+    code, err = run_cli(["convert", VL_REPO, "-o", tmp_path / "out" / "Tiny-VL-F16.gguf", "--type", "F16", "--mmproj",
+                         "F16", "--cache-dir", tmp_path / "cache", "--cache-max", "75M", "--no-progress", "--no-report"],
+                        capsys)
+    assert code == 0, err
+    assert (tmp_path / "out" / "mmproj-F16.gguf").read_bytes() == local_mmproj.read_bytes()
+    assert max(disk_watch) <= CACHE_MAX
+    names = [f"model-{i:05d}-of-00004.safetensors" for i in range(1, 5)]
+    assert _shard_gets(vl_hub) == dict(zip(names, [1, 1, 2, 2], strict=True))
 
 
 @pytest.fixture(scope="module")
