@@ -21,12 +21,11 @@ from rioquant.lineage.sources import Source, Unit, open_sources, plan_units, str
 from rioquant.lineage.stats import Candidate, Moments, UnitReducer
 from rioquant.lineage.verdict import judge, merge_exact, overall
 from rioquant.progress import progress_bar
-from rioquant.source import HubOptions
+from rioquant.source import HUB_ID, HubOptions
 
 log = logging.getLogger(__name__)
 REPORT_FORMAT = "rioquant-lineage/1"
 KNOWN_RECIPES = 2  # the most frequent and the most recent recipes found so far: every later unit tests them
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_CACHE = re.compile(r"models--([^/]+?)--([^/]+)")
 
 
@@ -39,9 +38,11 @@ class LineageOptions:
 
 
 def hub_id(given: str) -> str | None:
-    """The Hub repository a path names: 'org/name' as given, or a Hub cache folder models--org--name."""
-    if HUB_ID.match(given) and not Path(given).is_absolute():
-        return given
+    """The Hub repository a path names: 'org/name' as given (of 'org/name@revision' too), or a Hub cache
+    folder models--org--name."""
+    repo = HUB_ID.match(given)
+    if repo and not Path(given).is_absolute():
+        return repo["repo"]
     match = HUB_CACHE.search(given)
     return f"{match[1]}/{match[2]}" if match else None
 

@@ -302,7 +302,7 @@ def check_cache_limit(holders: list[HubShards], cache_max: int) -> None:
     if not cache_max or not any(h.users for h in holders):
         return
     small = sum(_folder_bytes(h.hub.folder) for h in holders)
-    size, biggest = max((h.hub.listed[s].size, s) for h in holders for s in h.users)
+    size, biggest = max((h.hub.listed[s].size, f"{h.hub.repo}/{s}") for h in holders for s in h.users)
     if small + size > cache_max:
         raise CheckpointError(f"--cache-max {cache_max / 1e9:.2f} GB: shard {biggest} alone is {size / 1e9:.2f} GB "
                               f"(beside {small / 1e9:.2f} GB of config and tokenizer)")
