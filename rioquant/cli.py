@@ -107,18 +107,21 @@ def convert(src, out, mmproj, resume, force, threads, no_progress, no_report, ra
 @click.option("--resume", is_flag=True, help="Continue an interrupted write of the same plan.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @no_progress_option
-def mmproj(src, out, qtype, base_models, name, resume, force, no_progress) -> None:
+@hub_options
+def mmproj(src, out, qtype, base_models, name, resume, force, no_progress, cache_dir, cache_max) -> None:
     """Write the vision projector of SRC alone: the mmproj GGUF llama.cpp (--mmproj) and Ollama load.
+    SRC is a checkpoint folder or ORG/REPO[@REVISION] (only the shards holding the tower are fetched).
 
     \b
     Examples:
       rioquant mmproj ./Rio-3.5-Open-397B -o release/mmproj-F16.gguf
       rioquant mmproj ./Rio-3.5-Open-397B -o release/mmproj-Q8_0.gguf --type Q8_0
+      rioquant mmproj Qwen/Qwen3.5-397B-A17B -o release/mmproj-F16.gguf --cache-max 20G
     """
     from rioquant.convert import MetadataOptions, RunOptions
     from rioquant.mmproj import build_mmproj_plan, mmproj_filename, write_mmproj
 
-    plan = build_mmproj_plan(src, qtype, MetadataOptions(tuple(base_models), name))
+    plan = build_mmproj_plan(src, qtype, MetadataOptions(tuple(base_models), name), hub=hub_settings(cache_dir, cache_max))
     run = RunOptions(resume=resume, force=force, progress=not no_progress)
     click.echo(str(write_mmproj(plan, out or Path(mmproj_filename(plan.qtype)), run)))
 
@@ -152,7 +155,8 @@ def plan(src, as_json, mmproj, ctx, cache_type, parallel, kv_unified, cache_dir,
     built = build_plan(src, options, weights_optional=True, hub=hub_settings(cache_dir, cache_max))
     summary = describe_plan(built)
     if mmproj is not None:
-        summary["mmproj"] = describe_mmproj(build_mmproj_plan(src, mmproj, options.metadata, weights_optional=True))
+        summary["mmproj"] = describe_mmproj(build_mmproj_plan(built.source.path, mmproj, options.metadata,
+                                                              weights_optional=True))
     summary["memory"] = plan_memory(built, run_settings(ctx, cache_type, parallel, kv_unified))
     click.echo(json.dumps(summary, indent=2) if as_json else render.plan_table(summary))
 
@@ -310,7 +314,8 @@ def publish(repo_id, folder, dry_run, private, revision, commit_message, base_mo
 @cli.command()
 @click.argument("child")
 @click.option("--parent", "parents", multiple=True, required=True, metavar="MODEL",
-              help="A supposed parent: checkpoint directory or F32/F16/BF16/Q8_0 GGUF (repeat; the last is the reference).")
+              help="A supposed parent: checkpoint directory, F32/F16/BF16/Q8_0 GGUF or ORG/REPO[@REV] "
+                   "(repeat; the last is the reference).")
 @click.option("--parent-repo", "parent_repos", multiple=True, metavar="ORG/REPO",
               help="Hub id of each --parent, in order, for `publish --lineage` (default: the --parent if it reads ORG/NAME).")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None,
@@ -320,14 +325,17 @@ def publish(repo_id, folder, dry_run, private, revision, commit_message, base_mo
 @click.option("--no-plots", is_flag=True, help="With -o: no PNGs.")
 @click.option("--threads", type=int, default=None, help="Pieces read and reduced at once (default: all cores).")
 @no_progress_option
-def lineage(child, parents, parent_repos, out, as_json, top, no_plots, threads, no_progress) -> None:
+@hub_options
+def lineage(child, parents, parent_repos, out, as_json, top, no_plots, threads, no_progress, cache_dir, cache_max) -> None:
     """Show what CHILD is made of: an exact blend of the --parent models, a blend plus an update, or no blend.
+    A model given as ORG/REPO[@REV] is streamed from the Hub; --cache-max bounds all of them together.
 
     \b
     Examples:
       rioquant lineage ./Rio-3.5-Open --parent ./Nex-N2-Pro --parent ./Qwen3.5-397B-A17B -o rio.lineage.json
       rioquant lineage ./merged --parent ./a --parent ./b --parent-repo org/a --parent-repo org/b --json
       rioquant lineage child-BF16.gguf --parent a-Q8_0.gguf --parent ./b
+      rioquant lineage org/merged --parent org/a --parent ./b --cache-max 200G
     """
     from rioquant.errors import LineageError
     from rioquant.lineage.pipeline import LineageOptions, analyse
@@ -335,7 +343,8 @@ def lineage(child, parents, parent_repos, out, as_json, top, no_plots, threads, 
 
     if len(parent_repos) > len(parents):
         raise LineageError(f"{len(parent_repos)} --parent-repo for {len(parents)} --parent: give at most one per parent")
-    report = analyse(child, list(parents), LineageOptions(tuple(parent_repos), progress=not no_progress, threads=threads))
+    options = LineageOptions(tuple(parent_repos), not no_progress, threads, hub_settings(cache_dir, cache_max))
+    report = analyse(child, list(parents), options)
     click.echo(json.dumps(report, indent=1, ensure_ascii=False) if as_json else render_text(report, top), nl=as_json)
     if out is not None:
         write_json(report, out)

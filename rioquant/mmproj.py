@@ -4,12 +4,18 @@ The same steps as convert.py on the checkpoint's vision tower (export/qwen35moe_
 only until the plan is complete, then one tensor at a time through the same resumable writer (temporary
 name, journal, `--resume`, `--force`). `convert_with_mmproj` plans both files before writing either,
 so a bad input (no vision tower, an unknown type) fails before a byte is written.
+
+From ORG/REPO[@REVISION] only the small files and the shards holding tower tensors are fetched (the
+index says which; their headers by range requests), each through the Hub source's verified download
+(`source.hub.HubShards`) just before its first tower tensor is written and deleted after its last; the
+high-water mark is checked against --cache-max before any download.
 """
 
 import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +47,8 @@ from rioquant.progress import progress_bar
 from rioquant.quant import quantize
 from rioquant.quant.plan import Origin, PlanEntry, plan_fingerprint
 from rioquant.quant.recipes import get_recipe
+from rioquant.source import HubOptions, hub_repo_id
+from rioquant.source.hub import HubShards, check_cache_limit, hub_tower
 
 log = logging.getLogger(__name__)
 T = gguf.GGMLQuantizationType
@@ -59,6 +67,8 @@ class MmprojPlan:
     entries: list[PlanEntry]
     qtype: str
     metadata: MetadataOptions
+    identity: str = ""  # what the resume key records as the source (a Hub source: ORG/REPO@COMMIT)
+    shards: HubShards | None = None  # a Hub source's tower shards, on disk only while their tensors are written
 
     @property
     def total_bytes(self) -> int:
@@ -84,28 +94,39 @@ def _preprocessor(src: Path, required: bool) -> dict | None:
         raise CheckpointError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
 
 
-def build_mmproj_plan(src: Path, qtype: str = "F16", metadata: MetadataOptions | None = None,
-                      weights_optional: bool = False) -> MmprojPlan:
+def build_mmproj_plan(src: Path | str, qtype: str = "F16", metadata: MetadataOptions | None = None,
+                      weights_optional: bool = False, hub: HubOptions | None = None) -> MmprojPlan:
     """read → map → plan for the projector, from config.json, preprocessor_config.json and the headers.
 
     With `weights_optional` (the `plan` command) a directory with config.json alone is planned from the
-    shapes config.json implies, as `convert.build_plan` does for the text model.
+    shapes config.json implies, as `convert.build_plan` does for the text model. SRC may be
+    ORG/REPO[@REVISION]: `hub` says where its files go and how much disk they may use at once.
     """
     qtype = _check_type(qtype)
+    repo = hub_repo_id(src)
+    tower = hub_tower(repo["repo"], repo["revision"], hub or HubOptions()) if repo else None
+    src = tower[0].folder if tower else Path(src)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a directory")
     config = read_config(src)
     from_config = weights_optional and not any(src.glob("*.safetensors"))
     preprocessor = _preprocessor(src, required=not from_config) if has_vision(config) else None
     args = vision_args(config, preprocessor, src)  # first: a checkpoint without a tower is refused
-    tensors = config_vision_tensors(args, src / "config.json") if from_config else scan_tensors(src)
+    if tower:
+        tensors = tower[1]
+    else:
+        tensors = config_vision_tensors(args, src / "config.json") if from_config else scan_tensors(src)
     specs = vision_specs(tensors, args, src)
     entries = []
     for spec in specs:
         chosen, why = tensor_type(spec.name, spec.shape, qtype)
         origin = Origin.UNIFORM if chosen == qtype and why.startswith("--mmproj") else Origin.KEPT_F32
         entries.append(PlanEntry(spec.name, spec.shape, chosen, why, nbytes(T[chosen], spec.shape), origin))
-    return MmprojPlan(src, args, specs, entries, qtype, metadata or MetadataOptions())
+    plan = MmprojPlan(src, args, specs, entries, qtype, metadata or MetadataOptions(), str(src.resolve()))
+    if tower:
+        plan.identity, plan.shards = f"{tower[0].repo}@{tower[0].commit}", HubShards(tower[0], specs)
+        check_cache_limit([plan.shards], (hub or HubOptions()).cache_max)
+    return plan
 
 
 def _metadata_writer(plan: MmprojPlan):
@@ -165,7 +186,7 @@ def write_mmproj(plan: MmprojPlan, out: Path, run: RunOptions | None = None, hoo
     needed, free = expected_total_bytes(tensors), hooks.fs.free_bytes(out.parent)
     if needed > free:
         raise PlanError(f"{out.parent}: {needed / 1e9:.2f} GB needed for the mmproj, {free / 1e9:.2f} GB free")
-    fingerprint = plan_fingerprint(plan.entries, {"src": str(plan.src.resolve()), "qtype": plan.qtype,
+    fingerprint = plan_fingerprint(plan.entries, {"src": plan.identity, "qtype": plan.qtype,
                                                   "metadata": asdict(plan.metadata), "args": asdict(plan.args)})
     output = ShardedGGUFOutput(out, tensors, _metadata_writer(plan), fingerprint, resume=run.resume,
                                force=run.force, fs=hooks.fs, arch=ARCH)
@@ -174,9 +195,12 @@ def write_mmproj(plan: MmprojPlan, out: Path, run: RunOptions | None = None, hoo
         for spec, entry in zip(plan.specs, plan.entries, strict=True):
             if not output.is_done(entry.name):
                 hooks.on_tensor(entry)
-                output.write_tensor(entry.name, iter([_quantized(spec, entry, plan.args, run.threads)]))
+                with plan.shards.holding(spec) if plan.shards else nullcontext():
+                    output.write_tensor(entry.name, iter([_quantized(spec, entry, plan.args, run.threads)]))
             bar.update(entry.nbytes)
         (path,) = output.finish()
+        if plan.shards:
+            plan.shards.finish()
     except BaseException:
         output.close()
         raise
@@ -193,9 +217,15 @@ def convert_with_mmproj(src: Path, outputs: Sequence[tuple[Path, ConvertOptions]
 
     The projector is planned first, so a checkpoint without a vision tower fails before any byte of
     the (long) text conversion is written; it is written last, from the same checkpoint.
+
+    From the Hub the two run one after the other: the text conversion has deleted every shard it held
+    before the projector fetches the (few) shards holding tower tensors, so each peak is checked
+    against --cache-max on its own and the disk never holds both. Sharing a shard between them would
+    save its second download (the 397B's tower is 0.9 GB, in one or two shards) but keep it on disk
+    through the whole text conversion, which would then have to fit beside it.
     """
     run = run or RunOptions()
     first_out, first_options = outputs[0]
-    plan = build_mmproj_plan(src, mmproj_type, first_options.metadata)
+    plan = build_mmproj_plan(src, mmproj_type, first_options.metadata, hub=run.hub)
     written = convert_many(src, outputs, run, hooks)
     return [*written, [write_mmproj(plan, first_out.parent / mmproj_filename(plan.qtype), run, hooks)]]

@@ -188,6 +188,7 @@ def test_cli_json_summary_and_figures(family, tmp_path, capsys):
 
 def test_hub_ids_from_what_was_given():
     assert hub_id("Qwen/Qwen3.5-397B-A17B") == "Qwen/Qwen3.5-397B-A17B"
+    assert hub_id("nex/N2-Pro@v2") == "nex/N2-Pro"
     assert hub_id("/hf/hub/models--nex--N2-Pro/snapshots/abc") == "nex/N2-Pro"
     assert hub_id("./ckpt") is None and hub_id("/abs/path") is None
 

@@ -21,11 +21,11 @@ from rioquant.lineage.sources import Source, Unit, open_sources, plan_units, str
 from rioquant.lineage.stats import Candidate, Moments, UnitReducer
 from rioquant.lineage.verdict import judge, merge_exact, overall
 from rioquant.progress import progress_bar
+from rioquant.source import HUB_ID, HubOptions
 
 log = logging.getLogger(__name__)
 REPORT_FORMAT = "rioquant-lineage/1"
 KNOWN_RECIPES = 2  # the most frequent and the most recent recipes found so far: every later unit tests them
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_CACHE = re.compile(r"models--([^/]+?)--([^/]+)")
 
 
@@ -34,12 +34,15 @@ class LineageOptions:
     parent_repos: tuple[str, ...] = ()  # Hub ids of the parents, in --parent order (for the model card)
     progress: bool = True
     threads: int | None = None  # pieces read and reduced at once (default: the cores this process may use)
+    hub: HubOptions = HubOptions()  # ORG/REPO models: their cache folders and the disk their shards share
 
 
 def hub_id(given: str) -> str | None:
-    """The Hub repository a path names: 'org/name' as given, or a Hub cache folder models--org--name."""
-    if HUB_ID.match(given) and not Path(given).is_absolute():
-        return given
+    """The Hub repository a path names: 'org/name' as given (of 'org/name@revision' too), or a Hub cache
+    folder models--org--name."""
+    repo = HUB_ID.match(given)
+    if repo and not Path(given).is_absolute():
+        return repo["repo"]
     match = HUB_CACHE.search(given)
     return f"{match[1]}/{match[2]}" if match else None
 
@@ -59,7 +62,7 @@ class _Tensor:
 def analyse(child: str, parents: list[str], options: LineageOptions = LineageOptions()) -> dict:
     """Compare CHILD with its supposed parents; the report as a JSON-ready dict (see rioquant.lineage)."""
     started = time.perf_counter()
-    child_source, parent_sources = open_sources(child, parents)
+    child_source, parent_sources = open_sources(child, parents, options.hub)
     sources = [child_source, *parent_sources]
     letters = [chr(ord("A") + i) for i in range(len(parents))]
     units = plan_units(sources)
@@ -113,6 +116,8 @@ def analyse(child: str, parents: list[str], options: LineageOptions = LineageOpt
         tensors.append({"name": unit.name, **_where(unit.name), **record})
         del gathering[unit.name]
     bar.close()
+    for source in sources:
+        source.finish()
     seconds = time.perf_counter() - started
     model = overall(tensors, totals, letters)
     repos = list(options.parent_repos) + [hub_id(p) for p in parents[len(options.parent_repos):]]

@@ -10,13 +10,21 @@ hold the same quantity.
 A piece is a run of rows of one tensor (or of one expert slab): the unit of reading. Every source's
 piece is one positioned read, through a view of the reader's own tensor record moved to the piece's
 first byte; a transformed tensor is read whole, once.
+
+A model may also be ORG/REPO[@REVISION] on the Hub: its headers are read by range requests and its
+shards fetched by the Hub source's own holding (`source.hub.HubShards`), in the order lineage walks the
+child's tensors, and deleted after the last tensor read from them. While any source streams, the
+stream drains at each tensor's end before the next tensor's shards are fetched, so at most one
+tensor's shards per model are on disk; --cache-max bounds all Hub models' shards together (one disk),
+checked before the first download.
 """
 
 import json
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TypeVar
@@ -32,6 +40,8 @@ from rioquant.export.tensor_map import TensorSpec
 from rioquant.files.gguf_file import TensorInfo, nbytes, read_tensor_bytes
 from rioquant.files.gguf_set import open_set
 from rioquant.quant import dequantize
+from rioquant.source import HubOptions, hub_repo_id
+from rioquant.source.hub import INDEX, HubRepo, HubShards, check_cache_limit, hub_checkpoint
 
 T = TypeVar("T")
 PIECE_ELEMENTS = 1 << 22  # 4 M elements: 16 MB of float32 per source and piece
@@ -65,8 +75,23 @@ class Tensor:
 class Source:
     """A model opened for lineage: `given` is how the user named it, `tensors` maps GGUF names."""
 
-    def __init__(self, given: str, path: Path, kind: str, args: ModelArgs, tensors: dict[str, Tensor]) -> None:
+    def __init__(self, given: str, path: Path, kind: str, args: ModelArgs, tensors: dict[str, Tensor],
+                 hub: HubRepo | None = None) -> None:
         self.given, self.path, self.kind, self.args, self.tensors = given, path, kind, args, tensors
+        self.hub = hub  # a Hub model: its shards are fetched inside `holding`
+        self.shards: HubShards | None = None  # set once the order of reading is known (`open_sources`)
+
+    @property
+    def streams(self) -> bool:
+        return self.hub is not None
+
+    def holding(self, name: str) -> AbstractContextManager:
+        """The window in which tensor `name`'s bytes are on disk (a Hub model's shards; else always)."""
+        return self.shards.holding(self.tensors[name].record) if self.shards else nullcontext()
+
+    def finish(self) -> None:
+        if self.shards:
+            self.shards.finish()
 
     def read(self, name: str, expert: int | None, rows: tuple[int, int], raw: bool = False) -> tuple[np.ndarray, int]:
         """Rows [r0, r1) of tensor `name` (of its expert slab) as flat float32 — or, with `raw`, a bfloat16
@@ -142,11 +167,21 @@ def _open_checkpoint(given: str, path: Path, transforms: bool) -> Source:
     except json.JSONDecodeError as err:
         raise LineageError(f"{config_path}: invalid JSON ({err.msg} at line {err.lineno})") from None
     args = model_args(config, str(config_path))
-    tensors = {}
-    for spec in tensor_specs(scan_tensors(path), args, with_mtp=True):
-        storage = spec.pieces[0].source.dtype
-        tensors[spec.name] = Tensor(spec.name, spec.shape, storage, spec, spec.transform if transforms else None)
-    return Source(given, path, "checkpoint", args, tensors)
+    return _checkpoint_source(given, path, args, tensor_specs(scan_tensors(path), args, with_mtp=True), transforms)
+
+
+def _open_hub(given: str, transforms: bool, options: HubOptions) -> Source:
+    """ORG/REPO[@REVISION]: config and index downloaded, every shard's header read by range requests."""
+    match = hub_repo_id(given)
+    hub, _, args, tensors = hub_checkpoint(match["repo"], match["revision"], options, small=("config.json", INDEX))
+    return _checkpoint_source(given, hub.folder, args, tensor_specs(tensors, args, with_mtp=True), transforms, hub)
+
+
+def _checkpoint_source(given: str, path: Path, args: ModelArgs, specs: list[TensorSpec], transforms: bool,
+                       hub: HubRepo | None = None) -> Source:
+    tensors = {spec.name: Tensor(spec.name, spec.shape, spec.pieces[0].source.dtype, spec,
+                                 spec.transform if transforms else None) for spec in specs}
+    return Source(given, path, "checkpoint", args, tensors, hub)
 
 
 def _open_gguf(given: str, path: Path) -> Source:
@@ -163,26 +198,44 @@ def _open_gguf(given: str, path: Path) -> Source:
     return Source(given, path, "gguf", gguf_model_args(model), tensors)
 
 
-def open_sources(child: str, parents: list[str]) -> tuple[Source, list[Source]]:
-    """Open every model and check that they can be compared: same architecture, same tensors and shapes."""
+def open_sources(child: str, parents: list[str], hub: HubOptions | None = None) -> tuple[Source, list[Source]]:
+    """Open every model and check that they can be compared: same architecture, same tensors and shapes.
+    A Hub model's shards are then planned in the child's tensor order, and --cache-max checked for all."""
     if len(parents) < 2:
         raise LineageError(f"{len(parents)} --parent given: a blend needs at least two parents")
     given = [child, *parents]
     paths = [Path(g) for g in given]
-    for path in paths:
-        if not path.exists():
+    for g, path in zip(given, paths, strict=True):
+        if not path.exists() and not hub_repo_id(g):
             raise LineageError(f"{path}: no such checkpoint directory or GGUF file")
     transforms = any(p.is_file() for p in paths)
     sources = []
     for g, p in zip(given, paths, strict=True):
         try:
-            sources.append(_open_checkpoint(g, p, transforms) if p.is_dir() else _open_gguf(g, p))
+            if hub_repo_id(g):
+                sources.append(_open_hub(g, transforms, hub or HubOptions()))
+            else:
+                sources.append(_open_checkpoint(g, p, transforms) if p.is_dir() else _open_gguf(g, p))
         except CheckpointError as err:  # name the model: "checkpoint has no tensor …" does not
             raise LineageError(str(err) if str(p) in str(err) else f"{p}: {err}") from None
     first = sources[0]
     for other in sources[1:]:
         _check_same(first, other)
+    _plan_downloads(sources, (hub or HubOptions()).cache_max)
     return first, sources[1:]
+
+
+def _plan_downloads(sources: list[Source], cache_max: int) -> None:
+    """Each Hub model's shards held in the order `stream` reads tensors (the child's), all within --cache-max."""
+    streamed = [s for s in sources if s.hub is not None]
+    seen: dict[Path, str] = {}
+    for source in streamed:
+        if source.hub.folder in seen:
+            raise LineageError(f"{source.given}: the same repository as {seen[source.hub.folder]} (one cache "
+                               "folder); download one of them and give its folder")
+        seen[source.hub.folder] = source.given
+        source.shards = HubShards(source.hub, [source.tensors[name].record for name in sources[0].tensors])
+    check_cache_limit([s.shards for s in streamed], cache_max)
 
 
 def _check_same(first: Source, other: Source) -> None:
@@ -249,30 +302,63 @@ def stream(units: list[Unit], sources: list[Source], prepare: Callable[[Unit, in
     threads reads the piece from every source (child first) and runs the work on it. Positioned reads,
     numpy conversions and the Numba kernels all release the GIL, so the disk and every core stay busy;
     at most 2 × threads pieces are in flight, which bounds memory, and the kernel is asked to read the
-    next PREFETCH pieces ahead (their pages may be dropped again under memory pressure: no harm)."""
+    next PREFETCH pieces ahead (their pages may be dropped again under memory pressure: no harm).
+
+    With a Hub model among the sources, a piece is read only inside every source's `holding` window for
+    its tensor, one tensor at a time: the next tensor's shards are fetched once this one's pieces are all
+    in. Its work is still prepared at the same point as without (the recipes it tests depend on it, so
+    the report does not change), only its read waits; no read-ahead is asked (the shards were just
+    written: their pages are in memory)."""
     jobs = [(u, i) for u in units for i in range(len(u.pieces))]
-    window: deque[tuple[Unit, int, Future]] = deque()
+    window: deque[list] = deque()  # [unit, piece index, work, future or None while its tensor is not held]
     depth = 2 * threads
+    streaming = any(s.streams for s in sources)
+    held = _Held(sources)
 
     def prefetch(j: int) -> None:
-        if j < len(jobs):
+        if j < len(jobs) and not streaming:
             unit, i = jobs[j]
             for source in sources:
                 source.prefetch(unit.name, unit.expert, unit.pieces[i])
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        def submit(j: int) -> None:
+        def submit(entry: list) -> None:
+            if entry[3] is None and (not streaming or entry[0].name == held.name):
+                entry[3] = pool.submit(_read_then, sources, entry[0], entry[1], entry[2])
+
+        def add(j: int) -> None:
             if j < len(jobs):
                 unit, i = jobs[j]
-                window.append((unit, i, pool.submit(_read_then, sources, unit, i, prepare(unit, i))))
+                window.append([unit, i, prepare(unit, i), None])
+                submit(window[-1])
 
         for j in range(PREFETCH + depth):
             prefetch(j)
         for j in range(depth):
-            submit(j)
+            add(j)
         for j in range(len(jobs)):
-            unit, i, future = window.popleft()
+            if streaming and window[0][0].name != held.name:  # every piece of the held tensor is in
+                held.move_to(window[0][0].name)
+                for entry in window:
+                    submit(entry)
+            unit, i, _, future = window.popleft()
             result, nbytes = future.result()
             yield unit, i, result, nbytes
-            submit(j + depth)
+            add(j + depth)
             prefetch(j + depth + PREFETCH)
+        held.move_to(None)
+
+
+class _Held:
+    """The one tensor whose bytes every streaming source keeps on disk while `stream` reads it."""
+
+    def __init__(self, sources: list[Source]) -> None:
+        self.sources, self.name, self.windows = sources, None, ExitStack()
+
+    def move_to(self, name: str | None) -> None:
+        """Close the held tensor's windows (its shards may go), then open `name`'s (its shards come)."""
+        self.windows.close()
+        self.windows, self.name = ExitStack(), name
+        if name is not None:
+            for source in self.sources:
+                self.windows.enter_context(source.holding(name))

@@ -111,9 +111,15 @@ def open_source(src: str | Path, with_mtp: bool = True, weights_optional: bool =
         from rioquant.source.gguf_source import gguf_source
 
         return gguf_source(path, with_mtp)
-    match = HUB_ID.match(str(src))
-    if not path.exists() and match:
+    match = hub_repo_id(src)
+    if match:
         from rioquant.source.hub import hub_source
 
         return hub_source(match["repo"], match["revision"], with_mtp, weights_optional, hub or HubOptions())
     return checkpoint_source(path, with_mtp, weights_optional)
+
+
+def hub_repo_id(src: str | Path) -> re.Match | None:
+    """SRC as ORG/REPO[@REVISION] (groups `repo`, `revision`) when it names no local path, else None."""
+    match = HUB_ID.match(str(src))
+    return match if match and not Path(src).exists() else None

@@ -10,6 +10,11 @@ them is written. Which shards are on disk together is decided by the plan alone,
 is checked before anything is downloaded. Only files the repository lists are fetched, and only under
 names that stay inside the cache folder.
 
+The same holding (`HubShards`, one per repository, in the order its consumer reads tensors) serves
+`mmproj ORG/REPO` (the shards the index lists tower tensors in: `hub_tower`) and `lineage` (every
+shard of each Hub model, in the order lineage walks the child's tensors: `hub_checkpoint`), and
+`check_cache_limit` checks what several repositories hold together.
+
 Why not `snapshot_download`: it fetches everything at once (807 GB for the 397B); why not reading
 tensors over HTTP ranges: a shard is read several times (experts, scales), and a local file makes
 `--resume` and the byte-exact readers the same as for a local checkpoint.
@@ -21,6 +26,7 @@ import hashlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import huggingface_hub
@@ -34,9 +40,16 @@ from huggingface_hub.errors import (
 )
 
 from rioquant.errors import CheckpointError
-from rioquant.export.checkpoint import checkpoint_files, read_config, read_header, with_block_scales
-from rioquant.export.qwen35moe import model_args, tensor_specs
-from rioquant.export.tensor_map import TensorSpec
+from rioquant.export.checkpoint import (
+    SourceTensor,
+    checkpoint_files,
+    read_config,
+    read_header,
+    with_block_scales,
+)
+from rioquant.export.qwen35moe import ModelArgs, model_args, tensor_specs
+from rioquant.export.qwen35moe_vision import PREPROCESSOR
+from rioquant.export.tensor_map import VISION_PREFIXES, TensorSpec
 from rioquant.files.disk import is_confined_name
 from rioquant.source import HubOptions, Source, checkpoint_source
 
@@ -65,24 +78,26 @@ def _hub_call(what: str, call, *args, **kwargs):
         raise CheckpointError(f"{what}: {str(err).splitlines()[0]}") from None
 
 
-class HubSource(Source):
-    """A checkpoint whose shards live on the Hub until `holding` needs them."""
+class HubShards:
+    """The shards of one Hub revision that `specs` read, each on disk only while a tensor reading it is held.
 
-    streams = True  # one tensor's shards on disk at a time: the high-water mark --cache-max is checked for
-    cluster_readable = False  # its shards come and go on this machine only
+    `specs` is the order the consumer holds its tensors in (a conversion's plan, the projector's table,
+    lineage's walk over the child's tensors): a shard is deleted once the last of them is done, so which
+    shards share the disk is known from that order before anything is downloaded (`check_cache_limit`).
+    """
 
-    def attach(self, repo: str, commit: str, folder: Path, listed: dict, cache_max: int) -> None:
-        self.repo, self.commit, self.folder, self.listed, self.cache_max = repo, commit, folder, listed, cache_max
-        self.users: dict[str, int] = {}  # shard → tensors still to write that read it
-        for spec in self.specs:
-            for shard in _shards_of(spec, self.folder):
+    def __init__(self, hub: HubRepo, specs: list[TensorSpec]) -> None:
+        self.hub, self.specs = hub, specs
+        self.users: dict[str, int] = {}  # shard → tensors still to hold that read it
+        for spec in specs:
+            for shard in _shards_of(spec, hub.folder):
                 self.users[shard] = self.users.get(shard, 0) + 1
         self.verified: set[str] = set()
         self.high_water = 0  # the most bytes the cache folder held at once (measured)
 
     @contextmanager
     def holding(self, spec: TensorSpec) -> Iterator[None]:
-        shards = sorted(_shards_of(spec, self.folder))
+        shards = sorted(_shards_of(spec, self.hub.folder))
         for shard in shards:
             self._fetch(shard)
         yield
@@ -93,31 +108,54 @@ class HubSource(Source):
 
     def finish(self) -> None:
         """Shards left by a resumed run (their tensors were written before the kill) go too."""
-        for shard in list(self.verified):
+        for shard in self.users:
             self._delete(shard)
-        log.info("%s: the cache held at most %.2f GB", self.repo, self.high_water / 1e9)
+        log.info("%s: the cache held at most %.2f GB", self.hub.repo, self.high_water / 1e9)
+
+    def live_bytes(self) -> list[int]:
+        """Bytes of shards on disk while each spec is held: those between their first and last reader."""
+        first: dict[str, int] = {}
+        last: dict[str, int] = {}
+        for i, spec in enumerate(self.specs):
+            for shard in _shards_of(spec, self.hub.folder):
+                first.setdefault(shard, i)
+                last[shard] = i
+        return [sum(self.hub.listed[s].size for s in first if first[s] <= i <= last[s]) for i in range(len(self.specs))]
 
     def _fetch(self, shard: str) -> None:
         if shard in self.verified:
             return
-        path = self.folder / shard
+        hub, path = self.hub, self.hub.folder / shard
         for _ in range(VERIFY_ATTEMPTS):
-            _hub_call(f"{self.repo}/{shard}", hf_hub_download, self.repo, shard, revision=self.commit,
-                      local_dir=self.folder)
-            self.high_water = max(self.high_water, _folder_bytes(self.folder))
-            problem = _mismatch(path, self.listed[shard])
+            hub.download(shard)
+            self.high_water = max(self.high_water, _folder_bytes(hub.folder))
+            problem = _mismatch(path, hub.listed[shard])
             if problem is None:
                 self.verified.add(shard)
                 return
-            log.warning("%s/%s: %s; fetching it again", self.repo, shard, problem)
+            log.warning("%s/%s: %s; fetching it again", hub.repo, shard, problem)
             self._delete(shard)
-        raise CheckpointError(f"{self.repo}/{shard}: {problem} after {VERIFY_ATTEMPTS} downloads; refusing to convert it")
+        raise CheckpointError(f"{hub.repo}/{shard}: {problem} after {VERIFY_ATTEMPTS} downloads; refusing to convert it")
 
     def _delete(self, shard: str) -> None:
-        (self.folder / shard).unlink(missing_ok=True)
-        for meta in (self.folder / ".cache" / "huggingface" / "download").glob(f"{shard}.*"):
+        (self.hub.folder / shard).unlink(missing_ok=True)
+        for meta in (self.hub.folder / ".cache" / "huggingface" / "download").glob(f"{shard}.*"):
             meta.unlink(missing_ok=True)  # huggingface_hub's record of the file: it would trust a new one
         self.verified.discard(shard)
+
+
+class HubSource(Source):
+    """A checkpoint whose shards live on the Hub until `holding` needs them."""
+
+    streams = True  # one tensor's shards on disk at a time: the high-water mark --cache-max is checked for
+    cluster_readable = False  # its shards come and go on this machine only
+    shards: HubShards
+
+    def holding(self, spec: TensorSpec):
+        return self.shards.holding(spec)
+
+    def finish(self) -> None:
+        self.shards.finish()
 
 
 def _shards_of(spec: TensorSpec, folder: Path) -> set[str]:
@@ -171,68 +209,107 @@ def cache_folder(repo: str, cache_dir: Path | None) -> Path:
     return (cache_dir or Path(constants.HF_HOME) / "rioquant") / repo
 
 
-def hub_source(repo: str, revision: str | None, with_mtp: bool, weights_optional: bool, options: HubOptions) -> Source:
-    """The Hub repository as a source; `weights_optional` (the `plan` command) downloads the small files only."""
+@dataclass(frozen=True)
+class HubRepo:
+    """One revision of a Hub repository: its commit, the files it lists (confined names) and the cache folder."""
+
+    repo: str
+    commit: str
+    folder: Path
+    listed: dict
+
+    def download(self, name: str) -> None:
+        """`hf_hub_download` into the folder: it resumes a partial file and skips one already complete."""
+        _hub_call(f"{self.repo}/{name}", hf_hub_download, self.repo, name, revision=self.commit, local_dir=self.folder)
+
+    def headers(self, shards: list[str]) -> dict[str, SourceTensor]:
+        """The shards' tensors, from their headers read by range requests (nothing downloaded)."""
+        tensors: dict[str, SourceTensor] = {}
+        for shard in shards:
+            tensors |= read_header(self.folder / shard, _range_reader(self.repo, shard, self.commit), self.listed[shard].size)
+        return tensors
+
+
+def open_repo(repo: str, revision: str | None, options: HubOptions, small: tuple[str, ...]) -> HubRepo:
+    """The repository's listing, and those of the `small` files it has downloaded (config.json required)."""
     folder = cache_folder(repo, options.cache_dir)
     info = _hub_call(repo, HfApi().model_info, repo, revision=revision, files_metadata=True)
     listed = {s.rfilename: s for s in info.siblings or [] if is_confined_name(s.rfilename)}
-    folder.mkdir(parents=True, exist_ok=True)
-    small = [name for name in SMALL_FILES if name in listed and not (weights_optional and name == INDEX)]
-    if "config.json" not in small:
+    if "config.json" not in listed:
         raise CheckpointError(f"{repo}@{info.sha}: no config.json (is it a Hugging Face checkpoint?)")
+    folder.mkdir(parents=True, exist_ok=True)
+    hub = HubRepo(repo, info.sha, folder, listed)
     for name in small:
-        _hub_call(f"{repo}/{name}", hf_hub_download, repo, name, revision=info.sha, local_dir=folder)
-    identity = f"{repo}@{info.sha}"
+        if name in listed:
+            hub.download(name)
+    return hub
+
+
+def hub_checkpoint(repo: str, revision: str | None, options: HubOptions,
+                   small: tuple[str, ...] = SMALL_FILES) -> tuple[HubRepo, dict, ModelArgs, dict[str, SourceTensor]]:
+    """A Hub checkpoint as `convert` and `lineage` read it: config, arguments and every shard's tensors."""
+    hub = open_repo(repo, revision, options, small)
+    config = read_config(hub.folder)
+    tensors = with_block_scales(hub.headers(_shard_names(hub)), config, hub.folder / "config.json")
+    return hub, config, model_args(config, str(hub.folder / "config.json")), tensors
+
+
+def hub_source(repo: str, revision: str | None, with_mtp: bool, weights_optional: bool, options: HubOptions) -> Source:
+    """The Hub repository as a source; `weights_optional` (the `plan` command) downloads the small files only."""
     if weights_optional:
-        source = checkpoint_source(folder, with_mtp, weights_optional=True)
-        source.identity = identity
+        hub = open_repo(repo, revision, options, tuple(n for n in SMALL_FILES if n != INDEX))
+        source = checkpoint_source(hub.folder, with_mtp, weights_optional=True)
+        source.identity = f"{repo}@{hub.commit}"
         return source
-    shards = _shard_names(repo, folder, listed)
-    config = read_config(folder)
-    tensors = {}
-    for shard in shards:
-        tensors |= read_header(folder / shard, _range_reader(repo, shard, info.sha), listed[shard].size)
-    tensors = with_block_scales(tensors, config, folder / "config.json")
-    args = model_args(config, str(folder / "config.json"))
-    source = HubSource(folder, config, args, tensor_specs(tensors, args, with_mtp), identity=identity)
-    source.attach(repo, info.sha, folder, listed, options.cache_max)
-    _check_cache_limit(source, _folder_bytes(folder), options.cache_max)
+    hub, config, args, tensors = hub_checkpoint(repo, revision, options)
+    source = HubSource(hub.folder, config, args, tensor_specs(tensors, args, with_mtp), identity=f"{repo}@{hub.commit}")
+    source.shards = HubShards(hub, source.specs)
+    check_cache_limit([source.shards], options.cache_max)
     return source
 
 
-def _shard_names(repo: str, folder: Path, listed: dict) -> list[str]:
+def hub_tower(repo: str, revision: str | None, options: HubOptions) -> tuple[HubRepo, dict[str, SourceTensor]]:
+    """The vision tower's tensors, from the headers of only the shards the index says hold them (all of
+    `model.safetensors` without an index); text tensors in those shards are left out."""
+    hub = open_repo(repo, revision, options, (*SMALL_FILES, PREPROCESSOR))
+    promised = checkpoint_files(hub.folder) if (hub.folder / INDEX).is_file() else {hub.folder / "model.safetensors": None}
+    shards = [p.relative_to(hub.folder).as_posix() for p, names in promised.items()
+              if names is None or any(n.startswith(VISION_PREFIXES) for n in names)]
+    _check_listed(hub, shards)
+    tower = {n: t for n, t in hub.headers(sorted(shards)).items() if n.startswith(VISION_PREFIXES)}
+    return hub, with_block_scales(tower, read_config(hub.folder), hub.folder / "config.json")
+
+
+def _shard_names(hub: HubRepo) -> list[str]:
     """The weight files, from the index (each a file the repo lists, under a confined name) or the single file."""
-    if (folder / INDEX).is_file():
-        names = sorted({p.relative_to(folder).as_posix() for p in checkpoint_files(folder)})  # the index's names, confined
+    if (hub.folder / INDEX).is_file():
+        names = sorted({p.relative_to(hub.folder).as_posix() for p in checkpoint_files(hub.folder)})  # confined
     else:
         names = ["model.safetensors"]
-    missing = next((n for n in names if n not in listed), None)
-    if missing is not None:
-        raise CheckpointError(f"{repo}: {missing} is not a file the repository lists")
+    _check_listed(hub, names)
     return names
 
 
-def _check_cache_limit(source: HubSource, small_bytes: int, cache_max: int) -> None:
-    """Before any download: the largest set of shards the plan holds at once must fit in --cache-max."""
-    if not cache_max:
+def _check_listed(hub: HubRepo, names: list[str]) -> None:
+    missing = next((n for n in names if n not in hub.listed), None)
+    if missing is not None:
+        raise CheckpointError(f"{hub.repo}: {missing} is not a file the repository lists")
+
+
+def check_cache_limit(holders: list[HubShards], cache_max: int) -> None:
+    """Before any download: the shards all `holders` keep on disk at once (they hold their i-th tensors
+    together, one index at a time), beside their small files, must fit in --cache-max."""
+    if not cache_max or not any(h.users for h in holders):
         return
-    size = {name: source.listed[name].size for name in source.users}
-    biggest = max(size, key=size.get)
-    if small_bytes + size[biggest] > cache_max:
-        raise CheckpointError(f"--cache-max {cache_max / 1e9:.2f} GB: shard {biggest} alone is {size[biggest] / 1e9:.2f} GB "
-                              f"(beside {small_bytes / 1e9:.2f} GB of config and tokenizer)")
-    first, last = {}, {}
-    for i, spec in enumerate(source.specs):
-        for shard in _shards_of(spec, source.folder):
-            first.setdefault(shard, i)
-            last[shard] = i
-    peak, at = 0, 0
-    for i in range(len(source.specs)):
-        live = sum(size[s] for s in size if first[s] <= i <= last[s])
-        if live > peak:
-            peak, at = live, i
-    if small_bytes + peak > cache_max:
-        raise CheckpointError(f"--cache-max {cache_max / 1e9:.2f} GB: writing {source.specs[at].name} needs "
-                              f"{(small_bytes + peak) / 1e9:.2f} GB of shards on disk at once; raise --cache-max")
-    source.planned_peak = small_bytes + peak
-    log.info("%s: at most %.2f GB of shards on disk at once", source.repo, source.planned_peak / 1e9)
+    small = sum(_folder_bytes(h.hub.folder) for h in holders)
+    size, biggest = max((h.hub.listed[s].size, f"{h.hub.repo}/{s}") for h in holders for s in h.users)
+    if small + size > cache_max:
+        raise CheckpointError(f"--cache-max {cache_max / 1e9:.2f} GB: shard {biggest} alone is {size / 1e9:.2f} GB "
+                              f"(beside {small / 1e9:.2f} GB of config and tokenizer)")
+    live = [sum(step) for step in zip(*(h.live_bytes() for h in holders), strict=True)]
+    at = max(range(len(live)), key=live.__getitem__)
+    if small + live[at] > cache_max:
+        raise CheckpointError(f"--cache-max {cache_max / 1e9:.2f} GB: {holders[0].specs[at].name} needs "
+                              f"{(small + live[at]) / 1e9:.2f} GB of shards on disk at once; raise --cache-max")
+    log.info("%s: at most %.2f GB of shards on disk at once", ", ".join(h.hub.repo for h in holders),
+             (small + live[at]) / 1e9)
