@@ -213,7 +213,7 @@ def bf16_gguf(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mix", ["Q8_0", "Q4_K_M"])
+@pytest.mark.parametrize("mix", ["Q8_0", "Q4_K_M", "Q2_K"])
 def test_gguf_source_equals_llama_quantize(bf16_gguf, tmp_path, mix):
     """The whole file, header to last byte: keys copied in order, tensors in llama-quantize's order and shapes."""
     ref = llama_quantize(bf16_gguf, tmp_path / "llama.gguf", LlamaFileType[f"MOSTLY_{mix}"])

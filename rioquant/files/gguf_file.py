@@ -85,6 +85,7 @@ class GGUFHeader:
     path: Path
     metadata: dict[str, object]
     value_types: dict[str, GGUFValueType]
+    array_item_types: dict[str, GGUFValueType]  # of each array-valued key: what a copy must write again
     tensors: list[TensorInfo]
     data_offset: int
     file_size: int
@@ -144,10 +145,13 @@ def read_header(path: Path, max_header_bytes: int = 256 * 1024 * 1024) -> GGUFHe
             raise GGUFError(f"{path}: GGUF version {version} is not supported")
         metadata: dict[str, object] = {}
         types: dict[str, GGUFValueType] = {}
+        item_types: dict[str, GGUFValueType] = {}
         for _ in range(n_kv):
             key = cur.string()
             (vtype,) = cur.unpack("<I")
             types[key] = GGUFValueType(vtype)
+            if types[key] == V.ARRAY:
+                item_types[key] = GGUFValueType(struct.unpack_from("<I", data, cur.pos)[0])
             metadata[key] = cur.value(types[key])
         raw = []
         for _ in range(n_tensors):
@@ -163,7 +167,7 @@ def read_header(path: Path, max_header_bytes: int = 256 * 1024 * 1024) -> GGUFHe
     alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))  # type: ignore[arg-type]
     data_offset = (cur.pos + alignment - 1) // alignment * alignment
     infos = [TensorInfo(name, shape, qtype, offset, path, data_offset + offset) for name, shape, qtype, offset in raw]
-    return GGUFHeader(path, metadata, types, infos, data_offset, size)
+    return GGUFHeader(path, metadata, types, item_types, infos, data_offset, size)
 
 
 def read_tensor_bytes(tensor: TensorInfo, index: int | None = None) -> np.ndarray:
