@@ -4,17 +4,21 @@ Parents A and B are two fine-tunes of one base, so the trap is live: an independ
 base regresses onto them at about 0.5/0.5 and must still be called no blend. Children are made with
 torch, not with rioquant's kernels; the kernels are also checked against slow numpy references.
 
-mergekit is not used as the child maker: mergekit 0.1.5 (PyPI) imports pydantic, transformers,
-accelerate, peft, datasets and scipy through `mergekit.merge_methods`, none of which the test
-environment has (and pip may not replace its CPU torch). Its linear merge is Σ w_i·P_i accumulated in
-float32 (`addcmul_`), divided by Σ w_i, cast to the tensors' dtype: `blend_f32` here. Older mergekit held
-weights and products in the tensors' dtype: `blend_bf16`.
+One child is made by mergekit itself (0.1.5, the `test` extra), an oracle independent of this code and
+of the fixtures: `mergekit-yaml` with a linear merge of A and B. mergekit has no JSON definition of
+qwen3_5_moe; it infers the architecture from the checkpoints' tensor names (`mergekit.architecture.auto`),
+which is how it merges any architecture it does not list. Its linear merge accumulates Σ w_i·P_i with
+`addcmul_` in float32 (weights as float32), divides by Σ w_i and casts to the output dtype. The other
+children are made with torch: `blend_f32` (a·A + b·B in float32, then cast), and `blend_bf16` (older
+mergekit: weights and products in the tensors' dtype).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +165,27 @@ def test_unrelated_model_is_no_blend(reports):
     assert r["verdict"] == NO_BLEND
     assert all(t["verdict"] == NO_BLEND for t in _evidence(r))
     assert abs(r["fit"]["weight_sum"]) < 0.1  # W − B shares −B with A − B, but no weights summing to one
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_mergekit_linear_merge_is_an_exact_blend(family, tmp_path, dtype):
+    """A 0.6/0.4 linear merge made by mergekit's own CLI. The weights it really uses are float32(0.6) and
+    float32(0.4) (it casts them to float32): a float32 child pins them to ~1e-8, 0.6 itself falls outside."""
+    a, b = str(family["A"]), str(family["B"])
+    config = tmp_path / "merge.yml"
+    config.write_text(json.dumps({"merge_method": "linear", "dtype": dtype, "models": [
+        {"model": a, "parameters": {"weight": 0.6}}, {"model": b, "parameters": {"weight": 0.4}}]}))
+    out = tmp_path / "merged"
+    subprocess.run([sys.executable, "-m", "mergekit.scripts.run_yaml", str(config), str(out), "--quiet",
+                    "--no-copy-tokenizer", "--no-write-model-card"], check=True, capture_output=True)
+    r = analyse(str(out), [a, b])
+    assert r["verdict"] == EXACT
+    weights = {a: float(np.float32(0.6)), b: float(np.float32(0.4))}
+    for parent, w in weights.items():
+        assert r["coefficients"][parent] == pytest.approx(w, abs=1e-3)
+        assert r["intervals"][parent][0] <= w <= r["intervals"][parent][1], (parent, r["intervals"][parent])
+    assert all(t["verdict"] == EXACT for t in _evidence(r))
+    assert _covered(r, lambda t: weights[a]) >= COVERAGE
 
 
 # -- command line, JSON, summary, figures ----------------------------------------------------------
