@@ -35,7 +35,10 @@ from rioquant.testing.lineage_models import UNTOUCHED, build_family, load, save
 
 BF16 = lambda x: float(torch.tensor(x, dtype=torch.bfloat16))  # noqa: E731
 BIG = 1024  # tensors at least this large have a bootstrap interval worth checking
-COVERAGE = 0.8  # 95 % intervals: of ~40 such tensors a few may miss by chance (the seeds are fixed)
+# 95 % intervals hold the weight used in 228 of the 234 large tensors of the children below (97 %; 20 fresh
+# families: 96 %). Per child (39 tensors) 3 misses are allowed: at a true 95 %, 4 or more happen 13 % of
+# the time, so a reseeded family may need a look, not a looser bound (the seeds are fixed).
+COVERAGE = 0.9
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +173,9 @@ def test_unrelated_model_is_no_blend(reports):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_mergekit_linear_merge_is_an_exact_blend(family, tmp_path, dtype):
     """A 0.6/0.4 linear merge made by mergekit's own CLI. The weights it really uses are float32(0.6) and
-    float32(0.4) (it casts them to float32): a float32 child pins them to ~1e-8, 0.6 itself falls outside."""
+    float32(0.4) (it casts them to float32); a float32 child pins them to ~1e-8. Its `addcmul_` fuses the
+    multiply-add on this CPU, so ~1e-4 of a bfloat16 child's elements differ from the unfused recipes:
+    the verdict stands on the ≥ 99 % bit-exact rate."""
     a, b = str(family["A"]), str(family["B"])
     config = tmp_path / "merge.yml"
     config.write_text(json.dumps({"merge_method": "linear", "dtype": dtype, "models": [
