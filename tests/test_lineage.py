@@ -8,7 +8,7 @@ One child is made by mergekit itself (0.1.5, the `test` extra), an oracle indepe
 of the fixtures: `mergekit-yaml` with a linear merge of A and B. mergekit has no JSON definition of
 qwen3_5_moe; it infers the architecture from the checkpoints' tensor names (`mergekit.architecture.auto`),
 which is how it merges any architecture it does not list. Its linear merge accumulates Σ w_i·P_i with
-`addcmul_` in float32 (weights as float32), divides by Σ w_i and casts to the output dtype. The other
+`addcmul_` in float32 (weights as float32; fused multiply-adds), divides by Σ w_i, casts to the output dtype. The other
 children are made with torch: `blend_f32` (a·A + b·B in float32, then cast), and `blend_bf16` (older
 mergekit: weights and products in the tensors' dtype).
 """
@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from rioquant.cli import main
 from rioquant.lineage import kernels
 from rioquant.lineage.pipeline import analyse, hub_id
-from rioquant.lineage.stats import MODE_BFLOAT16, MODE_FLOAT32, UnitReducer, _bf16
+from rioquant.lineage.stats import MODE_BFLOAT16, MODE_FLOAT32, MODE_FUSED, UnitReducer, _bf16
 from rioquant.lineage.verdict import EXACT, MIN_FIT_ELEMENTS, NO_BLEND, NO_EVIDENCE, UPDATE, judge
 from rioquant.testing.lineage_models import UNTOUCHED, build_family, load, save
 
@@ -174,8 +174,8 @@ def test_unrelated_model_is_no_blend(reports):
 def test_mergekit_linear_merge_is_an_exact_blend(family, tmp_path, dtype):
     """A 0.6/0.4 linear merge made by mergekit's own CLI. The weights it really uses are float32(0.6) and
     float32(0.4) (it casts them to float32); a float32 child pins them to ~1e-8. Its `addcmul_` fuses the
-    multiply-add on this CPU, so ~1e-4 of a bfloat16 child's elements differ from the unfused recipes:
-    the verdict stands on the ≥ 99 % bit-exact rate."""
+    multiply-add (one rounding per term on an FMA CPU or a GPU): torch's unfused a·A + b·B misses ~1e-4 of
+    a bfloat16 child's elements and ~20 % of a float32 child's, so only the fused recipe reproduces all."""
     a, b = str(family["A"]), str(family["B"])
     config = tmp_path / "merge.yml"
     config.write_text(json.dumps({"merge_method": "linear", "dtype": dtype, "models": [
@@ -190,6 +190,9 @@ def test_mergekit_linear_merge_is_an_exact_blend(family, tmp_path, dtype):
         assert r["coefficients"][parent] == pytest.approx(w, abs=1e-3)
         assert r["intervals"][parent][0] <= w <= r["intervals"][parent][1], (parent, r["intervals"][parent])
     assert all(t["verdict"] == EXACT for t in _evidence(r))
+    wrap = "bf16" if dtype == "bfloat16" else "f32"
+    assert r["recipe"]["label"] == f"{wrap}(0.6·A + 0.4·B) in float32, fused"
+    assert r["recipe"]["exact_tensors"] == r["recipe"]["evidence_tensors"] == len(_evidence(r))
     assert _covered(r, lambda t: weights[a]) >= COVERAGE
 
 
@@ -308,7 +311,13 @@ def test_reduction_matches_numpy(k):
 
 
 def _slow_merge(parents, weights, mode):
-    """The merge as a merge tool computes it, element by element with numpy scalars."""
+    """The merge as a merge tool computes it, element by element with numpy scalars; fused, with the op
+    mergekit's linear merge uses (torch's addcmul_, float32)."""
+    if mode == MODE_FUSED:
+        acc = torch.zeros(parents[0].shape[0])
+        for p, w in zip(parents, weights, strict=True):
+            acc.addcmul_(torch.from_numpy(p), torch.tensor(w))
+        return _bf16(acc.numpy())
     out = np.empty_like(parents[0])
     for t in range(parents[0].shape[0]):
         acc = np.float32(0.0)
@@ -321,7 +330,7 @@ def _slow_merge(parents, weights, mode):
     return out
 
 
-@pytest.mark.parametrize("k, mode", [(2, MODE_FLOAT32), (2, MODE_BFLOAT16), (3, MODE_FLOAT32), (3, MODE_BFLOAT16)])
+@pytest.mark.parametrize("k, mode", [(k, mode) for k in (2, 3) for mode in (MODE_FLOAT32, MODE_BFLOAT16, MODE_FUSED)])
 def test_exact_count_matches_a_slow_merge(k, mode):
     rng = np.random.default_rng(10 + k + mode)
     n = 3000
@@ -338,6 +347,17 @@ def test_exact_count_matches_a_slow_merge(k, mode):
                          np.zeros((2, k - 1)), weights[None], np.array([mode]), np.ones(1, np.float32), True,
                          0, 1, 0, matched, tested)
     assert (int(matched[0]), int(tested[0])) == (expected, n)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_fused_multiply_add_rounds_once_past_a_float64_midpoint(sign):
+    """1 + w·p with w·p = 2^-24 + 4688·2^-70: rounded to float64 the sum sits on the float32 midpoint
+    1 + 2^-24, so rounding twice gives 1 (ties to even); rounding once, as addcmul_ does, gives 1 + 2^-23."""
+    w = np.float32((2**23 + 2896) * 2.0**-23)
+    p = np.float32(sign * (2**23 - 2895) * 2.0**-47)
+    fused = float(torch.ones(1).addcmul_(torch.tensor([p]), torch.tensor(w))[0])
+    assert fused == 1 + sign * 2.0 ** (-23 if sign > 0 else -24)
+    assert float(kernels._fma(p, w, np.float32(1.0))) == fused
 
 
 def test_three_parent_blend_is_recovered():

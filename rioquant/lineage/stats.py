@@ -15,7 +15,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from rioquant.lineage.kernels import MODE_BFLOAT16, MODE_FLOAT32, reduce_piece
+from rioquant.lineage.kernels import MODE_BFLOAT16, MODE_FLOAT32, MODE_FUSED, reduce_piece
 
 N_BOOT = 200  # bootstrap replicates
 Z95 = NormalDist().inv_cdf(0.975)  # a 95 % interval is ±1.96 standard errors …
@@ -242,10 +242,13 @@ def formula(coefficients: list[str], letters: list[str]) -> str:
 
 
 def candidates(weights: np.ndarray, letters: list[str], child_bf16: bool) -> list[Candidate]:
-    """The fitted weights in float32, and each nearby simple weight vector in float32 and in bfloat16.
+    """The fitted weights in float32, and each nearby simple weight vector in float32 (separate and fused
+    multiply-adds) and in bfloat16.
 
     Labels read as recipes: "bf16(0.6·A + 0.4·B) in float32" — the merge computed in float32 and
-    stored as bfloat16."""
+    stored as bfloat16. "…, fused" is mergekit's linear merge as it runs (`addcmul_` is one rounding per
+    term on FMA hardware); the separate products are torch's a·A + b·B. They differ in ~1e-4 of a
+    bfloat16 child's elements and in ~20 % of a float32 child's, so only the right one reproduces all."""
     wrap = "bf16" if child_bf16 else "f32"
     out = []
     for simple in _simple(weights):
@@ -254,6 +257,7 @@ def candidates(weights: np.ndarray, letters: list[str], child_bf16: bool) -> lis
         text = formula([_frac_text(f) for f in simple], letters)
         w32 = np.array([float(f) for f in simple], dtype=np.float32)
         out.append(Candidate(f"{wrap}({text}) in float32", w32, MODE_FLOAT32, _f32_sum(w32)))
+        out.append(Candidate(f"{wrap}({text}) in float32, fused", w32, MODE_FUSED, _f32_sum(w32)))
         if child_bf16:
             wb = _bf16(w32)
             out.append(Candidate(f"{wrap}({text}) in bfloat16", wb, MODE_BFLOAT16, _bf16(_f32_sum(wb))[()]))
@@ -303,7 +307,7 @@ class UnitReducer:
                 found = candidates(probe_fit.weights, self.letters, self.child_storage == "BF16")
                 wrap = "bf16(" if self.child_storage == "BF16" else "f32("  # this unit's dtype names the label
                 known = [replace(c, label=wrap + c.label.split("(", 1)[1]) for c in self.known
-                         if c.mode == MODE_FLOAT32 or self.child_storage == "BF16"]
+                         if c.mode != MODE_BFLOAT16 or self.child_storage == "BF16"]
                 ordered = (*found[:-1], *known, found[-1])  # the fitted one stays last
                 self.candidates = list({c.label: c for c in ordered}.values())
         self.matched = np.zeros(len(self.candidates), dtype=np.int64)
