@@ -28,6 +28,7 @@ F32 = np.float32
 MOMENT_MATH = {"reassoc", "nsz"}
 MODE_FLOAT32 = 0  # Σ w_i·P_i in float32, rounded once to the child's dtype (mergekit ≥ 0.1, torch on float32)
 MODE_BFLOAT16 = 1  # every product rounded to bfloat16, summed in float32, rounded (torch on bfloat16 tensors)
+MODE_FUSED = 2  # Σ w_i·P_i in float32 by fused multiply-adds (mergekit 0.1.5's addcmul_ on an FMA CPU or a GPU)
 
 
 def _f32(x):
@@ -65,6 +66,28 @@ def _equal(v: np.float32, u: np.float32) -> int:
     return (f32_as_i32(v) == f32_as_i32(u)) | ((v == F32(0.0)) & (u == F32(0.0)))
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _fma(p: np.float32, wi: np.float32, acc: np.float32) -> np.float32:
+    """acc + wi·p rounded once to float32, as a fused multiply-add does (Python 3.11 and Numba have no fma).
+
+    wi·p is exact in float64 (24 + 24 significant bits), and so is the sum as s + err (two-sum). Rounding
+    s to float32 is then the single rounding of the exact sum, except when s lands on a float32 midpoint
+    while err ≠ 0: the exact sum lies past it on err's side. (A midpoint is a float64, so rounding to
+    float64 never carries the sum across one.)"""
+    prod = np.float64(wi) * np.float64(p)
+    a64 = np.float64(acc)
+    s = a64 + prod
+    back = s - a64
+    err = (a64 - (s - back)) + (prod - back)
+    r = F32(s)
+    d = s - np.float64(r)
+    if err != 0.0 and d != 0.0:
+        other = np.nextafter(r, F32(np.inf) if d > 0.0 else F32(-np.inf))
+        if s == (np.float64(r) + np.float64(other)) * 0.5 and (err > 0.0) == (d > 0.0):
+            r = other
+    return r
+
+
 @njit(nogil=True, cache=True)
 def _exact_two(w, a, b, wa, wb, mode) -> int:
     """_exact_block for bf16(wa·A + wb·B), fused: one vectorised loop per arithmetic."""
@@ -73,6 +96,9 @@ def _exact_two(w, a, b, wa, wb, mode) -> int:
         for t in range(w.shape[0]):
             v = _to_bf16(F32(_to_bf16(F32(wa * _f32(a[t]))) + _to_bf16(F32(wb * _f32(b[t])))))
             count += _equal(v, _f32(w[t]))
+    elif mode == MODE_FUSED:
+        for t in range(w.shape[0]):
+            count += _equal(_to_bf16(_fma(_f32(b[t]), wb, F32(wa * _f32(a[t])))), _f32(w[t]))
     else:
         for t in range(w.shape[0]):
             count += _equal(_to_bf16(F32(F32(wa * _f32(a[t])) + F32(wb * _f32(b[t])))), _f32(w[t]))
@@ -100,6 +126,9 @@ def _exact_block(w, parents, lo, hi, weights, mode, denominator, round_bf16, acc
         elif mode == MODE_BFLOAT16:
             for t in range(m):
                 acc[t] = F32(acc[t] + _to_bf16(F32(wi * _f32(p[lo + t]))))
+        elif mode == MODE_FUSED:
+            for t in range(m):
+                acc[t] = _fma(_f32(p[lo + t]), wi, acc[t])
         else:
             for t in range(m):
                 acc[t] = F32(acc[t] + F32(wi * _f32(p[lo + t])))
