@@ -288,10 +288,12 @@ def plot(rows: list[dict], png: Path) -> None:
     for ax, key, title in ((axes[0], "kld", "mean KLD"), (axes[1], "kld_99_9", "99.9 % KLD")):
         for (producer, imatrix), (colour, marker, name) in styles.items():
             group = sorted((r for r in rows if r["producer"] == producer and r["imatrix"] == imatrix), key=lambda r: r["bpw"])
+            if not group:  # an --imatrix-only run: no legend entry for what was not measured
+                continue
             ax.scatter([r["bpw"] for r in group], [r[key] for r in group], color=colour, marker=marker, label=name, zorder=3)
             for r in group:
                 ax.annotate(r["mix"], (r["bpw"], r[key]), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
-            if producer == "llama.cpp" and group:
+            if producer == "llama.cpp":
                 front = frontier_points(rows, imatrix, key)
                 ax.plot([x for x, _ in front], [math.exp(y) for _, y in front], color=colour, lw=1, zorder=2)
         ax.set_yscale("log")

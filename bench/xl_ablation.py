@@ -82,7 +82,9 @@ def _slug(name: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nano", choices=NANO_VARIANTS, default="a", help="Which trained nano model.")
-    nano = ensure_nano(parser.parse_args(argv).nano, log=_log)
+    parser.add_argument("--base", default=None, help="Only the variants of this mix (e.g. IQ2_XL); default: all.")
+    args = parser.parse_args(argv)
+    nano = ensure_nano(args.nano, log=_log)
     work = CACHE_DIR / "fidelity" / nano.name
     bf16, imatrix = work / "nano-BF16.gguf", work / "imatrix.gguf"
     if not imatrix.is_file():
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         recipe = work / f"candidate-{_slug(name)}.toml"
         recipe.write_text(candidate_toml(base, rules))
         variants.append((name, base, {"recipe": recipe}))
-    for name, base, fields in variants:
+    for name, base, fields in [v for v in variants if args.base in (None, v[1])]:
         path = work / f"ablation-{_slug(name)}.gguf"
         options = ConvertOptions(qtype=base, imatrix=imatrix, **fields)
         convert(nano, path, options, RunOptions(force=True, progress=False, report=False))
