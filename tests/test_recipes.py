@@ -226,26 +226,23 @@ def squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 # Bytes of every standard mix on the 8-expert model, plus the other expert count and the fallback rows
 # (IQ2_XXS's: IQ4_NL, Q4_0, Q5_0). token_embd and output, the 248K-token vocabulary's rows, are 127 M of
-# that model's 140 M weights: the fewest mixes whose files hold every type any mix uses (WHOLE_MIXES,
-# test_byte_mixes_cover_every_type holds that true) are compared whole; the others with those two pinned
-# to Q8_0 on both sides (their types are held to llama.cpp's by the dry runs above), seconds instead of
-# a minute each.
-WHOLE_MIXES = ["Q4_K_M", "Q2_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_XS", "IQ4_NL", "IQ3_M"]
+# that model's 140 M weights, and the type a mix gives them is one it also gives other tensors of the same
+# row length (test_vocabulary_rows_add_no_type): so Q4_K_M is compared whole and every other mix with
+# those two pinned to Q8_0 on both sides (their types are held to llama.cpp's by the dry runs above).
+WHOLE = "Q4_K_M"
 BYTES_CASES = [
     *(("8-experts-mtp", mix) for mix in LLAMA_MIXES if not needs_imatrix(mix)),
     ("6-experts-gqa4-16-blocks", "Q4_K_M"),
     ("tiny-fallbacks-mtp", "Q3_K_M"),
     ("tiny-fallbacks-mtp", "IQ2_XXS"),
 ]
-# With an imatrix: Q4_K_M, Q2_K and every mix that needs one; whole: Q4_K_M and the fewest that hold every
-# type the mixes needing one use
 IMATRIX_BYTES_MIXES = ["Q4_K_M", "Q2_K", *(mix for mix in LLAMA_MIXES if needs_imatrix(mix))]
-IMATRIX_WHOLE_MIXES = ["Q4_K_M", "IQ3_XXS", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"]
+PINNED = {"output_type": "Q8_0", "token_embd_type": "Q8_0"}  # llama_quantize's names for the two overrides
 
 
-def vocab_rows_pinned(mix: str, whole: list[str]) -> dict[str, str]:
+def vocab_rows_pinned(mix: str) -> dict[str, str]:
     """The type overrides for token_embd and output of a mix not compared whole (the same on both sides)."""
-    return {} if mix in whole else {"output_type": "Q8_0", "token_embd_type": "Q8_0"}
+    return {} if mix == WHOLE else PINNED
 
 
 def convert_options(mix: str, pinned: dict[str, str], imatrix: Path | None = None) -> ConvertOptions:
@@ -254,16 +251,19 @@ def convert_options(mix: str, pinned: dict[str, str], imatrix: Path | None = Non
 
 
 @pytest.mark.slow
-def test_byte_mixes_cover_every_type(models):
-    """The mixes compared whole leave no type any mix uses untested end to end."""
+@pytest.mark.parametrize("imatrix", [False, True])
+def test_vocabulary_rows_add_no_type(models, imatrix):
+    """Pinning token_embd and output leaves no type any mix uses untested end to end: each mix's own
+    types for them are among those its pinned file (or Q4_K_M's whole one) holds elsewhere."""
     src, _ = models["8-experts-mtp"]
+    placeholder = IMATRIX_PLACEHOLDER if imatrix else None
+    mixes = IMATRIX_BYTES_MIXES if imatrix else [m for m in LLAMA_MIXES if not needs_imatrix(m)]
 
-    def types(mixes, imatrix: bool) -> set[GGMLQuantizationType]:
-        options = {mix: ConvertOptions(qtype=mix, imatrix=IMATRIX_PLACEHOLDER if imatrix else None) for mix in mixes}
-        return {e.qtype for o in options.values() for e in build_plan(src, o).entries}
+    def types(mix: str, pinned: dict[str, str]) -> set[GGMLQuantizationType]:
+        return {e.qtype for e in build_plan(src, convert_options(mix, pinned, placeholder)).entries}
 
-    assert types(WHOLE_MIXES, False) == types([m for m in LLAMA_MIXES if not needs_imatrix(m)], False)
-    assert types(IMATRIX_WHOLE_MIXES, True) >= types([m for m in LLAMA_MIXES if needs_imatrix(m)], True)
+    tested = set().union(types(WHOLE, {}), *(types(mix, PINNED) for mix in mixes))
+    assert set().union(*(types(mix, {}) for mix in mixes)) <= tested
 
 
 @pytest.mark.slow
@@ -272,7 +272,7 @@ def test_mix_bytes_equal_llama_quantize(models, tmp_path, variant, mix):
     """Every tensor's type, shape and bytes, and general.file_type, as llama-quantize writes them; the file is
     exactly the size `rioquant plan` predicts."""
     src, bf16 = models[variant]
-    pinned = vocab_rows_pinned(mix, WHOLE_MIXES) if variant == "8-experts-mtp" else {}
+    pinned = vocab_rows_pinned(mix) if variant == "8-experts-mtp" else {}
     options = convert_options(mix, pinned)
     ref = scan(llama_quantize(bf16, tmp_path / "llama.gguf", LLAMA_MIXES[mix].file_type, **pinned))
     (out,) = convert(src, tmp_path / "ours.gguf", options, RunOptions(progress=False, report=False))
@@ -305,7 +305,7 @@ def test_mix_bytes_with_imatrix_equal_llama_quantize(models, tmp_path, mix):
     src, bf16 = models["8-experts-mtp"]
     entries = imatrix_entries(src, with_mtp=needs_imatrix(mix))
     path = write_gguf_imatrix(tmp_path / "imatrix.gguf", entries, ["calibration.txt"], chunk_count=4)
-    pinned = vocab_rows_pinned(mix, IMATRIX_WHOLE_MIXES)
+    pinned = vocab_rows_pinned(mix)
     options = convert_options(mix, pinned, path)
     importance = {n: gguf_importance(e) for n, e in entries.items()}
     ref = scan(llama_quantize(bf16, tmp_path / "llama.gguf", LLAMA_MIXES[mix].file_type, importance=importance,
