@@ -72,6 +72,7 @@ def main() -> None:
             start = time.perf_counter()
             quantize(x[:8], qtype, importance)
             first_call = time.perf_counter() - start
+            oracle.quantize(x[:1], qtype, importance)  # ggml builds a lattice type's grid on first use: not in the probe
             probe = best_of(lambda q=qtype, w=importance: oracle.quantize(x[:PROBE_ROWS], q, w), 1)
             rows = int(min(args.rows, max(PROBE_ROWS, args.seconds / probe * PROBE_ROWS)))
             rows -= rows % all_threads
