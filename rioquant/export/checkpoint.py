@@ -14,6 +14,7 @@ modules the config leaves out stay BF16. A weight is dequantized as llama.cpp's 
 repeated over the block and cut to the weight's shape, one float32 product per value.
 """
 
+import functools
 import json
 import math
 import struct
@@ -36,17 +37,13 @@ SOURCE_DTYPES: dict[str, tuple[int, str]] = {
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
 
 
+@functools.cache
 def _e4m3_values() -> np.ndarray:
-    """The float32 value of every F8_E4M3 byte (the OCP "fn" variant: sign, 4 exponent bits with bias 7,
-    3 mantissa bits, no infinities, S.1111.111 is NaN); every one is exact in float32."""
-    byte = np.arange(256)
-    exponent, mantissa = (byte >> 3) & 0xF, byte & 0x7
-    magnitude = np.where(exponent == 0, mantissa * 2.0**-9, (1 + mantissa / 8) * 2.0 ** (exponent - 7))
-    magnitude[(byte & 0x7F) == 0x7F] = np.nan
-    return np.where(byte & 0x80, -magnitude, magnitude).astype(np.float32)
+    """The float32 value of every F8_E4M3 byte, as torch's float8_e4m3fn decodes it (the type llama.cpp's
+    converter reads FP8 weights with; every value is exact in float32). torch only on first FP8 use."""
+    import torch
 
-
-E4M3_VALUES = _e4m3_values()
+    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
 
 
 @dataclass(frozen=True)
@@ -221,7 +218,7 @@ def _as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":  # widened inside the ufunc: no uint32 temporary beside the result
         return np.left_shift(raw, 16, dtype=np.uint32).view(np.float32)
     if dtype == "F8_E4M3":
-        return E4M3_VALUES[raw]
+        return _e4m3_values()[raw]
     return raw.astype(np.float32)
 
 

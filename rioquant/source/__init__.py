@@ -40,7 +40,7 @@ HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w.
 class HubOptions:
     """Where a Hub source's files go and how much of that disk it may use at once (bytes; 0: no limit)."""
 
-    cache_dir: Path | None = None  # default: ~/.cache/rioquant/hub/ORG--REPO
+    cache_dir: Path | None = None  # default: $HF_HOME/rioquant (the repo's files in ORG/REPO under it)
     cache_max: int = 120 * 10**9
 
 
