@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-E4M3_MAX = 448.0
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 # The linear layers quantized (name endings; fused expert stacks end in `_proj`); every other tensor,
 # including the small Gated DeltaNet `in_proj_a` / `in_proj_b`, stays BF16 ("modules_to_not_convert").
 FP8_LAYERS = ("_proj.weight", "_proj", "in_proj_qkv.weight", "in_proj_z.weight", "mtp.fc.weight")
