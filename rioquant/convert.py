@@ -269,28 +269,26 @@ def convert_many(
 
     Each output gets the bytes, report and resume journal of its own `convert`; the outputs must agree on
     the tensors (not on their types), so --no-mtp is all or none. The source is opened once and is
-    finished (a Hub source's last shards deleted) once every output is.
+    finished (a Hub source's last shards deleted) once every output is; with --ray the nodes read it.
     """
     hooks = hooks or ConvertHooks()
     mtp = {options.with_mtp for _, options in outputs}
     if len(mtp) > 1:
         raise PlanError(f"{outputs[0][0]}: --no-mtp must be given for every output or none; convert them apart")
     source = open_source(src, mtp.pop(), hub=run.hub)
-    if run.ray is not None and not source.cluster_readable:
-        raise PlanError(f"--ray: {src}: the cluster's nodes read a checkpoint folder by its path; "
-                        "convert a GGUF or ORG/REPO source without --ray")
     stage = _cluster_stage(run) if run.ray is not None else \
         dict(executor=hooks.executor, in_flight=hooks.in_flight, threads=run.threads)
+    reader = source.on_nodes() if run.ray is not None else source  # the driver plans with `source` alone
     opened: list[_OpenOutput] = []
     try:
         for out, options in outputs:
             opened.append(_open_output(source, out, options, run, hooks))
-        write_targets(source, [o.target for o in opened], on_tensor=hooks.on_tensor,
+        write_targets(reader, [o.target for o in opened], on_tensor=hooks.on_tensor,
                       row_block_bytes=hooks.row_block_bytes, progress=run.progress,
                       desc=opened[0].out.name if len(opened) == 1 else f"{len(opened)} outputs",
                       prefetch_bytes=hooks.prefetch_bytes, **stage)
         written = [o.target.output.finish() for o in opened]
-        source.finish()
+        reader.finish()
     except BaseException:
         for o in opened:
             o.target.output.close()
@@ -308,9 +306,10 @@ def convert_many(
 
 
 def _cluster_stage(run: RunOptions) -> dict:
-    """--ray: the quantize stage on the cluster's nodes, which read the checkpoint themselves (its path
-    must be the same on every node). A task holds --threads CPUs (default 1) and quantizes on as many.
-    Joining comes first, so a missing Ray or an unreachable cluster is said before any work."""
+    """--ray: the quantize stage on the cluster's nodes, which read the weights themselves (`Source.on_nodes`:
+    a folder or GGUF at the same path on every node, a Hub repository into each node's cache). A task
+    holds --threads CPUs (default 1) and quantizes on as many. Joining comes first, so a missing Ray or
+    an unreachable cluster is said before any work."""
     from rioquant.cluster import RayExecutor, Resources, connect
 
     threads = run.threads or 1

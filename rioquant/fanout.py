@@ -141,8 +141,9 @@ class QuantizeStage:
 
 @dataclass(frozen=True)
 class ReadQuantizeStage:
-    """Read and quantize in one call, for an executor on other machines that see the checkpoint's path
-    (a Ray cluster): the float32 rows never cross the network, only the quantized bytes come back."""
+    """Read and quantize in one call, for an executor on other machines that read the source themselves
+    (a Ray cluster, `Source.on_nodes`): the float32 rows never cross the network, only the quantized
+    bytes come back."""
 
     read: ReadStage
     quantize: QuantizeStage

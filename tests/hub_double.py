@@ -35,6 +35,8 @@ import hashlib
 import json
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
@@ -280,3 +282,16 @@ class HubDouble:
         oid = hashlib.sha1(body).hexdigest()
         self.state.commits.append({"repo": repo, "revision": rev, "summary": summary, "paths": sorted(paths)})
         return 200, {"commitUrl": f"{self.url}/{repo}/commit/{oid}", "commitOid": oid}
+
+
+@contextmanager
+def hub_double(monkeypatch, **limits) -> Iterator[HubDouble]:
+    """A running double that this process's huggingface_hub talks to: HF_ENDPOINT is read at import, so
+    the constants are patched (Xet off: the double speaks plain HTTP). Another process (a Ray worker)
+    reaches it over localhost when given `url` as its endpoint."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_DISABLE_XET", True)
+    with HubDouble(**limits) as double:
+        monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", double.url)
+        monkeypatch.setattr("huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE",
+                            double.url + "/{repo_id}/resolve/{revision}/{filename}")
+        yield double

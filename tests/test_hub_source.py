@@ -18,7 +18,7 @@ from rioquant.mmproj import build_mmproj_plan, write_mmproj
 from rioquant.source import HubOptions
 from rioquant.testing.checkpoints import TINY, build_checkpoint
 from rioquant.testing.lineage_models import build_family
-from tests.hub_double import HubDouble
+from tests.hub_double import HubDouble, hub_double
 from tests.test_convert_reliability import run_cli, run_cli_output
 
 REPO = "tiny-org/Tiny-MoE"
@@ -73,11 +73,7 @@ def local_q8(checkpoint, tmp_path_factory) -> Path:
 def hub(checkpoint, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_DISABLE_XET", True)
-    with HubDouble(max_requests=400, lifetime_s=600) as double:
-        monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", double.url)  # HF_ENDPOINT, read at import
-        monkeypatch.setattr("huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE",
-                            double.url + "/{repo_id}/resolve/{revision}/{filename}")
+    with hub_double(monkeypatch, max_requests=400, lifetime_s=600) as double:
         double.serve(REPO, {f.name: f.read_bytes() for f in checkpoint.iterdir()})
         yield double
 

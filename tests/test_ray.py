@@ -6,7 +6,9 @@ evaluations, as tests/test_evaluate.py), so the time goes into Ray's start-up, n
 
 - convert (one task per tensor or expert slab): interrupted on the cluster, resumed on the cluster by a new driver while a worker node is
   killed (its tasks run again elsewhere), the GGUF equals the local one byte for byte, and so does the
-  error report.
+  error report. From a GGUF (the nodes read it by its path; one output copies its tensors, the other
+  quantizes them) and from ORG/REPO (a Hub double on localhost: each node fetches the shards itself,
+  the workers of one machine share its cache) the bytes equal the local run's too.
 - ppl / kld / imatrix: with the same --group-chunks, every figure equals the local run's exactly, and
   the imatrix file is byte-identical.
 - Without Ray, `--ray` says in one line how to install it.
@@ -25,11 +27,13 @@ from types import SimpleNamespace
 import pytest
 
 from rioquant.cli import main
-from rioquant.convert import ConvertHooks, ConvertOptions, RunOptions, convert
+from rioquant.convert import ConvertHooks, ConvertOptions, RunOptions, convert, convert_many
 from rioquant.evaluate.engine import EngineOptions
 from rioquant.evaluate.pipelines import collect_imatrix, kl_divergence, perplexity
+from rioquant.source import HubOptions
 from rioquant.testing.checkpoints import TINY, build_checkpoint
 from tests.faults import fails_on_call
+from tests.hub_double import hub_double
 from tests.test_evaluate import evaluation_text
 
 CTX = 64
@@ -117,6 +121,37 @@ def test_convert_on_cluster_resumed_with_a_node_killed_equals_local(cluster, mod
 def q8(models) -> Path:
     (path,) = convert(models.hf, models.root / "tiny-Q8_0.gguf", ConvertOptions(qtype="Q8_0"), QUIET)
     return path
+
+
+@pytest.mark.slow
+def test_convert_from_a_gguf_on_cluster_equals_local(cluster, q8, tmp_path):
+    """Q8_0 → [Q8_0, Q4_0]: the nodes copy the first output's tensors from the file and dequantize and
+    quantize the second's."""
+    mixes = [ConvertOptions(qtype="Q8_0"), ConvertOptions(qtype="Q4_0")]
+    runs = [convert_many(q8, [(tmp_path / where / f"{o.qtype}.gguf", o) for o in mixes], run)
+            for where, run in (("local", QUIET), ("cluster", replace(QUIET, ray=cluster.address)))]
+    assert [sha256(files[0]) for files in runs[1]] == [sha256(files[0]) for files in runs[0]]
+    assert report_tensors(runs[1][1][0]) == report_tensors(runs[0][1][0])
+
+
+@pytest.mark.slow
+def test_convert_from_the_hub_on_cluster_equals_local(cluster, models, monkeypatch, tmp_path):
+    """The nodes fetch the shards from the Hub the driver used (the double's URL, which their own
+    huggingface_hub does not know), each shard once: the two workers share this machine's cache."""
+    repo = f"tiny-org/{models.hf.name}"  # general.name comes from the folder: the local run's name
+    options = ConvertOptions(qtype="Q4_0")
+    (local,) = convert(models.hf, tmp_path / "local.gguf", options, QUIET)
+    cache = tmp_path / "cache"
+    with hub_double(monkeypatch, max_requests=400, lifetime_s=600) as hub:
+        hub.serve(repo, {f.name: f.read_bytes() for f in models.hf.iterdir()})
+        (ours,) = convert(repo, tmp_path / "hub.gguf", options,
+                          replace(QUIET, ray=cluster.address, hub=HubOptions(cache)))
+    assert sha256(ours) == sha256(local)
+    assert report_tensors(ours) == report_tensors(local)
+    shards = sorted(f.name for f in models.hf.glob("*.safetensors"))
+    assert sorted(n for n in hub.state.downloads if n.endswith(".safetensors")) == shards
+    assert all((cache / repo / shard).is_file() for shard in shards)  # kept for later tasks and runs
+    assert hub.state.unexpected == []
 
 
 @pytest.mark.slow

@@ -255,8 +255,3 @@ def test_copied_and_quantized_outputs_from_one_read(bf16_gguf, tmp_path):
     both = convert_many(q8, [(tmp_path / "both" / "q8.gguf", ConvertOptions(qtype="Q8_0")),
                              (tmp_path / "both" / "q4.gguf", ConvertOptions(qtype="Q4_0"))], RunOptions(progress=False))
     assert [files[0].read_bytes() for files in both] == [q8.read_bytes(), q4.read_bytes()]
-
-
-def test_gguf_source_with_ray_is_refused(bf16_gguf, tmp_path, capsys):
-    code, err = run_cli(["convert", bf16_gguf, "-o", tmp_path / "x.gguf", "--ray", "127.0.0.1:1", "--no-progress"], capsys)
-    assert code == 1 and "--ray:" in err and "without --ray" in err

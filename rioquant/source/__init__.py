@@ -55,8 +55,6 @@ class Source:
     from_config: bool = False  # planned from config.json alone: no weights to read
     identity: str = ""  # what the resume key records as the source
     carried: Callable[[gguf.GGUFWriter], None] | None = None  # a GGUF's own keys, copied into the output
-    # A Ray cluster's nodes can read it by its path with this class's readers (a checkpoint folder).
-    cluster_readable: ClassVar[bool] = True
     # Its `holding` windows must not overlap (the Hub: the cache's high-water mark is checked for one).
     streams: ClassVar[bool] = False
 
@@ -83,6 +81,12 @@ class Source:
     def kept_entries(self, entries: list[PlanEntry]) -> list[PlanEntry]:
         """The plan's entries as this source keeps them (a GGUF keeps its unquantizable tensors' types)."""
         return entries
+
+    def on_nodes(self) -> Source:
+        """The source a Ray cluster's tasks read with (`convert --ray`), shipped to every node: a folder
+        or a GGUF is read by its path (the same on every node: a shared file system), a Hub repository
+        from each node's own cache. The driver then reads nothing itself; it plans and writes."""
+        return self
 
 
 def checkpoint_source(src: Path, with_mtp: bool, weights_optional: bool) -> Source:

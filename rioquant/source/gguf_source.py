@@ -46,7 +46,6 @@ def quantize_order(name: str) -> tuple[int, str]:
 
 class GGUFSource(Source):
     model: GGUFSet
-    cluster_readable = False  # its reader is not shipped to Ray's nodes
 
     def read(self, tensor: TensorInfo, index: int | None = None) -> np.ndarray:  # type: ignore[override]
         shape = tensor.shape if index is None else tensor.shape[1:]
@@ -65,6 +64,11 @@ class GGUFSource(Source):
     def raw_chunks(self, spec: TensorSpec, expert: int | None = None) -> Iterator[np.ndarray]:
         for piece in spec.pieces if expert is None else spec.pieces[expert:expert + 1]:
             yield read_tensor_bytes(piece.source, piece.index)
+
+    def on_nodes(self) -> Source:
+        """Without the driver's parts (the keys to copy, the parsed headers with the vocabulary): a task
+        needs only the tensors' paths and offsets."""
+        return replace(self, carried=None)
 
     def kept_entries(self, entries: list[PlanEntry]) -> list[PlanEntry]:
         types = {s.name: s.pieces[0].source.qtype for s in self.specs}

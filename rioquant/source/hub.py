@@ -125,37 +125,54 @@ class HubShards:
     def _fetch(self, shard: str) -> None:
         if shard in self.verified:
             return
-        hub, path = self.hub, self.hub.folder / shard
-        for _ in range(VERIFY_ATTEMPTS):
-            hub.download(shard)
-            self.high_water = max(self.high_water, _folder_bytes(hub.folder))
-            problem = _mismatch(path, hub.listed[shard])
-            if problem is None:
-                self.verified.add(shard)
-                return
-            log.warning("%s/%s: %s; fetching it again", hub.repo, shard, problem)
-            self._delete(shard)
-        raise CheckpointError(f"{hub.repo}/{shard}: {problem} after {VERIFY_ATTEMPTS} downloads; refusing to convert it")
+        fetch_verified(self.hub, shard)
+        self.high_water = max(self.high_water, _folder_bytes(self.hub.folder))
+        self.verified.add(shard)
 
     def _delete(self, shard: str) -> None:
-        (self.hub.folder / shard).unlink(missing_ok=True)
-        for meta in (self.hub.folder / ".cache" / "huggingface" / "download").glob(f"{shard}.*"):
-            meta.unlink(missing_ok=True)  # huggingface_hub's record of the file: it would trust a new one
+        _delete_shard(self.hub.folder, shard)
         self.verified.discard(shard)
+
+
+def fetch_verified(hub: HubRepo, shard: str) -> None:
+    """Download `shard` into the repo's folder and check it against the size and sha256 the Hub lists:
+    a mismatch is deleted and fetched again (VERIFY_ATTEMPTS in all), never read."""
+    path = hub.folder / shard
+    for _ in range(VERIFY_ATTEMPTS):
+        hub.download(shard)
+        problem = _mismatch(path, hub.listed[shard])
+        if problem is None:
+            return
+        log.warning("%s/%s: %s; fetching it again", hub.repo, shard, problem)
+        _delete_shard(hub.folder, shard)
+    raise CheckpointError(f"{hub.repo}/{shard}: {problem} after {VERIFY_ATTEMPTS} downloads; refusing to convert it")
+
+
+def _delete_shard(folder: Path, shard: str) -> None:
+    (folder / shard).unlink(missing_ok=True)
+    for meta in (folder / ".cache" / "huggingface" / "download").glob(f"{shard}.*"):
+        meta.unlink(missing_ok=True)  # huggingface_hub's record of the file: it would trust a new one
 
 
 class HubSource(Source):
     """A checkpoint whose shards live on the Hub until `holding` needs them."""
 
     streams = True  # one tensor's shards on disk at a time: the high-water mark --cache-max is checked for
-    cluster_readable = False  # its shards come and go on this machine only
     shards: HubShards
+    cache_dir: Path | None  # --cache-dir as given (None: each machine's default), for a cluster's nodes
 
     def holding(self, spec: TensorSpec):
         return self.shards.holding(spec)
 
     def finish(self) -> None:
         self.shards.finish()
+
+    def on_nodes(self) -> Source:
+        from rioquant.source.hub_node import HubNodeSource
+
+        node = HubNodeSource(self.path, self.config, self.args, self.specs, identity=self.identity)
+        node.hub, node.cache_dir = self.shards.hub, self.cache_dir
+        return node
 
 
 def _shards_of(spec: TensorSpec, folder: Path) -> set[str]:
@@ -211,16 +228,19 @@ def cache_folder(repo: str, cache_dir: Path | None) -> Path:
 
 @dataclass(frozen=True)
 class HubRepo:
-    """One revision of a Hub repository: its commit, the files it lists (confined names) and the cache folder."""
+    """One revision of a Hub repository: its commit, the files it lists (confined names), the cache folder,
+    and the Hub it was resolved on (a cluster's nodes fetch from that one, whatever their HF_ENDPOINT)."""
 
     repo: str
     commit: str
     folder: Path
     listed: dict
+    endpoint: str
 
     def download(self, name: str) -> None:
         """`hf_hub_download` into the folder: it resumes a partial file and skips one already complete."""
-        _hub_call(f"{self.repo}/{name}", hf_hub_download, self.repo, name, revision=self.commit, local_dir=self.folder)
+        _hub_call(f"{self.repo}/{name}", hf_hub_download, self.repo, name, revision=self.commit, local_dir=self.folder,
+                  endpoint=self.endpoint)
 
     def headers(self, shards: list[str]) -> dict[str, SourceTensor]:
         """The shards' tensors, from their headers read by range requests (nothing downloaded)."""
@@ -238,7 +258,7 @@ def open_repo(repo: str, revision: str | None, options: HubOptions, small: tuple
     if "config.json" not in listed:
         raise CheckpointError(f"{repo}@{info.sha}: no config.json (is it a Hugging Face checkpoint?)")
     folder.mkdir(parents=True, exist_ok=True)
-    hub = HubRepo(repo, info.sha, folder, listed)
+    hub = HubRepo(repo, info.sha, folder, listed, constants.ENDPOINT)
     for name in small:
         if name in listed:
             hub.download(name)
@@ -263,7 +283,7 @@ def hub_source(repo: str, revision: str | None, with_mtp: bool, weights_optional
         return source
     hub, config, args, tensors = hub_checkpoint(repo, revision, options)
     source = HubSource(hub.folder, config, args, tensor_specs(tensors, args, with_mtp), identity=f"{repo}@{hub.commit}")
-    source.shards = HubShards(hub, source.specs)
+    source.shards, source.cache_dir = HubShards(hub, source.specs), options.cache_dir
     check_cache_limit([source.shards], options.cache_max)
     return source
 
