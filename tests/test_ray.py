@@ -59,6 +59,9 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_agent_register_timeout_ms", "300000")  # each node's agent starts slowly under load
+    # Ray refuses to create objects once its disk is 95% used; a shared test machine's disk can be, while
+    # this session's objects (a TINY model's quantized tensors) need a few MB
+    os.environ.setdefault("RAY_local_fs_capacity_threshold", "0.9999")
     c = Cluster()
     add_node(c, num_cpus=0, include_dashboard=False)
     for _ in range(2):
