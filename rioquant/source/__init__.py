@@ -6,7 +6,8 @@ whose pieces the source's own `read` turns into float32), and three seams that o
 `carried` (a GGUF's own keys, copied as llama-quantize copies them), `copies` (a tensor already
 of its target type is copied byte for byte, as llama-quantize does) and `holding(spec)` (the window in
 which a tensor's bytes are on disk: a Hub source downloads its shards then and deletes them once the
-last tensor needing them is written). A checkpoint folder needs none of them.
+last tensor needing them is written). A checkpoint folder needs none of them. `on_nodes` is the source
+`convert --ray` ships to the cluster's tasks.
 """
 
 from __future__ import annotations

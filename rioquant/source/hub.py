@@ -13,7 +13,8 @@ names that stay inside the cache folder.
 The same holding (`HubShards`, one per repository, in the order its consumer reads tensors) serves
 `mmproj ORG/REPO` (the shards the index lists tower tensors in: `hub_tower`) and `lineage` (every
 shard of each Hub model, in the order lineage walks the child's tensors: `hub_checkpoint`), and
-`check_cache_limit` checks what several repositories hold together.
+`check_cache_limit` checks what several repositories hold together. With `convert --ray` the nodes fetch
+through the same `fetch_verified` into their own caches (`hub_node`).
 
 Why not `snapshot_download`: it fetches everything at once (807 GB for the 397B); why not reading
 tensors over HTTP ranges: a shard is read several times (experts, scales), and a local file makes
@@ -67,7 +68,7 @@ def _hub_call(what: str, call, *args, **kwargs):
     try:
         return call(*args, **kwargs)
     except LocalEntryNotFoundError:  # what hf_hub_download raises when the Hub cannot be reached
-        raise CheckpointError(f"{what}: the Hub cannot be reached ({constants.ENDPOINT})") from None
+        raise CheckpointError(f"{what}: the Hub cannot be reached ({kwargs.get('endpoint') or constants.ENDPOINT})") from None
     except RevisionNotFoundError:
         raise CheckpointError(f"{what}: revision {kwargs.get('revision')!r} does not exist") from None
     except RepositoryNotFoundError:
