@@ -129,3 +129,33 @@ def signed_max_abs(values: np.ndarray) -> tuple[np.float32, np.float32]:
             best_abs = abs(v)
             best = v
     return best, best_abs
+
+
+@intrinsic
+def frame_array(typingctx, count, dtype):
+    """A 1-D scratch array of `count` (a constant) items in the calling kernel's stack frame, without
+    a reference count: valid until that kernel returns, so only for scratch it never returns.
+
+    Why: Numba counts references to every array a kernel allocates, with an atomic add and subtract
+    each time a variable takes it, which includes each call of an inlined helper in a search's inner
+    loop. Those atomics were half of IQ2_S's time; an array without a count (a null MemInfo, as for
+    a constant table) costs a test instead."""
+    if not isinstance(count, types.IntegerLiteral):
+        return None
+    item = dtype.instance_type if isinstance(dtype, types.NumberClass) else dtype.dtype
+    array_type = types.Array(item, 1, "C")
+
+    def codegen(context, builder, signature, args):
+        from numba.core import cgutils
+        from numba.np.arrayobj import make_array, populate_array
+
+        n = count.literal_value
+        data = cgutils.alloca_once(builder, context.get_data_type(item), size=context.get_constant(types.intp, n))
+        array = make_array(array_type)(context, builder)
+        itemsize = context.get_abi_sizeof(context.get_data_type(item))
+        populate_array(array, data=data, shape=[context.get_constant(types.intp, n)],
+                       strides=[context.get_constant(types.intp, itemsize)],
+                       itemsize=context.get_constant(types.intp, itemsize), meminfo=None)
+        return array._getvalue()
+
+    return array_type(count, dtype), codegen

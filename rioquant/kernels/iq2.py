@@ -13,6 +13,10 @@ IQ2_S (82 bytes):    d: fp16 | qs: u8[32] | signs: u8[32] | qh: u8[8] | scales: 
     index of point j (1024 points) = qs[j] | ((qh[j/4] >> 2·(j%4)) & 3) << 8; signs[j]: 8 sign bits
     d is stored ×0.9875 (ggml's correction of the scale codes' bias); scales as in IQ2_XS
 ggml requires an importance matrix for IQ2_XXS and IQ2_XS; IQ2_S without one weighs by σ²/4 + x².
+
+The rows' scratch arrays lie in the kernel's stack frame (common.frame_array): the searches pass them
+to inlined helpers hundreds of times per block, and Numba's reference counting of heap arrays made
+its atomic updates half of IQ2_S's time.
 """
 
 import gguf
@@ -20,7 +24,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit
 
-from rioquant.kernels.common import F32, GROUP_MAX_EPS, load_fp16, store_fp16
+from rioquant.kernels.common import F32, GROUP_MAX_EPS, frame_array, load_fp16, store_fp16
 from rioquant.kernels.iq2_search import (
     TERMS,
     block_weights,
@@ -66,16 +70,18 @@ def _load_u32(data: np.ndarray, at: int) -> int:
 def quantize_row_iq2_xxs(x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> None:
     if importance.size != x.size:
         raise ValueError("IQ2_XXS needs an importance matrix")
-    weight = np.empty(32, dtype=np.float32)
-    waux = np.empty(32, dtype=np.float32)
-    xval = np.empty(32, dtype=np.float32)
-    L = np.zeros(32, dtype=np.int64)
-    Laux = np.zeros(32, dtype=np.int64)
-    Lqp = np.empty(32, dtype=np.uint8)
-    terms = np.empty(TERMS, dtype=np.float32)
-    signs = np.empty(4, dtype=np.int64)
-    scales = np.empty(8, dtype=np.float32)
-    q2 = np.empty(16, dtype=np.int64)  # the block's 16 u32 words
+    weight = frame_array(32, np.float32)
+    waux = frame_array(32, np.float32)
+    xval = frame_array(32, np.float32)
+    L = frame_array(32, np.int64)
+    Laux = frame_array(32, np.int64)
+    L[:] = 0
+    Laux[:] = 0
+    Lqp = frame_array(32, np.uint8)
+    terms = frame_array(TERMS, np.float32)
+    signs = frame_array(4, np.int64)
+    scales = frame_array(8, np.float32)
+    q2 = frame_array(16, np.int64)  # the block's 16 u32 words
     for ibl in range(x.size // QK_K):
         xbl = x[ibl * QK_K : (ibl + 1) * QK_K]
         qwbl = importance[ibl * QK_K : (ibl + 1) * QK_K]
@@ -119,14 +125,16 @@ def _quantize_row_16(x: np.ndarray, importance: np.ndarray, out: np.ndarray, iq2
     """IQ2_XS (iq2_s False) and IQ2_S: the same search over 16-weight groups, two layouts."""
     block_bytes = S_BYTES if iq2_s else XS_BYTES
     eps = GROUP_MAX_EPS_IQ2_S if iq2_s else GROUP_MAX_EPS
-    weight = np.empty(16, dtype=np.float32)
-    waux = np.empty(16, dtype=np.float32)
-    xval = np.empty(16, dtype=np.float32)
-    L = np.zeros(16, dtype=np.int64)
-    Laux = np.zeros(16, dtype=np.int64)
-    signs = np.empty(2, dtype=np.int64)
-    terms = np.empty(TERMS, dtype=np.float32)
-    scales = np.empty(16, dtype=np.float32)
+    weight = frame_array(16, np.float32)
+    waux = frame_array(16, np.float32)
+    xval = frame_array(16, np.float32)
+    L = frame_array(16, np.int64)
+    Laux = frame_array(16, np.int64)
+    L[:] = 0
+    Laux[:] = 0
+    signs = frame_array(2, np.int64)
+    terms = frame_array(TERMS, np.float32)
+    scales = frame_array(16, np.float32)
     for ibl in range(x.size // QK_K):
         xbl = x[ibl * QK_K : (ibl + 1) * QK_K]
         block = out[ibl * block_bytes : (ibl + 1) * block_bytes]
