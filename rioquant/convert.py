@@ -288,7 +288,9 @@ def convert_many(
                       desc=opened[0].out.name if len(opened) == 1 else f"{len(opened)} outputs",
                       prefetch_bytes=hooks.prefetch_bytes, **stage)
         written = [o.target.output.finish() for o in opened]
-        reader.finish()
+        source.finish()
+        if reader is not source:
+            reader.finish()
     except BaseException:
         for o in opened:
             o.target.output.close()
