@@ -288,9 +288,7 @@ def convert_many(
                       desc=opened[0].out.name if len(opened) == 1 else f"{len(opened)} outputs",
                       prefetch_bytes=hooks.prefetch_bytes, **stage)
         written = [o.target.output.finish() for o in opened]
-        source.finish()
-        if reader is not source:
-            reader.finish()
+        reader.finish()  # with --ray, the Hub shards in the cache folder stay for the nodes' later tasks
     except BaseException:
         for o in opened:
             o.target.output.close()
