@@ -26,7 +26,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit
 
-from rioquant.kernels.common import F32, load_fp16, nearest_int, store_fp16
+from rioquant.kernels.common import F32, frame_array, load_fp16, nearest_int, store_fp16
 from rioquant.kernels.iq3_search import (
     GROUPS,
     MAX_LIST,
@@ -39,6 +39,7 @@ from rioquant.kernels.iq3_search import (
 )
 
 NSUB = QK_K // SUB
+WORK, FWORK = SUB + 2 * GROUPS, SUB + MAX_LIST  # the searches' int64 and float32 work (_new_scratch)
 XXS_BLOCK_BYTES = 2 + 3 * QK_K // 8
 XXS_SIGNS_AT = 2 + QK_K // 4  # scales_and_signs inside an IQ3_XXS block
 XXS_GROUP_MAX_EPS = F32(1e-8)  # ggml's GROUP_MAX_EPS_IQ3_XXS: smaller sub-blocks are stored as zero
@@ -75,13 +76,14 @@ def _xxs_signs(xb: np.ndarray, weight: np.ndarray, xval: np.ndarray, k: int) -> 
     return s & 127
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _new_scratch() -> tuple[np.ndarray, ...]:
     """weight, waux, xval float32[32]; L int64[32]; search work int64[48] and float32[32 + 64] (w·x and
-    the candidates' errors); sub-block scales float32[8]."""
-    return (np.empty(SUB, dtype=np.float32), np.empty(SUB, dtype=np.float32), np.empty(SUB, dtype=np.float32),
-            np.empty(SUB, dtype=np.int64), np.empty(SUB + 2 * GROUPS, dtype=np.int64),
-            np.empty(SUB + MAX_LIST, dtype=np.float32), np.empty(NSUB, dtype=np.float32))
+    the candidates' errors); sub-block scales float32[8]. In the row kernel's frame (inlined there):
+    no reference counts in the searches (common.frame_array)."""
+    return (frame_array(SUB, np.float32), frame_array(SUB, np.float32), frame_array(SUB, np.float32),
+            frame_array(SUB, np.int64), frame_array(WORK, np.int64),
+            frame_array(FWORK, np.float32), frame_array(NSUB, np.float32))
 
 
 @njit(cache=True, error_model="numpy")
