@@ -31,7 +31,7 @@ import torch
 from rioquant.cli import main
 from rioquant.convert import ConvertOptions, RunOptions, convert
 from rioquant.evaluate.engine import Engine, EngineOptions, numerics_for, whole_model_states
-from rioquant.evaluate.numerics import Numerics
+from rioquant.evaluate.numerics import VEC_DOT_TYPE, Numerics
 from rioquant.evaluate.pipelines import chunk_logits, collect_imatrix, kl_divergence, perplexity
 from rioquant.evaluate.source import ExpertStack, ModelSource, open_source
 from rioquant.evaluate.text import load_tokenizer, tokenize_text
@@ -160,12 +160,13 @@ def _expert_products(stack: ExpertStack, kind: str, x: torch.Tensor, chosen: tor
     return out
 
 
-def ggml_product_errors(source: ModelSource, ref: dict[str, np.ndarray], mode: str) -> dict[str, float]:
-    """max |ours − llama.cpp| / max |llama.cpp| of every weight's product, each fed llama.cpp's input."""
+def ggml_product_errors(source: ModelSource, ref: dict[str, np.ndarray], mode: str) -> dict[tuple[str, int | None], float]:
+    """max |ours − llama.cpp| / max |llama.cpp| of every weight's product, each fed llama.cpp's input,
+    by (weight kind, layer; None: the head)."""
     cpu, a = torch.device("cpu"), source.args
     errors = {}
 
-    def check(label: str, ours: torch.Tensor, theirs: np.ndarray) -> None:
+    def check(label: tuple[str, int | None], ours: torch.Tensor, theirs: np.ndarray) -> None:
         errors[label] = float(np.abs(ours.numpy() - theirs).max() / np.abs(theirs).max())
 
     for il in range(a.num_hidden_layers):
@@ -174,16 +175,16 @@ def ggml_product_errors(source: ModelSource, ref: dict[str, np.ndarray], mode: s
             if kind in weights:
                 w = weights[kind].reshape(-1, weights[kind].shape[-1])
                 x = torch.from_numpy(ref[f"{x_name}-{il}"]).reshape(-1, w.shape[1])
-                check(f"{kind}-{il}", torch.nn.functional.linear(num.input(kind, x), w),
+                check((kind, il), torch.nn.functional.linear(num.input(kind, x), w),
                       ref[f"{y_name}-{il}"].reshape(x.shape[0], -1))
         chosen = torch.from_numpy(ref[f"ffn_moe_argsort-{il}"]).reshape(CTX, -1)[:, : a.num_experts_per_tok]
         for kind, (x_name, y_name) in EXPERT_PRODUCTS.items():
             x = torch.from_numpy(ref[f"{x_name}-{il}"]).reshape(CTX, -1, weights[kind].expert(0).shape[1])
             ours = _expert_products(weights[kind], kind, x.expand(-1, chosen.shape[1], -1), chosen, num)
-            check(f"{kind}-{il}", ours, ref[f"{y_name}-{il}"].reshape(ours.shape))
+            check((kind, il), ours, ref[f"{y_name}-{il}"].reshape(ours.shape))
     head = source.head(cpu).output
     x = torch.from_numpy(ref["result_norm"]).reshape(CTX, -1)
-    check("output", torch.nn.functional.linear(numerics_for(source, mode, None).input("output", x), head),
+    check(("output", None), torch.nn.functional.linear(numerics_for(source, mode, None).input("output", x), head),
           ref["result_output"].reshape(CTX, -1))
     return errors
 
@@ -203,8 +204,10 @@ def test_ggml_numerics_reproduce_each_llama_cpp_product(wide, tmp_path, qtype):
         path.unlink()
     worst = max(ggml, key=ggml.get)
     assert ggml[worst] <= PRODUCT_TOL, f"{qtype}: {worst} differs from llama.cpp's by {ggml[worst]:.2e} (relative)"
-    if qtype != "F32":  # the check sees a missing rounding: without ggml's, the products are far off
-        assert max(exact.values()) > 10 * PRODUCT_TOL
+    # the check sees a missing rounding: without it, every product with a rounding weight type is far off
+    rounded = [(kind, il) for kind, il in exact if VEC_DOT_TYPE.get(source.weight_types(il)[kind].name, "F32") != "F32"]
+    assert bool(rounded) == (qtype != "F32")
+    assert all(exact[label] > 10 * PRODUCT_TOL for label in rounded), min(rounded, key=exact.get)
 
 
 STREAMING_CASES = {  # source, chunks per group, activations on disk
