@@ -7,6 +7,9 @@ own documentation (pydoc_data.topics, PSF licence), read from the interpreter: n
 - HF checkpoint: logits equal transformers' float32 forward; F32 GGUF: logits equal llama.cpp's over
   the same chunks; Q8_0 GGUF: perplexity within 1 % of llama.cpp's (random tiny MoE models are
   chaotic, so quantized paths are compared on perplexity, float32 paths on logits).
+- `--numerics ggml`, product by product, on KQUANT with logits N(0, 40²) as F32, F16, BF16, Q8_0, Q4_K_M
+  and Q2_K GGUFs: every weight's product (dense, each routed expert, the output head), fed llama.cpp's
+  own input (its graph callback), equals llama.cpp's to float32 summation order.
 - Layer-major streaming (activations spilled to disk) equals whole-model evaluation bit for bit.
 - KL divergence equals a direct full-vocabulary computation from both models' logits.
 - The imatrix equals Σx² gathered by hooks on transformers' modules, and reads back in llama.cpp's format.
@@ -27,15 +30,16 @@ import torch
 
 from rioquant.cli import main
 from rioquant.convert import ConvertOptions, RunOptions, convert
-from rioquant.evaluate.engine import Engine, EngineOptions, whole_model_states
+from rioquant.evaluate.engine import Engine, EngineOptions, numerics_for, whole_model_states
+from rioquant.evaluate.numerics import VEC_DOT_TYPE, Numerics
 from rioquant.evaluate.pipelines import chunk_logits, collect_imatrix, kl_divergence, perplexity
-from rioquant.evaluate.source import open_source
+from rioquant.evaluate.source import ExpertStack, ModelSource, open_source
 from rioquant.evaluate.text import load_tokenizer, tokenize_text
 from rioquant.export.qwen35moe import cols_tile_v
 from rioquant.quant.imatrix import read_imatrix
-from rioquant.testing.checkpoints import TINY, build_checkpoint
+from rioquant.testing.checkpoints import KQUANT, TINY, build_checkpoint
 from rioquant.testing.gguf_scan import scan
-from rioquant.testing.oracles import llama_chunk_logits, plain_cpu_buffers, transformers_logits
+from rioquant.testing.oracles import llama_chunk_logits, llama_tensors, plain_cpu_buffers, transformers_logits
 
 SPEC = replace(TINY, dtype="float32")  # float32 weights: the HF path is transformers' float32 path
 CTX = 64
@@ -115,6 +119,95 @@ def test_quantized_ppl_within_one_percent_of_llama_cpp(m):
     ref = np.exp(nll_from_logits(llama_chunk_logits(m.q8, m.chunks, FIRST), m.chunks).mean())
     ours = perplexity(m.q8, m.text, CTX, 4, QUIET)  # numerics auto: ggml's roundings for a GGUF
     assert ours["ppl"] == pytest.approx(ref, rel=0.01), f"rioquant {ours['ppl']:.6g}, llama.cpp {ref:.6g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# --numerics ggml, product by product: every weight's product, fed llama.cpp's own input, gives llama.cpp's
+# output. Perplexity cannot show this on a random model with logits far from uniform: there a float32
+# summation order alone moves it by 0.1-7 % (docs/evaluation.md), so each product is checked instead.
+
+WIDE = replace(KQUANT, weight_scale=40.0)  # rows of 256 (the K types apply); logits N(0, 40²)
+NUMERICS_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_K_M", "Q2_K"]
+PRODUCT_TOL = 4e-6  # float32 summation order (llama.cpp's kernels add in another order than torch): ≤ 1.0e-6 seen
+DENSE_PRODUCTS = {  # weight kind → llama.cpp's names of its input and its product (src/models/qwen35moe.cpp)
+    "attn_qkv": ("attn_norm", "linear_attn_qkv_mixed"), "attn_gate": ("attn_norm", "z"),
+    "ssm_beta": ("attn_norm", "beta"), "ssm_alpha": ("attn_norm", "alpha"), "ssm_out": ("final_output", "linear_attn_out"),
+    "attn_q": ("attn_norm", "Qcur_full"), "attn_k": ("attn_norm", "Kcur"), "attn_v": ("attn_norm", "Vcur"),
+    "attn_output": ("attn_gated", "attn_output"), "ffn_gate_inp": ("attn_post_norm", "ffn_moe_logits"),
+    "ffn_gate_inp_shexp": ("attn_post_norm", "shared_expert_gate"), "ffn_gate_shexp": ("attn_post_norm", "ffn_gate"),
+    "ffn_up_shexp": ("attn_post_norm", "ffn_up"), "ffn_down_shexp": ("ffn_swiglu", "ffn_shexp"),
+}
+EXPERT_PRODUCTS = {"ffn_gate_exps": ("attn_post_norm", "ffn_moe_gate"), "ffn_up_exps": ("attn_post_norm", "ffn_moe_up"),
+                   "ffn_down_exps": ("ffn_moe_swiglu", "ffn_moe_down")}
+GRAPH_NAMES = {n for pair in (*DENSE_PRODUCTS.values(), *EXPERT_PRODUCTS.values()) for n in pair} | {"ffn_moe_argsort"}
+
+
+@pytest.fixture(scope="session")
+def wide(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("wide")
+    hf = build_checkpoint(WIDE, root / "hf")
+    text = root / "topics.txt"
+    text.write_text(evaluation_text(4_000))
+    return SimpleNamespace(hf=hf, tokens=tokenize_text(open_source(hf), text, CTX, 1)[0])
+
+
+def _expert_products(stack: ExpertStack, kind: str, x: torch.Tensor, chosen: torch.Tensor, num: Numerics) -> torch.Tensor:
+    """(T, k, out): each token's product with each of its k chosen experts; x is (T, k, in)."""
+    out = torch.empty(*chosen.shape, stack.expert(0).shape[0])
+    for e in chosen.unique().tolist():
+        rows = chosen == e
+        out[rows] = torch.nn.functional.linear(num.input(kind, x[rows]), stack.expert(e))
+    return out
+
+
+def ggml_product_errors(source: ModelSource, ref: dict[str, np.ndarray], mode: str) -> dict[tuple[str, int | None], float]:
+    """max |ours − llama.cpp| / max |llama.cpp| of every weight's product, each fed llama.cpp's input,
+    by (weight kind, layer; None: the head)."""
+    cpu, a = torch.device("cpu"), source.args
+    errors = {}
+
+    def check(label: tuple[str, int | None], ours: torch.Tensor, theirs: np.ndarray) -> None:
+        errors[label] = float(np.abs(ours.numpy() - theirs).max() / np.abs(theirs).max())
+
+    for il in range(a.num_hidden_layers):
+        weights, num = source.layer(il, cpu), numerics_for(source, mode, il)
+        for kind, (x_name, y_name) in DENSE_PRODUCTS.items():
+            if kind in weights:
+                w = weights[kind].reshape(-1, weights[kind].shape[-1])
+                x = torch.from_numpy(ref[f"{x_name}-{il}"]).reshape(-1, w.shape[1])
+                check((kind, il), torch.nn.functional.linear(num.input(kind, x), w),
+                      ref[f"{y_name}-{il}"].reshape(x.shape[0], -1))
+        chosen = torch.from_numpy(ref[f"ffn_moe_argsort-{il}"]).reshape(CTX, -1)[:, : a.num_experts_per_tok]
+        for kind, (x_name, y_name) in EXPERT_PRODUCTS.items():
+            x = torch.from_numpy(ref[f"{x_name}-{il}"]).reshape(CTX, -1, weights[kind].expert(0).shape[1])
+            ours = _expert_products(weights[kind], kind, x.expand(-1, chosen.shape[1], -1), chosen, num)
+            check((kind, il), ours, ref[f"{y_name}-{il}"].reshape(ours.shape))
+    head = source.head(cpu).output
+    x = torch.from_numpy(ref["result_norm"]).reshape(CTX, -1)
+    check(("output", None), torch.nn.functional.linear(numerics_for(source, mode, None).input("output", x), head),
+          ref["result_output"].reshape(CTX, -1))
+    return errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", NUMERICS_TYPES)
+def test_ggml_numerics_reproduce_each_llama_cpp_product(wide, tmp_path, qtype):
+    path = tmp_path / f"wide-{qtype}.gguf"
+    (path,) = convert(wide.hf, path, ConvertOptions(qtype=qtype), RunOptions(progress=False, report=False))
+    try:
+        ref = llama_tensors(path, wide.tokens, lambda name: name.rsplit("-", 1)[0] in GRAPH_NAMES
+                            or name in ("model.input_embed", "result_norm", "result_output"))
+        source = open_source(path)
+        assert np.array_equal(source.embedding_rows(wide.tokens), ref["model.input_embed"].reshape(CTX, -1))
+        ggml, exact = ggml_product_errors(source, ref, "ggml"), ggml_product_errors(source, ref, "exact")
+    finally:
+        path.unlink()
+    worst = max(ggml, key=ggml.get)
+    assert ggml[worst] <= PRODUCT_TOL, f"{qtype}: {worst} differs from llama.cpp's by {ggml[worst]:.2e} (relative)"
+    # the check sees a missing rounding: without it, every product with a rounding weight type is far off
+    rounded = [(kind, il) for kind, il in exact if VEC_DOT_TYPE.get(source.weight_types(il)[kind].name, "F32") != "F32"]
+    assert bool(rounded) == (qtype != "F32")
+    assert all(exact[label] > 10 * PRODUCT_TOL for label in rounded), min(rounded, key=exact.get)
 
 
 STREAMING_CASES = {  # source, chunks per group, activations on disk

@@ -9,8 +9,11 @@ Before a product with a weight of type T, ggml converts the activations to T's `
 F16), Q8_1 for Q4_1/Q5_1, Q8_K for the K and most IQ types (blocks of 256, scale -max/127 in F32), F16
 or BF16 for those weights, nothing for F32. The KV cache holds F16, the query is converted to F16 for
 QKᵀ and the softmax output to F16 for the product with V (the non-flash-attention path that
-llama-cpp-python takes by default). On tiny random models these roundings move perplexity by a few
-per cent; on trained models by far less.
+llama-cpp-python takes by default). Every kernel llama.cpp picks for a product rounds this way (llamafile's
+tinyBLAS takes F16/BF16 weights on x86 only with F16/BF16 activations; the tiled K-quant kernels use the
+same quantize_row_q8_K): each product, fed llama.cpp's own input, equals llama.cpp's to float32 summation
+order (tests/test_evaluate.py). On tiny random models these roundings move perplexity by a few per cent,
+up to 20 % with logits far from uniform; on trained models by far less.
 """
 
 import math

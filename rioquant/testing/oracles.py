@@ -5,7 +5,8 @@
   loudly instead of skipping.
 - `run_reference_converter`: llama.cpp's own convert_hf_to_gguf.py (from `rioquant.testing.llama_src`);
   `run_reference_mmproj`: the same with `--mmproj` (the vision projector). Image oracles: testing/vision.py.
-- `llama_logits` / `transformers_logits`: a model's logits through llama.cpp and through transformers.
+- `llama_logits` / `transformers_logits`: a model's logits through llama.cpp and through transformers;
+  `llama_tensors`: llama.cpp's intermediate tensors (what each op of its graph computed).
 """
 
 import contextlib
@@ -252,6 +253,70 @@ def llama_chunk_logits(gguf_path: Path | str, chunks: np.ndarray, first: int, n_
         return np.stack([runner.logits(tokens, first).copy() for tokens in chunks])
     finally:
         runner.close()
+
+
+class _TensorHead(ctypes.Structure):
+    """The leading fields of ggml.h's `struct ggml_tensor` (its layout is part of ggml's public header)."""
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4)]
+
+
+_READABLE = {0: ctypes.c_float, 26: ctypes.c_int32}  # GGML_TYPE_F32, GGML_TYPE_I32
+
+
+def llama_tensors(gguf_path: Path | str, tokens: Sequence[int], names: Callable[[str], bool]) -> dict[str, np.ndarray]:
+    """llama.cpp's intermediate tensors for one sequence, from its graph-evaluation callback.
+
+    Every contiguous F32 / I32 tensor whose name (as llama.cpp's graph names it, e.g. "attn_norm-0",
+    "ffn_moe_logits-3", "result_output") passes `names`, with ggml's axes reversed (row-major). A name
+    the graph uses twice keeps its first value. Logits are requested for every position, so no layer
+    drops rows; same context as LlamaChunks otherwise (no flash attention, F16 KV cache).
+    """
+    import llama_cpp
+
+    base = ctypes.CDLL(str(_ggml_lib_dir() / "libggml-base.so"))
+    base.ggml_get_name.restype = ctypes.c_char_p
+    base.ggml_get_data.restype = ctypes.c_void_p
+    base.ggml_is_contiguous.restype = ctypes.c_bool
+    for fn in (base.ggml_get_name, base.ggml_get_data, base.ggml_is_contiguous):
+        fn.argtypes = [ctypes.c_void_p]
+    found: dict[str, np.ndarray] = {}
+
+    def on_tensor(tensor: int, ask: bool, _user: int) -> bool:
+        name = base.ggml_get_name(tensor).decode()
+        if ask:
+            return names(name)
+        head = _TensorHead.from_address(tensor)
+        if name not in found and head.type in _READABLE and base.ggml_is_contiguous(tensor):
+            shape = tuple(head.ne)[::-1]
+            data = (_READABLE[head.type] * int(np.prod(shape))).from_address(base.ggml_get_data(tensor))
+            found[name] = np.ctypeslib.as_array(data).reshape(shape).copy()
+        return True
+
+    callback = llama_cpp.ggml_backend_sched_eval_callback(on_tensor)  # referenced until the decode returns
+    model_params = llama_cpp.llama_model_default_params()
+    model_params.use_extra_bufts = False  # as plain_cpu_buffers()
+    model_params.n_gpu_layers = 0
+    model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), model_params)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {gguf_path}")
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = len(tokens)
+    params.cb_eval = callback
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+    try:
+        batch.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = int(token), i, 1, True
+            batch.seq_id[i][0] = 0
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
+    return found
 
 
 def ggml_activation_rounding(x: np.ndarray, vec_dot_type: str) -> np.ndarray:
