@@ -10,7 +10,9 @@ inside Numba, so constants are spelled as `np.float32`.
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
+from numba.np.arrayobj import make_array, populate_array
 
 F32 = np.float32
 MAGIC_ROUND = F32(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer held in the mantissa
@@ -146,9 +148,6 @@ def frame_array(typingctx, count, dtype):
     array_type = types.Array(item, 1, "C")
 
     def codegen(context, builder, signature, args):
-        from numba.core import cgutils
-        from numba.np.arrayobj import make_array, populate_array
-
         n = count.literal_value
         data = cgutils.alloca_once(builder, context.get_data_type(item), size=context.get_constant(types.intp, n))
         array = make_array(array_type)(context, builder)
