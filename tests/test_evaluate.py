@@ -7,8 +7,8 @@ own documentation (pydoc_data.topics, PSF licence), read from the interpreter: n
 - HF checkpoint: logits equal transformers' float32 forward; F32 GGUF: logits equal llama.cpp's over
   the same chunks; Q8_0 GGUF: perplexity within 1 % of llama.cpp's (random tiny MoE models are
   chaotic, so quantized paths are compared on perplexity, float32 paths on logits).
-- `--numerics ggml`, product by product, on KQUANT with logits N(0, 40²) as F32, F16, BF16, Q8_0, Q4_K_M
-  and Q2_K GGUFs: every weight's product (dense, each routed expert, the output head), fed llama.cpp's
+- `--numerics ggml`, product by product, on KQUANT with logits N(0, 40²) as F16, BF16, Q8_0 and Q4_K_M
+  GGUFs (one per rounding ggml applies): every weight's product (dense, each routed expert, the output head), fed llama.cpp's
   own input (its graph callback), equals llama.cpp's to float32 summation order.
 - Layer-major streaming (activations spilled to disk) equals whole-model evaluation bit for bit.
 - KL divergence equals a direct full-vocabulary computation from both models' logits.

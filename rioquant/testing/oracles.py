@@ -210,6 +210,17 @@ def transformers_logits(
     return out.logits[0].float().numpy()
 
 
+def _decode_sequence(llama_cpp: Any, ctx: Any, batch: Any, tokens: Sequence[int], first: int) -> None:
+    """Decode `tokens` as sequence 0 at positions 0.., logits requested from position `first` on."""
+    batch.n_tokens = len(tokens)
+    for i, token in enumerate(tokens):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i] = int(token), i, 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = i >= first
+    if llama_cpp.llama_decode(ctx, batch) != 0:
+        raise RuntimeError("llama_decode failed")
+
+
 class LlamaChunks:
     """llama-perplexity's loop on a loaded model: one sequence of ctx tokens per chunk, the memory
     cleared between chunks, logits requested only from position `first` on (llama-cpp-python's default
@@ -228,15 +239,9 @@ class LlamaChunks:
 
     def logits(self, tokens: np.ndarray, first: int) -> np.ndarray:
         """float32 (ctx - first, n_vocab) for one chunk of ctx tokens (a view: copy before the next call)."""
-        b, llama_cpp = self.batch, self.bindings
+        llama_cpp = self.bindings
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
-        b.n_tokens = len(tokens)
-        for i, token in enumerate(tokens):
-            b.token[i], b.pos[i], b.n_seq_id[i] = int(token), i, 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = i >= first
-        if llama_cpp.llama_decode(self.llm.ctx, b) != 0:
-            raise RuntimeError("llama_decode failed")
+        _decode_sequence(llama_cpp, self.llm.ctx, self.batch, tokens, first)
         n_out = len(tokens) - first
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.llm.ctx), shape=(n_out * self.n_vocab,)).reshape(
             n_out, self.n_vocab)
@@ -261,7 +266,7 @@ class _TensorHead(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4)]
 
 
-_READABLE = {0: ctypes.c_float, 26: ctypes.c_int32}  # GGML_TYPE_F32, GGML_TYPE_I32
+_READABLE = {GGMLQuantizationType.F32: ctypes.c_float, GGMLQuantizationType.I32: ctypes.c_int32}
 
 
 def llama_tensors(gguf_path: Path | str, tokens: Sequence[int], names: Callable[[str], bool]) -> dict[str, np.ndarray]:
@@ -306,12 +311,7 @@ def llama_tensors(gguf_path: Path | str, tokens: Sequence[int], names: Callable[
     ctx = llama_cpp.llama_init_from_model(model, params)
     batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
     try:
-        batch.n_tokens = len(tokens)
-        for i, token in enumerate(tokens):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = int(token), i, 1, True
-            batch.seq_id[i][0] = 0
-        if llama_cpp.llama_decode(ctx, batch) != 0:
-            raise RuntimeError("llama_decode failed")
+        _decode_sequence(llama_cpp, ctx, batch, tokens, 0)
     finally:
         llama_cpp.llama_batch_free(batch)
         llama_cpp.llama_free(ctx)
