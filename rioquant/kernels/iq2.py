@@ -66,19 +66,24 @@ def _load_u32(data: np.ndarray, at: int) -> int:
     return np.int64(data[at]) | (np.int64(data[at + 1]) << 8) | (np.int64(data[at + 2]) << 16) | (np.int64(data[at + 3]) << 24)
 
 
+@njit(cache=True, inline="always")
+def _search_scratch(n: int) -> tuple[np.ndarray, ...]:
+    """A search over rows of n weights: weight, waux, xval float32[n], L and Laux int64[n] (zeroed) and
+    best_neighbour's terms, in the calling row kernel's frame (inlined there; n a constant)."""
+    L = frame_array(n, np.int64)
+    Laux = frame_array(n, np.int64)
+    L[:] = 0
+    Laux[:] = 0
+    return frame_array(n, np.float32), frame_array(n, np.float32), frame_array(n, np.float32), L, Laux, \
+        frame_array(TERMS, np.float32)
+
+
 @njit(cache=True, error_model="numpy")
 def quantize_row_iq2_xxs(x: np.ndarray, importance: np.ndarray, out: np.ndarray) -> None:
     if importance.size != x.size:
         raise ValueError("IQ2_XXS needs an importance matrix")
-    weight = frame_array(32, np.float32)
-    waux = frame_array(32, np.float32)
-    xval = frame_array(32, np.float32)
-    L = frame_array(32, np.int64)
-    Laux = frame_array(32, np.int64)
-    L[:] = 0
-    Laux[:] = 0
+    weight, waux, xval, L, Laux, terms = _search_scratch(32)
     Lqp = frame_array(32, np.uint8)
-    terms = frame_array(TERMS, np.float32)
     signs = frame_array(4, np.int64)
     scales = frame_array(8, np.float32)
     q2 = frame_array(16, np.int64)  # the block's 16 u32 words
@@ -125,15 +130,8 @@ def _quantize_row_16(x: np.ndarray, importance: np.ndarray, out: np.ndarray, iq2
     """IQ2_XS (iq2_s False) and IQ2_S: the same search over 16-weight groups, two layouts."""
     block_bytes = S_BYTES if iq2_s else XS_BYTES
     eps = GROUP_MAX_EPS_IQ2_S if iq2_s else GROUP_MAX_EPS
-    weight = frame_array(16, np.float32)
-    waux = frame_array(16, np.float32)
-    xval = frame_array(16, np.float32)
-    L = frame_array(16, np.int64)
-    Laux = frame_array(16, np.int64)
-    L[:] = 0
-    Laux[:] = 0
+    weight, waux, xval, L, Laux, terms = _search_scratch(16)
     signs = frame_array(2, np.int64)
-    terms = frame_array(TERMS, np.float32)
     scales = frame_array(16, np.float32)
     for ibl in range(x.size // QK_K):
         xbl = x[ibl * QK_K : (ibl + 1) * QK_K]
