@@ -57,8 +57,8 @@ def assert_same_gguf(ours: Path, ref: Path, f16_source: bool = False) -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("ckpt")
+def checkpoints(module_tmp) -> dict[str, Path]:
+    root = module_tmp("ckpt")
     return {name: build_checkpoint(spec, root / name) for name, spec in CASES.items()}
 
 
@@ -82,9 +82,9 @@ def test_no_mtp_equals_reference_converter(checkpoints, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def kquant(tmp_path_factory) -> tuple[Path, Path]:
+def kquant(module_tmp) -> tuple[Path, Path]:
     """A K-quant-shaped checkpoint and llama.cpp's F32 conversion of it (the bytes to quantize)."""
-    root = tmp_path_factory.mktemp("kquant")
+    root = module_tmp("kquant")
     src = build_checkpoint(replace(KQUANT, mtp=True, num_experts=6), root / "src")
     return src, run_reference_converter(src, root / "ref-f32.gguf", "f32")
 

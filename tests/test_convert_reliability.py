@@ -51,8 +51,8 @@ def run_cli_output(args: list, capsys) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_checkpoint(replace(TINY, mtp=True, shards=3), tmp_path_factory.mktemp("tiny") / "src")
+def tiny(module_tmp) -> Path:
+    return build_checkpoint(replace(TINY, mtp=True, shards=3), module_tmp("tiny") / "src")
 
 
 # -- splits ----------------------------------------------------------------------------------
@@ -88,8 +88,8 @@ def test_split_max_size_uses_decimal_units(tiny, tmp_path, capsys):
 # -- resume ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def kquant(tmp_path_factory) -> Path:
-    return build_checkpoint(replace(KQUANT, num_experts=6), tmp_path_factory.mktemp("kq") / "src")
+def kquant(module_tmp) -> Path:
+    return build_checkpoint(replace(KQUANT, num_experts=6), module_tmp("kq") / "src")
 
 
 def _start_conversion(src: Path, out: Path) -> subprocess.Popen:

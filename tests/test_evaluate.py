@@ -55,8 +55,8 @@ def evaluation_text(n_chars: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def m(tmp_path_factory) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("check")
+def m(module_tmp) -> SimpleNamespace:
+    root = module_tmp("check")
     hf = build_checkpoint(SPEC, root / "hf")
     (f32,) = convert(hf, root / "tiny-F32.gguf", ConvertOptions(qtype="F32"), RunOptions(progress=False))
     (q8,) = convert(hf, root / "tiny-Q8_0.gguf", ConvertOptions(qtype="Q8_0"), RunOptions(progress=False))
@@ -144,9 +144,9 @@ EXPERT_PRODUCTS = {"ffn_gate_exps": ("attn_post_norm", "ffn_moe_gate"), "ffn_up_
 GRAPH_NAMES = {n for pair in (*DENSE_PRODUCTS.values(), *EXPERT_PRODUCTS.values()) for n in pair} | {"ffn_moe_argsort"}
 
 
-@pytest.fixture(scope="session")
-def wide(tmp_path_factory) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("wide")
+@pytest.fixture(scope="module")
+def wide(module_tmp) -> SimpleNamespace:
+    root = module_tmp("wide")
     hf = build_checkpoint(WIDE, root / "hf")
     text = root / "topics.txt"
     text.write_text(evaluation_text(4_000))

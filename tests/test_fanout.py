@@ -18,14 +18,14 @@ QUIET = RunOptions(progress=False)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_checkpoint(replace(TINY, mtp=True), tmp_path_factory.mktemp("tiny") / "src")
+def tiny(module_tmp) -> Path:
+    return build_checkpoint(replace(TINY, mtp=True), module_tmp("tiny") / "src")
 
 
 @pytest.fixture(scope="module")
-def singles(tiny, tmp_path_factory) -> dict[str, Path]:
+def singles(tiny, module_tmp) -> dict[str, Path]:
     """Each mix converted on its own: what every output of a shared run must equal, byte for byte."""
-    root = tmp_path_factory.mktemp("singles")
+    root = module_tmp("singles")
     return {m: convert(tiny, root / f"{m}.gguf", ConvertOptions(qtype=m), QUIET)[0] for m in MIXES}
 
 

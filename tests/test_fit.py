@@ -44,9 +44,9 @@ CONFIG_397B = Path(__file__).parent / "data" / "rio-3.5-open-397b" / "config.jso
 
 
 @pytest.fixture(scope="module")
-def measured(tmp_path_factory):
+def measured(module_tmp):
     """{mix: (checkpoint, gguf, [llama.cpp's buffers per setting])} for the tiny model."""
-    root = tmp_path_factory.mktemp("fit")
+    root = module_tmp("fit")
     ckpt = build_checkpoint(replace(TINY, head_dim=32, mtp=True), root / "tiny")  # q8_0 cache: heads of 32k
     runs = {}
     for mix in MIXES:

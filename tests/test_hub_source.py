@@ -58,14 +58,14 @@ def _reshard(single: Path, out: Path, groups=TEXT_SHARDS) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("hub-src")
+def checkpoint(module_tmp) -> Path:
+    root = module_tmp("hub-src")
     return _reshard(build_checkpoint(replace(TINY, mtp=True), root / "single"), root / "Tiny-MoE")
 
 
 @pytest.fixture(scope="module")
-def local_q8(checkpoint, tmp_path_factory) -> Path:
-    (out,) = convert(checkpoint, tmp_path_factory.mktemp("local") / "m.gguf", OPTIONS, RunOptions(progress=False, report=False))
+def local_q8(checkpoint, module_tmp) -> Path:
+    (out,) = convert(checkpoint, module_tmp("local") / "m.gguf", OPTIONS, RunOptions(progress=False, report=False))
     return out
 
 
@@ -170,8 +170,8 @@ def test_a_name_outside_the_cache_is_never_fetched(hub, checkpoint, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def local_mmproj(vision_checkpoint, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("local-mmproj") / "mmproj-F16.gguf"
+def local_mmproj(vision_checkpoint, module_tmp) -> Path:
+    out = module_tmp("local-mmproj") / "mmproj-F16.gguf"
     return write_mmproj(build_mmproj_plan(vision_checkpoint, "F16"), out, RunOptions(progress=False))
 
 
@@ -214,8 +214,8 @@ def test_convert_mmproj_from_the_hub_fetches_the_tower_shards_after_the_text(vl_
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory) -> dict[str, Path]:
-    return build_family(tmp_path_factory.mktemp("lineage"))
+def family(module_tmp) -> dict[str, Path]:
+    return build_family(module_tmp("lineage"))
 
 
 LINEAGE_CAP = 10**6  # both Hub models: ~1.46 MB of shards, ~0.6 MB of them at once (layers 0-1)

@@ -196,8 +196,8 @@ def imatrix_shapes(ref: dict) -> dict[str, tuple[int, ...]]:
 
 
 @pytest.fixture(scope="module")
-def kquant(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("kquant-imatrix")
+def kquant(module_tmp) -> tuple[Path, Path]:
+    root = module_tmp("kquant-imatrix")
     src = build_checkpoint(replace(KQUANT, mtp=True, num_experts=6), root / "src")
     return src, run_reference_converter(src, root / "ref-f32.gguf", "f32")
 

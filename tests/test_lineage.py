@@ -42,8 +42,8 @@ COVERAGE = 0.9
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory) -> dict[str, Path]:
-    return build_family(tmp_path_factory.mktemp("lineage"))
+def family(module_tmp) -> dict[str, Path]:
+    return build_family(module_tmp("lineage"))
 
 
 @pytest.fixture(scope="module")

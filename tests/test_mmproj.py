@@ -42,9 +42,9 @@ PROMPT = "<|im_start|>user\n<__media__>What is in the picture?<|im_end|>\n<|im_s
 
 
 @pytest.fixture(scope="module")
-def release(vision_checkpoint, tmp_path_factory) -> Path:
+def release(vision_checkpoint, module_tmp) -> Path:
     """`rioquant convert --type F32 --mmproj F32`: the text GGUF and its projector, as a user makes them."""
-    out = tmp_path_factory.mktemp("release")
+    out = module_tmp("release")
     main(["convert", str(vision_checkpoint), "-o", str(out / "Tiny-VL-F32.gguf"), "--type", "F32", "--mmproj", "F32",
           "--no-progress", "--no-report"])
     return out

@@ -25,8 +25,8 @@ QUICK = TrainSettings(steps=2, batch=2, seq_len=64, bpe_vocab=1024)
 
 
 @pytest.fixture(scope="module")
-def nano(tmp_path_factory) -> Path:
-    return train(tmp_path_factory.mktemp("nano") / "model", QUICK, SMALL, log=lambda _: None)
+def nano(module_tmp) -> Path:
+    return train(module_tmp("nano") / "model", QUICK, SMALL, log=lambda _: None)
 
 
 def test_corpus_splits_are_disjoint_and_nonempty():

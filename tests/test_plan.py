@@ -83,9 +83,9 @@ SIZES_397B = {
 
 
 @pytest.fixture(scope="module")
-def rio_397b(tmp_path_factory) -> Path:
+def rio_397b(module_tmp) -> Path:
     """config.json of the 397B model and the real Qwen3.5 tokenizer files; no weights."""
-    folder = tmp_path_factory.mktemp("shapes") / "Rio-3.5-Open-397B"
+    folder = module_tmp("shapes") / "Rio-3.5-Open-397B"
     folder.mkdir()
     shutil.copyfile(CONFIG_397B, folder / "config.json")
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -137,11 +137,11 @@ def test_397b_xl_mix_is_no_larger_than_the_llama_cpp_mix_it_replaces(xl):
 
 
 @pytest.fixture(scope="module")
-def sparse_397b_bf16(rio_397b, tmp_path_factory) -> Path:
+def sparse_397b_bf16(rio_397b, module_tmp) -> Path:
     """A BF16 GGUF of the 397B's exact tensor list and architecture keys, its data a sparse hole (806 GB
     apparent, a few MB on disk): llama_model_quantize --dry-run reads only the header."""
     plan = build_plan(rio_397b, ConvertOptions(qtype="BF16"), weights_optional=True)
-    path = tmp_path_factory.mktemp("sparse") / "rio-397b-bf16.gguf"
+    path = module_tmp("sparse") / "rio-397b-bf16.gguf"
     writer = gguf.GGUFWriter(path, "qwen35moe")
     add_arch_metadata(writer, plan.args, plan.n_mtp_layers)
     for e in plan.entries:
@@ -180,8 +180,8 @@ def test_397b_types_equal_llama_quantize(rio_397b, sparse_397b_bf16, mix):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_checkpoint(replace(TINY, mtp=True), tmp_path_factory.mktemp("plan") / "tiny")
+def tiny(module_tmp) -> Path:
+    return build_checkpoint(replace(TINY, mtp=True), module_tmp("plan") / "tiny")
 
 
 @pytest.mark.slow

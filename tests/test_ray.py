@@ -74,8 +74,8 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("ray")
+def models(module_tmp) -> SimpleNamespace:
+    root = module_tmp("ray")
     hf = build_checkpoint(replace(TINY, dtype="float32", mtp=True, shards=2), root / "hf")
     text = root / "topics.txt"
     text.write_text(evaluation_text(20_000))

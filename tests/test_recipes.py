@@ -132,9 +132,9 @@ def test_recipe_file_rules_may_look_at_the_imatrix_and_the_expert_count(tmp_path
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+def models(module_tmp) -> dict[str, tuple[Path, Path]]:
     """Each variant's checkpoint and llama.cpp's own BF16 conversion of it (llama-quantize's input)."""
-    root = tmp_path_factory.mktemp("recipes")
+    root = module_tmp("recipes")
     out = {}
     for name, spec in VARIANTS.items():
         src = build_checkpoint(spec, root / name)

@@ -99,10 +99,10 @@ def test_float_types_are_measured_in_row_chunks(qtype):
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> dict:
+def converted(module_tmp) -> dict:
     """A KQUANT checkpoint with a dead and a tiny-scaled expert, llama.cpp's F32 conversion of it, an
     imatrix with an unrouted expert, and rioquant's Q4_K split conversion with its report."""
-    root = tmp_path_factory.mktemp("report")
+    root = module_tmp("report")
     src = build_checkpoint(replace(KQUANT, mtp=True, num_experts=6), root / "src")
     weights = load_file(src / "model.safetensors")
     weights[DEAD[0]] = torch.zeros_like(weights[DEAD[0]])

@@ -29,8 +29,8 @@ from tests.test_convert_reliability import run_cli
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory) -> Path:
-    return build_checkpoint(replace(TINY, shards=2), tmp_path_factory.mktemp("sharded") / "src")
+def sharded(module_tmp) -> Path:
+    return build_checkpoint(replace(TINY, shards=2), module_tmp("sharded") / "src")
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -125,9 +125,9 @@ FP8_BLOCK = (32, 48)  # Qwen's is 128×128; smaller here so tiny matrices span s
 
 
 @pytest.fixture(scope="module")
-def fp8(sharded, tmp_path_factory) -> tuple[Path, Path]:
+def fp8(sharded, module_tmp) -> tuple[Path, Path]:
     """An FP8 checkpoint made from the BF16 one, and llama.cpp's F32 conversion of it."""
-    root = tmp_path_factory.mktemp("fp8")
+    root = module_tmp("fp8")
     src = fp8_checkpoint(sharded, root / "src", FP8_BLOCK)
     return src, run_reference_converter(src, root / "ref-f32.gguf", "f32")
 
@@ -205,9 +205,9 @@ def test_bad_fp8_layout_is_a_one_line_error(fp8, tmp_path, capsys, damage):
 # -- a GGUF as the source --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def bf16_gguf(tmp_path_factory) -> Path:
+def bf16_gguf(module_tmp) -> Path:
     """llama.cpp's BF16 conversion of a tiny checkpoint with its MTP layer: what people publish."""
-    root = tmp_path_factory.mktemp("gguf-source")
+    root = module_tmp("gguf-source")
     src = build_checkpoint(replace(TINY, mtp=True), root / "src")
     return run_reference_converter(src, root / "model-BF16.gguf", "bf16")
 
