@@ -47,7 +47,6 @@ from rioquant.files.disk import replacing
 log = logging.getLogger(__name__)
 
 DEFAULT_OPTIONS = EngineOptions()
-HEAD_ROWS = 512  # rows scored together: each slice of the output matrix is read once per block
 
 
 def _scored(engine: Engine, acts: Activations, head: HeadWeights):
@@ -112,10 +111,9 @@ def _perplexity_head(engine: Engine, acts: Activations) -> np.ndarray:
     out = []
     with torch.inference_mode():
         for _, h, targets in _scored(engine, acts, head):
-            for s in range(0, h.shape[0], HEAD_ROWS):
-                out.append(output.scores(h[s : s + HEAD_ROWS], targets[s : s + HEAD_ROWS]).nll.cpu().numpy())
+            out.append(output.scores(h, targets).nll.cpu().numpy())
     t2 = time.perf_counter()
-    engine.head_profile(head.output.numel() * 4, t1 - t0, t2 - t1)
+    engine.head_profile(head.output.nbytes, t1 - t0, t2 - t1)
     engine.profile.wall_s += t2 - t0
     return np.concatenate(out)
 
@@ -228,13 +226,10 @@ def _kld_head(engine: Engine, acts: Activations, base: ModelSource, states: np.n
     with torch.inference_mode():
         for g, h, targets in _scored(engine, acts, head_q):
             hb = torch.from_numpy(np.array(states[g])).reshape(h.shape).to(engine.device)
-            for s in range(0, h.shape[0], HEAD_ROWS):
-                block = slice(s, s + HEAD_ROWS)
-                values = kld_terms(base_head, hb[block], quant_head, h[block], targets[block])
-                for key, v in values.items():
-                    parts.setdefault(key, []).append(v.cpu().numpy())
+            for key, v in kld_terms(base_head, hb, quant_head, h, targets).items():
+                parts.setdefault(key, []).append(v.cpu().numpy())
     t2 = time.perf_counter()
-    engine.head_profile((head_q.output.numel() + base_out.numel()) * 4, t1 - t0, t2 - t1)
+    engine.head_profile(head_q.output.nbytes + base_out.nbytes, t1 - t0, t2 - t1)
     engine.profile.wall_s += t2 - t0
     return {key: np.concatenate(v) for key, v in parts.items()}
 
