@@ -236,9 +236,8 @@ def gated_delta_net(h: torch.Tensor, w: dict, a: ModelArgs, obs: Observer, num: 
 def moe(x: torch.Tensor, w: dict, a: ModelArgs, obs: Observer, num: Numerics = EXACT) -> torch.Tensor:
     """x (N, H) → (N, H): routed experts plus the gated shared expert.
 
-    The (token, expert) pairs are sorted by expert, so each expert's rows are one contiguous slice of
-    x[tokens]: its inputs are gathered and rounded once for all experts, not once per expert, and the
-    outputs are added back in one index_add_ (in expert order per token, as an add per expert would)."""
+    The roundings are row by row, so x is rounded once for all experts' gate/up products and all experts'
+    activations at once for their down products (per expert, rounding ran 48 times a layer)."""
     for kind in ("ffn_gate_inp", "ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp"):
         obs.dense(kind, x)
     probs = torch.softmax(_mm(num, "ffn_gate_inp", x, w["ffn_gate_inp"]), dim=-1)  # (N, E)
@@ -246,24 +245,27 @@ def moe(x: torch.Tensor, w: dict, a: ModelArgs, obs: Observer, num: Numerics = E
     top_w = top_w / top_w.sum(-1, keepdim=True)
     flat = top_e.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    tokens = order // a.num_experts_per_tok
+    tokens = order // a.num_experts_per_tok  # (token, expert) pairs grouped by expert
+    weights = top_w.reshape(-1)[order, None]
     counts = torch.bincount(flat, minlength=a.num_experts).tolist()
-    gate_exps, up_exps, down_exps = w["ffn_gate_exps"], w["ffn_up_exps"], w["ffn_down_exps"]
-    x_rows = x[tokens]
-    gate_in, up_in = num.inputs(("ffn_gate_exps", "ffn_up_exps"), x_rows)
-    act = torch.empty(len(tokens), gate_exps.shape[1], dtype=x.dtype, device=x.device)
     starts = np.cumsum([0, *counts[:-1]]).tolist()
-    segments = [(e, slice(s, s + c)) for e, (s, c) in enumerate(zip(starts, counts, strict=True)) if c]  # expert's rows
+    segments = [(e, slice(s, s + c)) for e, (s, c) in enumerate(zip(starts, counts, strict=True)) if c]
+    gate_exps, up_exps, down_exps = w["ffn_gate_exps"], w["ffn_up_exps"], w["ffn_down_exps"]
+    gate_in, up_in = num.inputs(("ffn_gate_exps", "ffn_up_exps"), x)
+    act = torch.empty(len(tokens), gate_exps.shape[1], dtype=x.dtype, device=x.device)
     for e, seg in segments:
-        obs.expert("ffn_gate_exps", e, x_rows[seg])
-        obs.expert("ffn_up_exps", e, x_rows[seg])
-        act[seg] = nnf.silu(nnf.linear(gate_in[seg], gate_exps.expert(e))) * nnf.linear(up_in[seg], up_exps.expert(e))
+        rows = tokens[seg]
+        xe = x[rows]
+        obs.expert("ffn_gate_exps", e, xe)
+        obs.expert("ffn_up_exps", e, xe)
+        xg = xe if gate_in is x else gate_in[rows]
+        xu = xg if up_in is gate_in else up_in[rows]
+        act[seg] = nnf.silu(nnf.linear(xg, gate_exps.expert(e))) * nnf.linear(xu, up_exps.expert(e))
     down_in = num.input("ffn_down_exps", act)
-    y = torch.empty_like(x_rows)
+    out = torch.zeros_like(x)
     for e, seg in segments:
         obs.expert("ffn_down_exps", e, act[seg])
-        y[seg] = nnf.linear(down_in[seg], down_exps.expert(e))
-    out = torch.zeros_like(x).index_add_(0, tokens, y.mul_(top_w.reshape(-1)[order, None]))
+        out.index_add_(0, tokens[seg], nnf.linear(down_in[seg], down_exps.expert(e)) * weights[seg])
     shexp_gate, shexp_up = _products(num, ("ffn_gate_shexp", "ffn_up_shexp"), x, w)
     act = nnf.silu(shexp_gate) * shexp_up
     obs.dense("ffn_down_shexp", act)
