@@ -104,6 +104,15 @@ def test_activation_roundings_equal_ggml_cpu(case):
         assert bad.size == 0, f"{name}/{case}: {bad.size} values differ, first at {bad[0]}: {ours[bad[0]]} != {ref[bad[0]]}"
 
 
+def test_q8_k_rounding_keeps_the_first_of_tied_extremes():
+    """+m and −m in one block: ggml keeps the first (its scan replaces the max only on a larger |x|)."""
+    x = np.random.default_rng(7).standard_normal((2, 256)).astype(np.float32)
+    x[0, [3, 200]] = (5.0, -5.0)
+    x[1, [3, 200]] = (-5.0, 5.0)
+    ours = round_q8_k(torch.from_numpy(x)).numpy().reshape(-1)
+    assert np.array_equal(ours.view(np.uint32), ggml_activation_rounding(x, "Q8_K").view(np.uint32))
+
+
 def test_perplexity_and_kld_statistics():
     rng = np.random.default_rng(0)
     nll = rng.gamma(2.0, 1.0, 500)

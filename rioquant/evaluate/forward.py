@@ -110,6 +110,11 @@ def _mm(num: Numerics, kind: str, x: torch.Tensor, weight: torch.Tensor) -> torc
     return nnf.linear(num.input(kind, x), weight)
 
 
+def _products(num: Numerics, kinds: tuple[str, ...], x: torch.Tensor, w: dict) -> list[torch.Tensor]:
+    """x · wᵀ for the weights of `kinds`, which share the input x: it is rounded once per distinct rounding."""
+    return [nnf.linear(xr, w[kind]) for kind, xr in zip(kinds, num.inputs(kinds, x), strict=True)]
+
+
 def full_attention(h: torch.Tensor, w: dict, a: ModelArgs, rope: Rope, obs: Observer,
                    num: Numerics = EXACT) -> torch.Tensor:
     B, T, _ = h.shape
@@ -117,11 +122,12 @@ def full_attention(h: torch.Tensor, w: dict, a: ModelArgs, rope: Rope, obs: Obse
     rows = h.reshape(-1, h.shape[-1])
     for kind in ("attn_q", "attn_k", "attn_v"):
         obs.dense(kind, rows)
-    qg = _mm(num, "attn_q", h, w["attn_q"]).view(B, T, nh, 2 * hd)  # per head: [query | gate]
+    qg, k, v = _products(num, ("attn_q", "attn_k", "attn_v"), h, w)
+    qg = qg.view(B, T, nh, 2 * hd)  # per head: [query | gate]
     q = rms_norm(qg[..., :hd], w["attn_q_norm"], a.rms_norm_eps)
     gate = qg[..., hd:].reshape(B, T, nh * hd)
-    k = rms_norm(_mm(num, "attn_k", h, w["attn_k"]).view(B, T, nkv, hd), w["attn_k_norm"], a.rms_norm_eps)
-    v = _mm(num, "attn_v", h, w["attn_v"]).view(B, T, nkv, hd)
+    k = rms_norm(k.view(B, T, nkv, hd), w["attn_k_norm"], a.rms_norm_eps)
+    v = v.view(B, T, nkv, hd)
     q, k = rope(q), rope(k)
     o = num.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 1.0 / math.sqrt(hd))  # (B, nh, T, hd)
     o = o.transpose(1, 2).reshape(B, T, nh * hd) * torch.sigmoid(gate)
@@ -199,12 +205,13 @@ def gated_delta_net(h: torch.Tensor, w: dict, a: ModelArgs, obs: Observer, num: 
     B, T, _ = h.shape
     nk, nv, dk, dv = a.linear_num_key_heads, a.linear_num_value_heads, a.linear_key_head_dim, a.linear_value_head_dim
     rows = h.reshape(-1, h.shape[-1])
-    for kind in ("attn_qkv", "attn_gate", "ssm_beta", "ssm_alpha"):
+    kinds = ("attn_qkv", "attn_gate", "ssm_beta", "ssm_alpha")
+    for kind in kinds:
         obs.dense(kind, rows)
-    qkv = _mm(num, "attn_qkv", h, w["attn_qkv"])  # (B, T, conv_dim)
-    z = _mm(num, "attn_gate", h, w["attn_gate"]).view(B, T, nv, dv)
-    beta = torch.sigmoid(_mm(num, "ssm_beta", h, w["ssm_beta"]))  # (B, T, nv)
-    g = nnf.softplus(_mm(num, "ssm_alpha", h, w["ssm_alpha"]) + w["ssm_dt"]) * w["ssm_a"]
+    qkv, z, beta, alpha = _products(num, kinds, h, w)  # qkv: (B, T, conv_dim)
+    z = z.view(B, T, nv, dv)
+    beta = torch.sigmoid(beta)  # (B, T, nv)
+    g = nnf.softplus(alpha + w["ssm_dt"]) * w["ssm_a"]
     # causal depthwise conv over time: out[t] = Σ_j w[j]·x[t-K+1+j]
     kernel = w["ssm_conv1d"]  # (conv_dim, K)
     x = nnf.pad(qkv.transpose(1, 2), (kernel.shape[1] - 1, 0))
@@ -227,7 +234,10 @@ def gated_delta_net(h: torch.Tensor, w: dict, a: ModelArgs, obs: Observer, num: 
 
 
 def moe(x: torch.Tensor, w: dict, a: ModelArgs, obs: Observer, num: Numerics = EXACT) -> torch.Tensor:
-    """x (N, H) → (N, H): routed experts plus the gated shared expert."""
+    """x (N, H) → (N, H): routed experts plus the gated shared expert.
+
+    The roundings are row by row, so x is rounded once for all experts' gate/up products and all experts'
+    activations at once for their down products (per expert, rounding ran 48 times a layer)."""
     for kind in ("ffn_gate_inp", "ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp"):
         obs.dense(kind, x)
     probs = torch.softmax(_mm(num, "ffn_gate_inp", x, w["ffn_gate_inp"]), dim=-1)  # (N, E)
@@ -235,24 +245,29 @@ def moe(x: torch.Tensor, w: dict, a: ModelArgs, obs: Observer, num: Numerics = E
     top_w = top_w / top_w.sum(-1, keepdim=True)
     flat = top_e.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    tokens = order // a.num_experts_per_tok
+    tokens = order // a.num_experts_per_tok  # (token, expert) pairs grouped by expert
     weights = top_w.reshape(-1)[order, None]
     counts = torch.bincount(flat, minlength=a.num_experts).tolist()
+    starts = np.cumsum([0, *counts[:-1]]).tolist()
+    segments = [(e, slice(s, s + c)) for e, (s, c) in enumerate(zip(starts, counts, strict=True)) if c]
     gate_exps, up_exps, down_exps = w["ffn_gate_exps"], w["ffn_up_exps"], w["ffn_down_exps"]
-    out = torch.zeros_like(x)
-    start = 0
-    for e, count in enumerate(counts):
-        if count == 0:
-            continue
-        rows = tokens[start : start + count]
+    gate_in, up_in = num.inputs(("ffn_gate_exps", "ffn_up_exps"), x)
+    act = torch.empty(len(tokens), gate_exps.shape[1], dtype=x.dtype, device=x.device)
+    for e, seg in segments:
+        rows = tokens[seg]
         xe = x[rows]
         obs.expert("ffn_gate_exps", e, xe)
         obs.expert("ffn_up_exps", e, xe)
-        act = nnf.silu(_mm(num, "ffn_gate_exps", xe, gate_exps.expert(e))) * _mm(num, "ffn_up_exps", xe, up_exps.expert(e))
-        obs.expert("ffn_down_exps", e, act)
-        out.index_add_(0, rows, _mm(num, "ffn_down_exps", act, down_exps.expert(e)) * weights[start : start + count])
-        start += count
-    act = nnf.silu(_mm(num, "ffn_gate_shexp", x, w["ffn_gate_shexp"])) * _mm(num, "ffn_up_shexp", x, w["ffn_up_shexp"])
+        xg = xe if gate_in is x else gate_in[rows]
+        xu = xg if up_in is gate_in else up_in[rows]
+        act[seg] = nnf.silu(nnf.linear(xg, gate_exps.expert(e))) * nnf.linear(xu, up_exps.expert(e))
+    down_in = num.input("ffn_down_exps", act)
+    out = torch.zeros_like(x)
+    for e, seg in segments:
+        obs.expert("ffn_down_exps", e, act[seg])
+        out.index_add_(0, tokens[seg], nnf.linear(down_in[seg], down_exps.expert(e)) * weights[seg])
+    shexp_gate, shexp_up = _products(num, ("ffn_gate_shexp", "ffn_up_shexp"), x, w)
+    act = nnf.silu(shexp_gate) * shexp_up
     obs.dense("ffn_down_shexp", act)
     shared_gate = torch.sigmoid(_mm(num, "ffn_gate_inp_shexp", x, w["ffn_gate_inp_shexp"].reshape(-1, x.shape[-1])))
     return out + _mm(num, "ffn_down_shexp", act, w["ffn_down_shexp"]) * shared_gate  # shared gate: (N, 1)

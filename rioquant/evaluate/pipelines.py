@@ -47,7 +47,6 @@ from rioquant.files.disk import replacing
 log = logging.getLogger(__name__)
 
 DEFAULT_OPTIONS = EngineOptions()
-HEAD_ROWS = 512  # rows scored together: each slice of the output matrix is read once per block
 
 
 def _scored(engine: Engine, acts: Activations, head: HeadWeights):
@@ -81,20 +80,32 @@ def _per_group(fn: Callable, tokens: np.ndarray, options: EngineOptions, *args: 
     return results, profiles
 
 
+def _for_groups(path: Path, source: ModelSource, options: EngineOptions) -> Path | ModelSource:
+    """What a per-group function is handed: the source opened here (reading a GGUF's header, 1.6 s with the
+    248K-token vocabulary, happens once), or its path for a cluster task (each node opens it)."""
+    return Path(path) if options.ray else source
+
+
+def _opened(model: Path | ModelSource) -> ModelSource:
+    return model if isinstance(model, ModelSource) else open_source(model)
+
+
 def perplexity(model: Path, text: Path, ctx: int = 512, chunks: int | None = None,
                options: EngineOptions = DEFAULT_OPTIONS, tokenizer: Path | None = None,
                profile_out: Path | None = None) -> dict:
     """llama-perplexity on `model` (HF checkpoint or GGUF): {"ppl", "ppl_stderr", "tokens_scored", "chunks", "ctx"}."""
-    tokens = tokenize_text(open_source(model), text, ctx, chunks, tokenizer)
-    parts, profiles = _per_group(perplexity_terms, tokens, options, Path(model))
+    source = open_source(model)
+    tokens = tokenize_text(source, text, ctx, chunks, tokenizer)
+    parts, profiles = _per_group(perplexity_terms, tokens, options, _for_groups(model, source, options))
     nll = np.concatenate(parts)
     _write_profile(profile_out, profiles)
     return {**perplexity_summary(nll), "tokens_scored": len(nll), "chunks": tokens.shape[0], "ctx": ctx}
 
 
-def perplexity_terms(model: Path, tokens: np.ndarray, options: EngineOptions) -> tuple[np.ndarray, dict[str, Profile]]:
+def perplexity_terms(model: Path | ModelSource, tokens: np.ndarray,
+                     options: EngineOptions) -> tuple[np.ndarray, dict[str, Profile]]:
     """NLL of every scored token of `tokens`' chunks, in chunk order."""
-    engine = Engine(open_source(model), tokens, options)
+    engine = Engine(_opened(model), tokens, options)
     with cpu_threads(options.threads):
         acts = engine.run_layers()
         try:
@@ -112,10 +123,9 @@ def _perplexity_head(engine: Engine, acts: Activations) -> np.ndarray:
     out = []
     with torch.inference_mode():
         for _, h, targets in _scored(engine, acts, head):
-            for s in range(0, h.shape[0], HEAD_ROWS):
-                out.append(output.scores(h[s : s + HEAD_ROWS], targets[s : s + HEAD_ROWS]).nll.cpu().numpy())
+            out.append(output.scores(h, targets).nll.cpu().numpy())
     t2 = time.perf_counter()
-    engine.head_profile(head.output.numel() * 4, t1 - t0, t2 - t1)
+    engine.head_profile(head.output.nbytes, t1 - t0, t2 - t1)
     engine.profile.wall_s += t2 - t0
     return np.concatenate(out)
 
@@ -182,7 +192,8 @@ def kl_divergence(base: Path, quant: Path, text: Path, ctx: int = 512, chunks: i
             f"{base_src.n_vocab} × {base_src.args.hidden_size}: not a quant of that model"
         )
     tokens = tokenize_text(base_src, text, ctx, chunks, tokenizer)
-    parts, profiles = _per_group(kld_per_token, tokens, options, Path(base), Path(quant), base_states, bool(options.ray))
+    parts, profiles = _per_group(kld_per_token, tokens, options, _for_groups(base, base_src, options),
+                                 _for_groups(quant, quant_src, options), base_states, bool(options.ray))
     per_token = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     _write_profile(profile_out, profiles)
     if tokens_out is not None:
@@ -192,14 +203,14 @@ def kl_divergence(base: Path, quant: Path, text: Path, ctx: int = 512, chunks: i
             "text": str(text)}
 
 
-def kld_per_token(base: Path, quant: Path, base_states: Path | None, per_group: bool, tokens: np.ndarray,
-                  options: EngineOptions) -> tuple[dict[str, np.ndarray], dict[str, Profile]]:
+def kld_per_token(base: Path | ModelSource, quant: Path | ModelSource, base_states: Path | None, per_group: bool,
+                  tokens: np.ndarray, options: EngineOptions) -> tuple[dict[str, np.ndarray], dict[str, Profile]]:
     """Per scored token of `tokens`' chunks: KLD, Δp, both NLLs, same top token.
 
     With `per_group` (a cluster task) the base states go to their own file beside `base_states`, named by
     the chunks' hash, so the next quant reuses them whichever node runs the group.
     """
-    base_src, quant_src = open_source(base), open_source(quant)
+    base_src, quant_src = _opened(base), _opened(quant)
     if base_states is not None and per_group:
         digest = hashlib.sha256(tokens.tobytes()).hexdigest()[:16]
         base_states = Path(base_states).with_name(f"{Path(base_states).stem}.{digest}{Path(base_states).suffix}")
@@ -228,13 +239,10 @@ def _kld_head(engine: Engine, acts: Activations, base: ModelSource, states: np.n
     with torch.inference_mode():
         for g, h, targets in _scored(engine, acts, head_q):
             hb = torch.from_numpy(np.array(states[g])).reshape(h.shape).to(engine.device)
-            for s in range(0, h.shape[0], HEAD_ROWS):
-                block = slice(s, s + HEAD_ROWS)
-                values = kld_terms(base_head, hb[block], quant_head, h[block], targets[block])
-                for key, v in values.items():
-                    parts.setdefault(key, []).append(v.cpu().numpy())
+            for key, v in kld_terms(base_head, hb, quant_head, h, targets).items():
+                parts.setdefault(key, []).append(v.cpu().numpy())
     t2 = time.perf_counter()
-    engine.head_profile((head_q.output.numel() + base_out.numel()) * 4, t1 - t0, t2 - t1)
+    engine.head_profile(head_q.output.nbytes + base_out.nbytes, t1 - t0, t2 - t1)
     engine.profile.wall_s += t2 - t0
     return {key: np.concatenate(v) for key, v in parts.items()}
 
@@ -249,7 +257,7 @@ def collect_imatrix(src: Path, text: Path, out: Path, ctx: int = 512, chunks: in
     """Write llama.cpp's GGUF imatrix for `src` over the chunks of `text` (every position of every chunk)."""
     source = open_source(src)
     tokens = tokenize_text(source, text, ctx, chunks, tokenizer)
-    parts, profiles = _per_group(imatrix_terms, tokens, options, Path(src), process_output)
+    parts, profiles = _per_group(imatrix_terms, tokens, options, _for_groups(src, source, options), process_output)
     collector = ImatrixCollector(source.args, torch.device("cpu"))
     for sums, counts in parts:
         collector.merge(sums, counts)
@@ -263,10 +271,10 @@ def collect_imatrix(src: Path, text: Path, out: Path, ctx: int = 512, chunks: in
 
 
 
-def imatrix_terms(src: Path, process_output: bool, tokens: np.ndarray,
+def imatrix_terms(src: Path | ModelSource, process_output: bool, tokens: np.ndarray,
                   options: EngineOptions) -> tuple[tuple[dict, dict], dict[str, Profile]]:
     """Σx² (float64) and counts per weight input over `tokens`' chunks (ImatrixCollector.partial)."""
-    source = open_source(src)
+    source = _opened(src)
     engine = Engine(source, tokens, options)
     collector = ImatrixCollector(source.args, engine.device)
     with cpu_threads(options.threads):

@@ -9,6 +9,7 @@ BF16) and one expert is dequantized when the forward pass reaches it, so a layer
 Layer tensors are keyed by kind: `blk.3.attn_q.weight` → `attn_q`, `blk.3.ssm_dt.bias` → `ssm_dt`.
 """
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,20 +36,22 @@ def rope_sections(a: ModelArgs) -> tuple[int, int, int, int]:
     return (*[*a.mrope_section, 0, 0, 0][:3], 0)
 
 
-class ExpertStack:
-    """An expert tensor [E, rows, cols] held in its stored form; `expert(e)` is float32 (rows, cols)."""
+class StoredRows:
+    """A weight [n, *item] held in its stored form (quantized bytes, or a BF16/F16/F32 tensor), dequantized to
+    float32 a range of its first axis at a time: the rows of a vocabulary slice of the output matrix, or
+    one expert of a stack. Held this way a tensor costs its stored size, and what is dequantized is used at
+    once, while it is still in cache."""
 
-    def __init__(self, name: str, shape: tuple[int, int, int], device: torch.device,
+    def __init__(self, name: str, shape: tuple[int, ...], device: torch.device,
                  raw: np.ndarray | None = None, qtype: GGMLQuantizationType | None = None,
                  dense: torch.Tensor | None = None) -> None:
-        self.name, self.shape, self.device = name, shape, device
+        self.name, self.shape, self.device = name, tuple(shape), device
         self.qtype = qtype
-        self.raw = raw  # uint8 (E, slab_bytes) in host memory, dequantized by Numba (CPU)
+        self.raw = raw  # uint8 (n, item bytes) in host memory, dequantized by Numba (CPU)
         self.raw_device = None  # the same bytes on the GPU, dequantized by the torch kernels (CUDA)
         if raw is not None and device.type != "cpu":
             self.raw_device, self.raw = torch.from_numpy(raw).to(device), None
-        self.dense = dense  # BF16/F16/F32 (E, rows, cols) on device (HF source)
-        self.cache: dict[int, torch.Tensor] | None = None  # float32 slabs, when keep_dequantized()
+        self.dense = dense  # BF16/F16/F32 [n, *item] on device (HF source)
 
     @property
     def nbytes(self) -> int:
@@ -57,7 +60,24 @@ class ExpertStack:
 
     @property
     def float_bytes(self) -> int:
-        return 4 * self.shape[0] * self.shape[1] * self.shape[2]
+        return 4 * math.prod(self.shape)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """float32 [stop - start, *item] on the device."""
+        shape = (stop - start, *self.shape[1:])
+        if self.dense is not None:
+            return self.dense[start:stop].float()
+        if self.raw_device is not None:
+            return dequantize_torch(self.raw_device[start:stop], self.qtype, shape)
+        return dequantize_to(self.raw[start:stop], self.qtype, shape, self.device)
+
+
+class ExpertStack(StoredRows):
+    """An expert tensor [E, rows, cols] held in its stored form; `expert(e)` is float32 (rows, cols)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.cache: dict[int, torch.Tensor] | None = None  # float32 slabs, when keep_dequantized()
 
     def keep_dequantized(self) -> None:
         """Keep each expert's float32 slab after first use (when the layer meets several chunk groups)."""
@@ -66,13 +86,7 @@ class ExpertStack:
     def expert(self, e: int) -> torch.Tensor:
         if self.cache is not None and e in self.cache:
             return self.cache[e]
-        rows_cols = self.shape[1:]
-        if self.dense is not None:
-            w = self.dense[e].float()
-        elif self.raw_device is not None:
-            w = dequantize_torch(self.raw_device[e], self.qtype, rows_cols)
-        else:
-            w = dequantize_to(self.raw[e], self.qtype, rows_cols, self.device)
+        w = self.rows(e, e + 1)[0]
         if self.cache is not None:
             self.cache[e] = w
         return w
@@ -84,7 +98,7 @@ LayerWeights = dict[str, "torch.Tensor | ExpertStack"]
 @dataclass(frozen=True)
 class HeadWeights:
     output_norm: torch.Tensor  # (H,)
-    output: torch.Tensor  # (n_vocab, H) float32
+    output: StoredRows  # (n_vocab, H), dequantized a vocabulary slice at a time
 
 
 class ModelSource:
@@ -168,7 +182,8 @@ class HFSource(ModelSource):
     def head(self, device: torch.device) -> HeadWeights:
         norm = torch.from_numpy(self._float(self.top["output_norm.weight"])).to(device)
         out_spec = self.top.get("output.weight", self.top["token_embd.weight"])  # tied embeddings
-        return HeadWeights(norm, torch.from_numpy(self._float(out_spec)).to(device))
+        dense = torch.from_numpy(self._float(out_spec)).to(device)
+        return HeadWeights(norm, StoredRows(out_spec.name, tuple(dense.shape), device, dense=dense))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +242,8 @@ class GGUFSource(ModelSource):
     def head(self, device: torch.device) -> HeadWeights:
         norm = self._float(self._tensor("output_norm.weight"), device)
         out = self.model.tensors.get("output.weight") or self._tensor("token_embd.weight")
-        return HeadWeights(norm, self._float(out, device))
+        raw = read_tensor_bytes(out).reshape(out.shape[0], -1)
+        return HeadWeights(norm, StoredRows(out.name, out.shape, device, raw=raw, qtype=out.qtype))
 
 
 def open_source(path: Path | str) -> ModelSource:
