@@ -32,6 +32,9 @@ bench:
 	$(BIN)/python -m bench.convert_bench
 	# first-call cost, one read for four mixes vs four runs vs llama.cpp, read/quantize overlap
 	$(BIN)/python -m bench.throughput_bench
+	# the error report's cost, and ppl against llama-perplexity (same GGUF and text, same run)
+	$(BIN)/python -m bench.report_overhead
+	$(BIN)/python -m bench.eval_bench
 
 # Trains the nano Qwen3.5-MoE once (~15 min on 2 cores, cached in .cache/nano), then measures every mix
 fidelity:

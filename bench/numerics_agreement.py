@@ -5,7 +5,7 @@ For each GGUF type of the nano model (bench/nano: trained once, cached under .ca
 rioquant, with the output head optionally scaled (`--head-scale 40`: logits far from uniform, where one
 per cent of PPL is 0.01 nats): the perplexity from llama.cpp's logits (llama-cpp-python, llama-perplexity's
 loop), then rioquant's relative difference to it with `ggml` and with `exact` numerics, and "self":
-rioquant `ggml` with every matrix product summed in float64 instead of float32 against rioquant `ggml`
+rioquant `ggml` with every product of the layers summed in float64 instead of float32 against rioquant `ggml`
 — the same roundings, only another summation order, as two GEMM implementations differ.
 
     python -m bench.numerics_agreement [--nano a|b] [--head-scale 40] [--types F32,F16,BF16,Q8_0,Q4_K_M,Q2_K]
@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from bench.nano.corpus import load_corpus
 from bench.nano.train import VARIANTS, ensure_nano
 from rioquant.convert import ConvertOptions, RunOptions, convert
-from rioquant.evaluate import forward, head
+from rioquant.evaluate import forward
 from rioquant.evaluate.engine import EngineOptions
 from rioquant.evaluate.head import scores_from_logits
 from rioquant.evaluate.pipelines import perplexity
@@ -65,21 +65,21 @@ def llama_cpp_ppl(gguf: Path, text: Path, ctx: int, chunks: int) -> float:
 
 @contextlib.contextmanager
 def float64_products() -> Iterator[None]:
-    """Every weight product of the forward pass and the head summed in float64, rounded back to float32.
+    """Every weight product of the layers summed in float64, rounded back to float32.
 
-    The engine's modules call `nnf.linear`; this swaps their `nnf` for a namespace whose `linear` does
-    that, so the roundings (`Numerics.input`) are unchanged and only the summation differs."""
+    The forward pass calls `nnf.linear`; this swaps its module's `nnf` for a namespace whose `linear` does
+    that, so the roundings (`Numerics.input`) are unchanged and only the summation differs. The head's
+    products stay float32: their last bits reach the logits directly, never a rounding boundary."""
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return nnf.linear(x.double(), weight.double(), None if bias is None else bias.double()).float()
 
     wide = SimpleNamespace(**{name: getattr(nnf, name) for name in dir(nnf) if not name.startswith("__")})
     wide.linear = linear
-    saved = forward.nnf, head.nnf
-    forward.nnf = head.nnf = wide
+    forward.nnf = wide
     try:
         yield
     finally:
-        forward.nnf, head.nnf = saved
+        forward.nnf = nnf
 
 
 def measure(gguf: Path, text: Path, ctx: int, chunks: int) -> dict[str, float]:
