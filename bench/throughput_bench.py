@@ -44,7 +44,7 @@ for name in {types!r}:
     measure_slice(x, quantize(x, name), name)
 elapsed = time.perf_counter() - start
 drivers = [d for name in {types!r} for d in (quantize_driver(BLOCK_KERNELS[T[name]].quantize_row),
-           specialise(_block_row_sums_over, BLOCK_KERNELS[T[name]].dequantize_row, True))]
+           specialise(_block_row_sums_over, BLOCK_KERNELS[T[name]].dequantize_row, parallel=True))]
 print(json.dumps({{"seconds": elapsed, "misses": sum(sum(d.stats.cache_misses.values()) for d in drivers)}}))
 """
 
