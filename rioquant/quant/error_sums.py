@@ -33,6 +33,7 @@ _NO_WEIGHTS = np.zeros(0, dtype=np.float32)
 
 @njit(cache=True, inline="always")
 def _add_plain(xs, ys, count, sx2, sy2, sxy, se2, maxe) -> None:
+    """Weights 0..count-1 of one group (count = LANES but in a row's last group) into lanes 0..count-1."""
     for k in range(count):
         xv = np.float64(xs[k])
         yv = np.float64(ys[k])
@@ -47,6 +48,7 @@ def _add_plain(xs, ys, count, sx2, sy2, sxy, se2, maxe) -> None:
 
 @njit(cache=True, inline="always")
 def _add_weighted(xs, ys, ws, count, swe2, swx2) -> None:
+    """_add_plain's group for the importance-weighted sums."""
     for k in range(count):
         xv = np.float64(xs[k])
         ev = np.float64(ys[k]) - xv
