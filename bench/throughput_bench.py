@@ -1,8 +1,8 @@
 """Throughput of a release: fixed costs, one read for many mixes, and read/quantize overlap.
 
 1. First call: a fresh process imports rioquant and quantizes a small matrix into each type of the
-   mixes (and measures its error, as a conversion does); every driver comes from Numba's cache, so this
-   is the cost every `rioquant` process pays before its first tensor. Cache misses are counted.
+   mixes, measuring its error in the same pass as a conversion does; every driver comes from Numba's
+   cache, so this is the cost every `rioquant` process pays before its first tensor. Cache misses are counted.
 2. Many mixes: `rioquant convert SRC --type A --type B ... -o DIR` (one read) against one
    `rioquant convert` per mix, and against llama.cpp's `convert_hf_to_gguf.py --outtype bf16` once
    plus `llama_model_quantize` per mix: wall time, peak RSS (wait4, per process; max over the steps)
@@ -34,17 +34,16 @@ FIRST_CALL = """
 import json, time
 start = time.perf_counter()
 import numpy as np
-from rioquant.kernels.driver import quantize_driver, specialise
-from rioquant.quant import quantize
-from rioquant.quant.error_sums import _block_row_sums_over
-from rioquant.quant.metrics import measure_slice
+from rioquant.kernels.driver import specialise
+from rioquant.quant.error_sums import _quantize_sum_rows_over
+from rioquant.quant.metrics import quantize_slice
 from rioquant.quant.types import BLOCK_KERNELS, T
 x = np.random.default_rng(0).standard_normal((64, 512), dtype=np.float32)
 for name in {types!r}:
-    measure_slice(x, quantize(x, name), name)
+    quantize_slice(x, name)
 elapsed = time.perf_counter() - start
-drivers = [d for name in {types!r} for d in (quantize_driver(BLOCK_KERNELS[T[name]].quantize_row),
-           specialise(_block_row_sums_over, BLOCK_KERNELS[T[name]].dequantize_row, True))]
+drivers = [specialise(_quantize_sum_rows_over, BLOCK_KERNELS[T[name]].quantize_row, BLOCK_KERNELS[T[name]].dequantize_row)
+           for name in {types!r}]
 print(json.dumps({{"seconds": elapsed, "misses": sum(sum(d.stats.cache_misses.values()) for d in drivers)}}))
 """
 

@@ -32,7 +32,7 @@ from rioquant.pipeline import PREFETCH_BYTES, Stages, Submitter, run_pipeline
 from rioquant.progress import progress_bar
 from rioquant.quant import quantize
 from rioquant.quant.imatrix import Imatrix
-from rioquant.quant.metrics import Slice, TensorErrorTracker, measure_slice
+from rioquant.quant.metrics import Slice, TensorErrorTracker, quantize_slice
 from rioquant.quant.plan import PlanEntry
 from rioquant.source import Source
 
@@ -112,7 +112,7 @@ class QuantizeStage:
 
     def __call__(self, item: WorkItem, rows: np.ndarray | None) -> list[QuantizedPiece]:
         """The item quantized into each output that needs it (expert e with slice e of the importance,
-        as llama-quantize does), measured against its bytes while both are in memory; or, for an output
+        as llama-quantize does), each row measured against its bytes as it is quantized; or, for an output
         the source copies it into, the source's bytes as they are (as llama-quantize copies them)."""
         spec = self.source.specs[item.index]
         return [QuantizedPiece(list(self.source.raw_chunks(spec, item.expert)), [], copied=True) if t in item.copied
@@ -127,14 +127,16 @@ class QuantizeStage:
         chunks, measured = [], []
         for start, block in row_blocks(rows, spec.is_expert_stack, self.row_block_bytes):
             try:
-                data = quantize(block, T[entry.qtype], imatrix=weights, threads=self.threads)
+                if measure:
+                    data, slab = quantize_slice(block, entry.qtype, weights, no_data, self.threads)
+                    measured.append(slab)
+                else:
+                    data = quantize(block, T[entry.qtype], imatrix=weights, threads=self.threads)
             except QuantInputError as err:
                 source = spec.pieces[0].source
                 if isinstance(err, BadRowError):
                     err = err.shifted(start)
                 raise CheckpointError(f"{source.file.name}: tensor {source.name}: {err}") from None
-            if measure:
-                measured.append(measure_slice(block, data, entry.qtype, weights, no_data))
             chunks.append(data)
         return QuantizedPiece(chunks, measured)
 

@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from rioquant.cli import main
 from rioquant.convert import ConvertHooks, ConvertOptions, RunOptions, SplitOptions, convert
+from rioquant.errors import NonFiniteRowError
 from rioquant.quant import quantize
-from rioquant.quant.metrics import OUTLIER_FACTOR, TensorErrorTracker
+from rioquant.quant.metrics import OUTLIER_FACTOR, TensorErrorTracker, figures, measure_slice, quantize_slice
 from rioquant.testing.checkpoints import KQUANT, TINY, build_checkpoint
 from rioquant.testing.gguf_scan import scan
 from rioquant.testing.imatrix_files import gguf_importance, random_entries, write_gguf_imatrix
@@ -92,6 +93,27 @@ def test_float_types_are_measured_in_row_chunks(qtype):
     tracker.add(x, data)
     y = gguf.quants.dequantize(data, T[qtype]).reshape(x.shape)
     assert_figures(tracker.result(), expected_figures(x, y, None), qtype)
+
+
+@pytest.mark.parametrize(("qtype", "n"), [("Q4_K", 256), ("Q8_0", 96), ("IQ4_NL", 160), ("F16", 40)])
+def test_measured_in_the_quantize_pass_as_afterwards(qtype, n):
+    """The conversion's path (each row summed as it is quantized) gives the bytes of `quantize` and the
+    sums of measuring them afterwards, bit for bit; rows of 96, 160 and 40 end in a partial lane group."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((40, n)).astype(np.float32)
+    w = rng.gamma(0.5, 2.0, n).astype(np.float32)
+    for no_data in (False, True):
+        data, measured = quantize_slice(x, qtype, w, no_imatrix_data=no_data)
+        assert np.array_equal(data, quantize(x, qtype, imatrix=w))
+        later = measure_slice(x, data, qtype, w, no_imatrix_data=no_data)
+        assert np.array_equal(measured.sums, later.sums) and measured[1:] == later[1:]
+        y = gguf.quants.dequantize(data, T[qtype]).reshape(x.shape)
+        assert_figures(figures(measured.sums, 40, x.size, not no_data), expected_figures(x, y, None if no_data else w),
+                       qtype)
+    x[7, 3] = np.inf
+    with pytest.raises(NonFiniteRowError) as err:
+        quantize_slice(x, qtype, w)
+    assert err.value.row == 7
 
 
 # ---------------------------------------------------------------------------------------------

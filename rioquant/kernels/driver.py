@@ -50,13 +50,13 @@ class DriverCache(FunctionCache):
 
 
 @functools.cache
-def specialise(factory: Callable[[CPUDispatcher], Callable], kernel: CPUDispatcher, parallel: bool = True) -> CPUDispatcher:
-    """`factory(kernel)` (a function closing over the kernel) compiled with nogil, cached across processes.
+def specialise(factory: Callable[..., Callable], *kernels: CPUDispatcher, parallel: bool = True) -> CPUDispatcher:
+    """`factory(*kernels)` (a function closing over the kernels) compiled with nogil, cached across processes.
 
-    The name gets the kernel's, so each driver has its own index file in the cache.
+    The name gets the first kernel's, so each driver has its own index file in the cache.
     """
-    func = factory(kernel)
-    func.__qualname__ = f"{func.__name__}_{kernel.__name__}{'' if parallel else '_serial'}"
+    func = factory(*kernels)
+    func.__qualname__ = f"{func.__name__}_{kernels[0].__name__}{'' if parallel else '_serial'}"
     driver = njit(parallel=parallel, nogil=True)(func)
     driver._cache = DriverCache(driver.py_func)  # what `cache=True` sets, with the stable key
     return driver
@@ -78,7 +78,7 @@ def _quantize_rows_over(row_kernel: CPUDispatcher) -> Callable:
                 row_kernel(x[r], importance, out[r])
             else:
                 bad[r] = True
-        return _first_true(bad)
+        return first_true(bad)
 
     return quantize_rows
 
@@ -117,7 +117,8 @@ def row_is_finite(row: np.ndarray) -> bool:
 
 
 @njit(cache=True)
-def _first_true(flags: np.ndarray) -> int:
+def first_true(flags: np.ndarray) -> int:
+    """Index of the first True flag (a driver's first bad row), or -1."""
     for r in range(flags.size):
         if flags[r]:
             return r
@@ -131,4 +132,4 @@ def first_nonfinite_row(x: np.ndarray) -> int:
     bad = np.zeros(rows, dtype=np.bool_)
     for r in prange(rows):
         bad[r] = not row_is_finite(x[r])
-    return _first_true(bad)
+    return first_true(bad)

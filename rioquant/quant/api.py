@@ -15,6 +15,7 @@ from rioquant.errors import BadRowError, NonFiniteRowError, QuantInputError
 from rioquant.files.gguf_file import nbytes
 from rioquant.kernels import floats
 from rioquant.kernels.driver import dequantize_driver, first_nonfinite_row, quantize_driver
+from rioquant.quant.error_sums import quantize_rows_with_sums, slice_sums
 from rioquant.quant.types import (
     BLOCK_KERNELS,
     FLOAT_TYPES,
@@ -89,6 +90,26 @@ def quantize(
     search; element types and Q8_0 ignore it, as ggml does. The REQUIRES_IMATRIX types refuse to
     run without one, as llama-quantize does.
     """
+    return _quantize(x, qtype, imatrix, threads)[0]
+
+
+def quantize_measured(
+    x: np.ndarray,
+    qtype: "str | GGMLQuantizationType",
+    imatrix: np.ndarray | None = None,
+    threads: int | None = None,
+    weights: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`quantize`, and the error sums of its bytes against x (rioquant.quant.error_sums, weighted by
+    `weights`, None for none) from the same pass: each row is measured while it is still in cache."""
+    return _quantize(x, qtype, imatrix, threads, True, weights)
+
+
+def _quantize(
+    x: np.ndarray, qtype: "str | GGMLQuantizationType", imatrix: np.ndarray | None, threads: int | None,
+    measure: bool = False, weights: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(quantize's bytes, their error sums weighted by `weights` if `measure`, else None)."""
     qtype = parse_qtype(qtype)
     if imatrix is None and qtype in REQUIRES_IMATRIX:
         raise QuantInputError(
@@ -96,15 +117,24 @@ def quantize(
         )
     _check_rows(x, qtype)
     x = np.ascontiguousarray(x)
+    w = _NO_IMPORTANCE if weights is None else _check_importance(weights, x.shape[1])
     if qtype in FLOAT_TYPES:
-        return floats.to_element_bytes(x, qtype.name)
+        data = floats.to_element_bytes(x, qtype.name)
+        if not measure:
+            return data, None
+        with numba_threads(threads):
+            return data, slice_sums(x, data, qtype, w)
     importance = _NO_IMPORTANCE if imatrix is None else _check_importance(imatrix, x.shape[1])
     out = np.empty((x.shape[0], nbytes(qtype, (x.shape[1],))), dtype=np.uint8)
+    sums = None
     with numba_threads(threads):
-        bad_row = quantize_driver(BLOCK_KERNELS[qtype].quantize_row)(x, importance, out)
+        if measure:
+            bad_row, sums = quantize_rows_with_sums(BLOCK_KERNELS[qtype], x, importance, w, out)
+        else:
+            bad_row = quantize_driver(BLOCK_KERNELS[qtype].quantize_row)(x, importance, out)
     if bad_row >= 0:
         raise NonFiniteRowError(bad_row)
-    return out
+    return out, sums
 
 
 def dequantize(data: np.ndarray, qtype: "str | GGMLQuantizationType", shape: tuple[int, ...]) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from rioquant.files.gguf_file import tensor_kind
+from rioquant.quant.api import quantize_measured
 from rioquant.quant.error_sums import DENSE_CHUNK_WEIGHTS, MAXE, N_SUMS, SX2, slice_sums
 from rioquant.quant.types import parse_qtype
 
@@ -76,6 +77,15 @@ def measure_slice(x: np.ndarray, data: np.ndarray, qtype: str, weights: np.ndarr
     return Slice(slice_sums(x, data, qtype, use, chunk_weights), x.shape[0], x.size, use is not None, no_imatrix_data)
 
 
+def quantize_slice(x: np.ndarray, qtype: str, weights: np.ndarray | None = None, no_imatrix_data: bool = False,
+                   threads: int | None = None) -> tuple[np.ndarray, Slice]:
+    """Quantize one slab with the importance `weights` and measure it in the same pass (the conversion's
+    way, api.quantize_measured): its bytes and the Slice measure_slice would give for them."""
+    use = None if no_imatrix_data else weights
+    data, sums = quantize_measured(x, qtype, imatrix=weights, threads=threads, weights=use)
+    return data, Slice(sums, x.shape[0], x.size, use is not None, no_imatrix_data)
+
+
 @dataclass
 class TensorErrorTracker:
     """Collects one tensor's slices as they stream past; `result()` gives its report record."""
@@ -93,7 +103,7 @@ class TensorErrorTracker:
         self._slices.append(measure_slice(x, data, self.qtype, weights, no_imatrix_data, self.chunk_weights))
 
     def add_slice(self, measured: Slice) -> None:
-        """Keep a slab measured by measure_slice (in the conversion's quantize stage)."""
+        """Keep a slab measured elsewhere (quantize_slice, in the conversion's quantize stage)."""
         self._slices.append(measured)
 
     def result(self) -> dict:
