@@ -184,8 +184,8 @@ def ggml_product_errors(source: ModelSource, ref: dict[str, np.ndarray], mode: s
             x = torch.from_numpy(ref[f"{x_name}-{il}"]).reshape(CTX, -1, weights[kind].expert(0).shape[1])
             ours = _expert_products(weights[kind], kind, x.expand(-1, chosen.shape[1], -1), chosen, num)
             check((kind, il), ours, ref[f"{y_name}-{il}"].reshape(ours.shape))
-    head = source.head(cpu).output
-    head = head.rows(0, head.shape[0])
+    stored = source.head(cpu).output
+    head = stored.rows(0, stored.shape[0])
     x = torch.from_numpy(ref["result_norm"]).reshape(CTX, -1)
     check(("output", None), torch.nn.functional.linear(numerics_for(source, mode, None).input("output", x), head),
           ref["result_output"].reshape(CTX, -1))
